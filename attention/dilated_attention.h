@@ -1,0 +1,82 @@
+// Exact dilated attention (LongNet, arXiv:2307.02486 §2.2), the one entry point every model uses.
+//
+// Semantics (every backend computes exactly this; tests/support/oracle.h defines it in float64):
+//   Branches (w_i, r_i), i = 1..K. The sequence splits into segments of length w_i (the last one may be shorter;
+//   w_i > N is clamped to N). Within a segment, branch i keeps the rows whose index inside the segment is
+//   ≡ o (mod r_i), for queries and keys alike, with o = h mod r_i for query head h (the paper's per-head offsets).
+//   Query p of head h attends, with softmax, over the multiset union of the keys each branch gives it (a key seen
+//   through two branches counts twice). Equivalently, branch outputs are mixed by their softmax denominators
+//   (combine_by_lse). Causal removes keys after p; the key padding mask removes keys. A query that no branch
+//   selects, or whose keys are all removed, outputs zeros and has LSE = -inf.
+//
+// Usage:
+//   DilatedAttentionConfig cfg{.segment_lengths = {2048, 4096}, .dilation_rates = {1, 2}, .causal = true};
+//   cfg.validate();
+//   auto [out, lse] = dilated_attention(q, k, v, cfg);
+//
+// Backends: `reference` (torch ops; any device and dtype; the CPU path; differentiable through autograd) and
+// `flash` (CUDA, bf16/fp16: torch's fused attention on zero-copy strided views, branches combined by our kernel,
+// exact backward through a custom autograd function). `automatic` picks `flash` for CUDA bf16/fp16 inputs without a
+// relative position bias and `reference` otherwise; an explicitly requested backend that cannot run the inputs
+// raises an error naming what is missing. Thread-safe (no global state besides torch's).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace longnet::attention {
+
+enum class Backend { automatic, reference, flash };
+
+// "auto" | "reference" | "flash"
+Backend parse_backend(const std::string& name);
+std::string to_string(Backend backend);
+
+struct DilatedAttentionConfig {
+  std::vector<int64_t> segment_lengths{2048};  // w_i > 0
+  std::vector<int64_t> dilation_rates{1};      // r_i > 0, w_i % r_i == 0
+  bool causal = false;
+  Backend backend = Backend::automatic;
+
+  // Throws ConfigError for empty or mismatched lists, w_i < 1, r_i < 1 or w_i not divisible by r_i.
+  void validate() const;
+  // For `heads` query heads: one line per head that leaves some row index of a segment uncovered by every branch
+  // (such queries output zeros). Empty when every position of every head is covered.
+  std::vector<std::string> coverage_warnings(int64_t heads) const;
+  // Effective forward FLOPs of the branches at length n (Σ_i (n/w_i)·H·4·(w_i/r_i)²·D, ragged tail included).
+  double forward_flops(int64_t batch, int64_t n, int64_t heads, int64_t head_dim) const;
+};
+
+// T5-style relative position bias (Raffel et al. 2020, §2.1): a learned scalar per head and bucket of the signed
+// distance (key - query) in original sequence positions, added to the scores. Supported by the reference backend.
+struct RelativePositionBias {
+  at::Tensor table;           // (H, num_buckets), any float dtype, same device as q
+  int64_t num_buckets = 32;
+  int64_t max_distance = 128;
+  bool bidirectional = true;  // false for causal models: only non-positive distances get their own buckets
+};
+
+struct AttentionOptions {
+  std::optional<at::Tensor> key_padding_mask;  // (B, N) bool, true = padding (the key is removed), as in torch MHA
+  std::optional<double> scale;                 // default 1/sqrt(D)
+  std::optional<RelativePositionBias> relative_bias;
+};
+
+struct AttentionResult {
+  at::Tensor out;  // (B, N, H, D), dtype and device of q
+  at::Tensor lse;  // (B, H, N) float32 (float64 for float64 inputs); -inf where a query has no key
+};
+
+// q: (B, N, H, D); k, v: (B, N, Hkv, D) with H % Hkv == 0 (grouped-query heads: query head h reads kv head
+// h / (H / Hkv)). Same dtype and device; D ≤ 256 for `flash`.
+AttentionResult dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const DilatedAttentionConfig& config, const AttentionOptions& options = {});
+
+// The backend `automatic` resolves to for these inputs (what would run).
+Backend resolve_backend(const at::Tensor& q, const DilatedAttentionConfig& config, const AttentionOptions& options);
+
+}  // namespace longnet::attention

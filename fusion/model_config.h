@@ -1,0 +1,24 @@
+// Configuration of the LongNet model: width, depth and the transformer block. Set from [model] in experiment files.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace longnet::fusion {
+
+enum class MlpKind { gelu, swiglu };
+
+struct ModelConfig {
+  int64_t width = 256;           // C
+  int64_t depth = 4;             // blocks
+  int64_t heads = 8;             // H (query heads)
+  int64_t kv_heads = 8;          // Hkv; H % Hkv == 0 (grouped-query / multi-query attention when smaller)
+  MlpKind mlp = MlpKind::gelu;
+  double mlp_ratio = 4.0;        // hidden width of the MLP / C (SwiGLU uses 2/3 of it per gate, as LLaMA does)
+  double dropout = 0.0;          // after attention and MLP, in [0, 1)
+  bool sub_layernorm = false;    // Magneto sub-LayerNorm inside attention and MLP (arXiv:2210.06423)
+  int64_t vocab_size = 256;      // text vocabulary (256: raw bytes)
+  int64_t max_length = 4096;     // longest sequence the model is built for (learned positions, bias tables)
+};
+
+}  // namespace longnet::fusion

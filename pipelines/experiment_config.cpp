@@ -1,0 +1,274 @@
+#include "pipelines/experiment_config.h"
+
+#include <cmath>
+#include <sstream>
+
+#include "core/config_reader.h"
+#include "core/error.h"
+
+namespace longnet::pipelines {
+namespace {
+
+using config::Section;
+
+std::string fmt_number(double x) {
+  std::ostringstream ss;
+  ss << x;
+  return ss.str();
+}
+
+void at_least(const Section& s, std::string_view key, int64_t value, int64_t min) {
+  if (value < min) s.fail(key, "must be >= " + std::to_string(min) + ", got " + std::to_string(value));
+}
+
+void in_unit_interval(const Section& s, std::string_view key, double value, bool include_zero, bool include_one) {
+  const bool ok = (include_zero ? value >= 0 : value > 0) && (include_one ? value <= 1 : value < 1);
+  if (!ok || std::isnan(value)) {
+    s.fail(key, std::string("must be in ") + (include_zero ? "[0, " : "(0, ") + (include_one ? "1]" : "1)") +
+                    ", got " + fmt_number(value));
+  }
+}
+
+RunConfig parse_run(const Section& s) {
+  RunConfig c;
+  c.name = s.string("name", c.name);
+  if (c.name.empty() || c.name.find('/') != std::string::npos) s.fail("name", "must be a non-empty name without '/'");
+  c.task = s.choice("task", c.task, {"lm"});
+  c.seed = s.integer("seed", c.seed);
+  at_least(s, "seed", c.seed, 0);
+  c.device = s.choice("device", c.device, {"auto", "cpu", "cuda"});
+  c.output_dir = s.string("output_dir", c.output_dir);
+  s.finish();
+  return c;
+}
+
+fusion::ModelConfig parse_model(const Section& s) {
+  fusion::ModelConfig c;
+  c.width = s.integer("width", c.width);
+  at_least(s, "width", c.width, 1);
+  c.depth = s.integer("depth", c.depth);
+  at_least(s, "depth", c.depth, 1);
+  c.heads = s.integer("heads", c.heads);
+  at_least(s, "heads", c.heads, 1);
+  c.kv_heads = s.integer("kv_heads", c.heads);
+  at_least(s, "kv_heads", c.kv_heads, 1);
+  if (c.width % c.heads != 0) {
+    s.fail("heads", "must divide model.width (" + std::to_string(c.width) + "), got " + std::to_string(c.heads));
+  }
+  if (c.heads % c.kv_heads != 0) {
+    s.fail("kv_heads", "must divide model.heads (" + std::to_string(c.heads) + "), got " + std::to_string(c.kv_heads));
+  }
+  c.mlp = s.choice("mlp", "gelu", {"gelu", "swiglu"}) == "gelu" ? fusion::MlpKind::gelu : fusion::MlpKind::swiglu;
+  c.mlp_ratio = s.number("mlp_ratio", c.mlp_ratio);
+  if (!(c.mlp_ratio > 0)) s.fail("mlp_ratio", "must be > 0, got " + fmt_number(c.mlp_ratio));
+  c.dropout = s.number("dropout", c.dropout);
+  in_unit_interval(s, "dropout", c.dropout, true, false);
+  c.sub_layernorm = s.boolean("sub_layernorm", c.sub_layernorm);
+  c.vocab_size = s.integer("vocab_size", c.vocab_size);
+  at_least(s, "vocab_size", c.vocab_size, 2);
+  c.max_length = s.integer("max_length", c.max_length);
+  at_least(s, "max_length", c.max_length, 1);
+  s.finish();
+  return c;
+}
+
+AttentionSettings parse_attention(const Section& s) {
+  AttentionSettings c;
+  auto& d = c.dilated;
+  d.segment_lengths = s.integer_list("segment_lengths", d.segment_lengths);
+  d.dilation_rates = s.integer_list("dilation_rates", d.dilation_rates);
+  if (d.segment_lengths.empty()) s.fail("segment_lengths", "must list at least one segment length");
+  if (d.segment_lengths.size() != d.dilation_rates.size()) {
+    s.fail("dilation_rates", "must have one entry per segment length (" + std::to_string(d.segment_lengths.size()) +
+                                 " segment lengths, " + std::to_string(d.dilation_rates.size()) + " dilation rates)");
+  }
+  for (size_t i = 0; i < d.segment_lengths.size(); ++i) {
+    if (d.segment_lengths[i] < 1) {
+      s.fail_element("segment_lengths", i, "must be >= 1, got " + std::to_string(d.segment_lengths[i]));
+    }
+    if (d.dilation_rates[i] < 1) {
+      s.fail_element("dilation_rates", i, "must be >= 1, got " + std::to_string(d.dilation_rates[i]));
+    }
+    if (d.segment_lengths[i] % d.dilation_rates[i] != 0) {
+      s.fail_element("dilation_rates", i,
+                     "must divide its segment length " + std::to_string(d.segment_lengths[i]) + ", got " +
+                         std::to_string(d.dilation_rates[i]));
+    }
+  }
+  d.causal = s.boolean("causal", d.causal);
+  d.backend = attention::parse_backend(s.choice("backend", "auto", {"auto", "reference", "flash"}));
+  const std::string pos = s.choice("position", "rope", {"none", "rope", "xpos", "relative_bias"});
+  c.position = pos == "none"   ? PositionEncoding::none
+               : pos == "rope" ? PositionEncoding::rope
+               : pos == "xpos" ? PositionEncoding::xpos
+                               : PositionEncoding::relative_bias;
+  c.qk_layernorm = s.boolean("qk_layernorm", c.qk_layernorm);
+  c.dropout = s.number("dropout", c.dropout);
+  in_unit_interval(s, "dropout", c.dropout, true, false);
+  s.finish();
+  d.validate();
+  return c;
+}
+
+DataConfig parse_data(const Section& s) {
+  DataConfig c;
+  c.corpus = s.string_list("corpus", c.corpus);
+  for (size_t i = 0; i < c.corpus.size(); ++i) {
+    if (c.corpus[i].empty()) s.fail_element("corpus", i, "must be a file path, got an empty string");
+  }
+  c.sequence_length = s.integer("sequence_length", c.sequence_length);
+  at_least(s, "sequence_length", c.sequence_length, 2);
+  c.validation_fraction = s.number("validation_fraction", c.validation_fraction);
+  if (!(c.validation_fraction > 0 && c.validation_fraction <= 0.5)) {
+    s.fail("validation_fraction", "must be in (0, 0.5], got " + fmt_number(c.validation_fraction));
+  }
+  s.finish();
+  return c;
+}
+
+TrainConfig parse_train(const Section& s) {
+  TrainConfig c;
+  c.steps = s.integer("steps", c.steps);
+  at_least(s, "steps", c.steps, 1);
+  c.batch_size = s.integer("batch_size", c.batch_size);
+  at_least(s, "batch_size", c.batch_size, 1);
+  c.grad_accumulation = s.integer("grad_accumulation", c.grad_accumulation);
+  at_least(s, "grad_accumulation", c.grad_accumulation, 1);
+  c.lr = s.number("lr", c.lr);
+  if (!(c.lr > 0)) s.fail("lr", "must be > 0, got " + fmt_number(c.lr));
+  c.min_lr_ratio = s.number("min_lr_ratio", c.min_lr_ratio);
+  in_unit_interval(s, "min_lr_ratio", c.min_lr_ratio, true, true);
+  c.warmup_steps = s.integer("warmup_steps", c.warmup_steps);
+  at_least(s, "warmup_steps", c.warmup_steps, 0);
+  if (c.warmup_steps > c.steps) {
+    s.fail("warmup_steps", "must not exceed train.steps (" + std::to_string(c.steps) + "), got " +
+                               std::to_string(c.warmup_steps));
+  }
+  c.weight_decay = s.number("weight_decay", c.weight_decay);
+  if (!(c.weight_decay >= 0)) s.fail("weight_decay", "must be >= 0, got " + fmt_number(c.weight_decay));
+  c.beta1 = s.number("beta1", c.beta1);
+  in_unit_interval(s, "beta1", c.beta1, true, false);
+  c.beta2 = s.number("beta2", c.beta2);
+  in_unit_interval(s, "beta2", c.beta2, true, false);
+  c.grad_clip = s.number("grad_clip", c.grad_clip);
+  if (!(c.grad_clip >= 0)) s.fail("grad_clip", "must be >= 0 (0 disables clipping), got " + fmt_number(c.grad_clip));
+  c.precision = s.choice("precision", c.precision, {"fp32", "bf16"});
+  c.log_every = s.integer("log_every", c.log_every);
+  at_least(s, "log_every", c.log_every, 1);
+  c.checkpoint_every = s.integer("checkpoint_every", c.checkpoint_every);
+  at_least(s, "checkpoint_every", c.checkpoint_every, 0);
+  c.keep_checkpoints = s.integer("keep_checkpoints", c.keep_checkpoints);
+  at_least(s, "keep_checkpoints", c.keep_checkpoints, 1);
+  s.finish();
+  return c;
+}
+
+EvalConfig parse_eval(const Section& s) {
+  EvalConfig c;
+  c.every = s.integer("every", c.every);
+  at_least(s, "every", c.every, 0);
+  c.batches = s.integer("batches", c.batches);
+  at_least(s, "batches", c.batches, 1);
+  s.finish();
+  return c;
+}
+
+ExperimentConfig parse(const config::Document& doc) {
+  ExperimentConfig c;
+  c.source = doc.file();
+  const Section root = doc.root();
+  c.run = parse_run(root.section("run"));
+  c.model = parse_model(root.section("model"));
+  c.attention = parse_attention(root.section("attention"));
+  c.data = parse_data(root.section("data"));
+  c.train = parse_train(root.section("train"));
+  c.eval = parse_eval(root.section("eval"));
+  root.finish();
+
+  // Relations across tables.
+  if (c.data.sequence_length > c.model.max_length) {
+    root.section("data").fail("sequence_length", "must not exceed model.max_length (" +
+                                                     std::to_string(c.model.max_length) + "), got " +
+                                                     std::to_string(c.data.sequence_length));
+  }
+  if (c.run.task == "lm" && c.data.corpus.empty()) {
+    root.section("data").fail("corpus", "must list at least one text file for run.task = \"lm\"");
+  }
+  if (c.run.task == "lm" && !c.attention.dilated.causal) {
+    root.section("attention").fail("causal", "must be true for run.task = \"lm\" (a language model may not see the "
+                                             "tokens it predicts)");
+  }
+  if (c.attention.position == PositionEncoding::relative_bias &&
+      c.attention.dilated.backend == attention::Backend::flash) {
+    root.section("attention").fail("position", "\"relative_bias\" is supported by the reference backend only, and "
+                                               "attention.backend is \"flash\"");
+  }
+  return c;
+}
+
+}  // namespace
+
+ExperimentConfig load_experiment(const std::filesystem::path& file, const std::vector<std::string>& overrides) {
+  return parse(config::Document::load(file, overrides));
+}
+
+ExperimentConfig parse_experiment(const std::string& text, const std::string& source_name,
+                                  const std::vector<std::string>& overrides) {
+  return parse(config::Document::parse(text, source_name, overrides));
+}
+
+std::string to_string(PositionEncoding p) {
+  switch (p) {
+    case PositionEncoding::none: return "none";
+    case PositionEncoding::rope: return "rope";
+    case PositionEncoding::xpos: return "xpos";
+    case PositionEncoding::relative_bias: return "relative_bias";
+  }
+  return "none";
+}
+
+std::string to_toml(const ExperimentConfig& c) {
+  auto ints = [](const std::vector<int64_t>& v) {
+    toml::array a;
+    for (auto x : v) a.push_back(x);
+    return a;
+  };
+  auto strings = [](const std::vector<std::string>& v) {
+    toml::array a;
+    for (const auto& x : v) a.push_back(x);
+    return a;
+  };
+  const auto& m = c.model;
+  const auto& a = c.attention;
+  const auto& t = c.train;
+  toml::table root{
+      {"run", toml::table{{"name", c.run.name}, {"task", c.run.task}, {"seed", c.run.seed},
+                          {"device", c.run.device}, {"output_dir", c.run.output_dir}}},
+      {"model", toml::table{{"width", m.width}, {"depth", m.depth}, {"heads", m.heads}, {"kv_heads", m.kv_heads},
+                            {"mlp", m.mlp == fusion::MlpKind::gelu ? "gelu" : "swiglu"}, {"mlp_ratio", m.mlp_ratio},
+                            {"dropout", m.dropout}, {"sub_layernorm", m.sub_layernorm},
+                            {"vocab_size", m.vocab_size}, {"max_length", m.max_length}}},
+      {"attention", toml::table{{"segment_lengths", ints(a.dilated.segment_lengths)},
+                                {"dilation_rates", ints(a.dilated.dilation_rates)},
+                                {"causal", a.dilated.causal},
+                                {"backend", attention::to_string(a.dilated.backend)},
+                                {"position", to_string(a.position)},
+                                {"qk_layernorm", a.qk_layernorm},
+                                {"dropout", a.dropout}}},
+      {"data", toml::table{{"corpus", strings(c.data.corpus)}, {"sequence_length", c.data.sequence_length},
+                           {"validation_fraction", c.data.validation_fraction}}},
+      {"train", toml::table{{"steps", t.steps}, {"batch_size", t.batch_size},
+                            {"grad_accumulation", t.grad_accumulation}, {"lr", t.lr},
+                            {"min_lr_ratio", t.min_lr_ratio}, {"warmup_steps", t.warmup_steps},
+                            {"weight_decay", t.weight_decay}, {"beta1", t.beta1}, {"beta2", t.beta2},
+                            {"grad_clip", t.grad_clip}, {"precision", t.precision}, {"log_every", t.log_every},
+                            {"checkpoint_every", t.checkpoint_every}, {"keep_checkpoints", t.keep_checkpoints}}},
+      {"eval", toml::table{{"every", c.eval.every}, {"batches", c.eval.batches}}},
+  };
+  std::ostringstream ss;
+  ss << toml::toml_formatter(root, toml::toml_formatter::default_flags & ~toml::format_flags::indentation);
+  ss << "\n";
+  return ss.str();
+}
+
+}  // namespace longnet::pipelines
