@@ -1,7 +1,13 @@
 #include "attention/dilated_attention.h"
 
+#include <cmath>
 #include <numeric>
+#include <sstream>
 
+#include <torch/torch.h>
+
+#include "attention/flash_backend.h"
+#include "attention/reference.h"
 #include "core/error.h"
 
 namespace longnet::attention {
@@ -71,6 +77,117 @@ double DilatedAttentionConfig::forward_flops(int64_t batch, int64_t n, int64_t h
     flops += static_cast<double>(full) * rows * rows + tail_rows * tail_rows;
   }
   return flops * 4.0 * static_cast<double>(batch * heads * head_dim);
+}
+
+namespace {
+
+std::string shape_of(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+std::string dtype_of(const at::Tensor& t) { return std::string(c10::toString(t.scalar_type())); }
+
+// Every tensor that crosses the public API is checked here, so the backends may assume valid inputs.
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionOptions& options) {
+  const std::string where = "dilated_attention: ";
+  if (!q.defined() || !k.defined() || !v.defined()) throw Error(where + "q, k and v must be defined tensors");
+  if (q.dim() != 4) throw Error(where + "q must have shape (B, N, H, D), got " + shape_of(q));
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
+  if (N < 1 || H < 1 || D < 1) throw Error(where + "q must have N, H and D >= 1, got " + shape_of(q));
+  const std::string kv_shape =
+      "(B=" + std::to_string(B) + ", N=" + std::to_string(N) + ", Hkv, D=" + std::to_string(D) + ")";
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
+    if (t.dim() != 4 || t.size(0) != B || t.size(1) != N || t.size(3) != D || t.size(2) < 1) {
+      throw Error(where + name + " must have shape " + kv_shape + " to match q " + shape_of(q) + ", got " +
+                  shape_of(t));
+    }
+  }
+  if (v.sizes() != k.sizes()) throw Error(where + "v must have the shape of k " + shape_of(k) + ", got " + shape_of(v));
+  if (H % k.size(2) != 0) {
+    throw Error(where + "the query heads H=" + std::to_string(H) + " must be a multiple of the key/value heads Hkv=" +
+                std::to_string(k.size(2)) + " (q " + shape_of(q) + ", k " + shape_of(k) + ")");
+  }
+  if (!at::isFloatingType(q.scalar_type())) throw Error(where + "q must be a floating tensor, got " + dtype_of(q));
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
+    if (t.scalar_type() != q.scalar_type()) {
+      throw Error(where + name + " has dtype " + dtype_of(t) + " but q has " + dtype_of(q) +
+                  " (q, k and v must share one dtype)");
+    }
+    if (t.device() != q.device()) {
+      throw Error(where + name + " is on " + t.device().str() + " but q is on " + q.device().str() +
+                  " (q, k and v must share one device)");
+    }
+  }
+  if (options.key_padding_mask) {
+    const at::Tensor& mask = *options.key_padding_mask;
+    const std::string expected = "(B=" + std::to_string(B) + ", N=" + std::to_string(N) + ") bool";
+    if (!mask.defined() || mask.dim() != 2 || mask.size(0) != B || mask.size(1) != N ||
+        mask.scalar_type() != at::kBool) {
+      throw Error(where + "key_padding_mask must have shape " + expected + ", got " +
+                  (mask.defined() ? shape_of(mask) + " " + dtype_of(mask) : std::string("an undefined tensor")));
+    }
+    if (mask.device() != q.device()) {
+      throw Error(where + "key_padding_mask is on " + mask.device().str() + " but q is on " + q.device().str());
+    }
+  }
+  if (options.scale && !std::isfinite(*options.scale)) {
+    throw Error(where + "scale must be finite, got " + std::to_string(*options.scale));
+  }
+  if (options.relative_bias) {
+    const RelativePositionBias& bias = *options.relative_bias;
+    const at::Tensor& table = bias.table;
+    const std::string expected = "(H=" + std::to_string(H) + ", num_buckets=" + std::to_string(bias.num_buckets) + ")";
+    if (!table.defined() || table.dim() != 2 || table.size(0) != H || table.size(1) != bias.num_buckets) {
+      throw Error(where + "relative_bias.table must have shape " + expected + ", got " +
+                  (table.defined() ? shape_of(table) : std::string("an undefined tensor")));
+    }
+    if (!at::isFloatingType(table.scalar_type())) {
+      throw Error(where + "relative_bias.table must be a floating tensor, got " + dtype_of(table));
+    }
+    if (table.device() != q.device()) {
+      throw Error(where + "relative_bias.table is on " + table.device().str() + " but q is on " + q.device().str());
+    }
+    // T5 bucketing needs at least one exact bucket per direction and a log range beyond the exact ones.
+    const int64_t min_buckets = bias.bidirectional ? 4 : 2;
+    if (bias.num_buckets < min_buckets) {
+      throw Error(where + "relative_bias.num_buckets must be >= " + std::to_string(min_buckets) +
+                  (bias.bidirectional ? " when bidirectional" : "") + ", got " + std::to_string(bias.num_buckets));
+    }
+    const int64_t max_exact = (bias.bidirectional ? bias.num_buckets / 2 : bias.num_buckets) / 2;
+    if (bias.max_distance <= max_exact) {
+      throw Error(where + "relative_bias.max_distance must exceed the " + std::to_string(max_exact) +
+                  " exact buckets, got " + std::to_string(bias.max_distance));
+    }
+  }
+}
+
+}  // namespace
+
+Backend resolve_backend(const at::Tensor& q, const DilatedAttentionConfig& config, const AttentionOptions& options) {
+  if (config.backend != Backend::automatic) return config.backend;
+  const bool half = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
+  return q.is_cuda() && half && !options.relative_bias ? Backend::flash : Backend::reference;
+}
+
+AttentionResult dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const DilatedAttentionConfig& config, const AttentionOptions& options) {
+  config.validate();
+  check_inputs(q, k, v, options);
+  if (resolve_backend(q, config, options) == Backend::flash) {
+    // Never a quiet switch to the reference: inputs the flash backend cannot run are an error naming what is missing.
+    std::string why;
+    if (!flash_backend_supports(q, options, &why)) {
+      throw ConfigError("dilated_attention: the flash backend cannot run these inputs: " + why +
+                        (config.backend == Backend::automatic
+                             ? " (backend 'auto' picks flash for CUDA bfloat16/float16 inputs; choose 'reference' "
+                               "to run them with torch ops)"
+                             : ""));
+    }
+    return flash_dilated_attention(q, k, v, config, options);
+  }
+  return reference_dilated_attention(q, k, v, config, options);
 }
 
 }  // namespace longnet::attention
