@@ -1,0 +1,474 @@
+// The `flash` backend: gather (zero-copy strided views) → attend (torch's fused attention, one call per branch, head
+// offset and chunk) → combine_by_lse (our kernel, in place). The backward calls each call's fused backward with the
+// merged output and merged LSE, which makes it exact: P = exp(s - lse) is then the softmax over the whole key
+// multiset, and dO·O is the full row's Delta (FACTS.md: 2× faster than autograd through the composition, which is
+// ≈1.2 % wrong because it treats each branch's LSE as a constant).
+// GCC 13 at -O3 reports false -Warray-bounds and -Wstringop-overflow inside libstdc++'s vector<bool>, inlined from
+// torch's autograd::Function::apply (custom_function.h), and this family of middle-end warnings tends to come
+// together; the pragmas precede every include so that they cover those locations.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Warray-bounds"
+#pragma GCC diagnostic ignored "-Wstringop-overflow"
+#pragma GCC diagnostic ignored "-Wstringop-overread"
+#pragma GCC diagnostic ignored "-Wrestrict"
+#endif
+#include "attention/flash_backend.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "core/error.h"
+
+#ifdef LONGNET_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "attention/kernels/lse_combine.h"
+#endif
+
+namespace longnet::attention {
+namespace {
+
+constexpr int64_t kMaxHeadDim = 256;     // flash's limit; both engines need D % 8 == 0
+constexpr int64_t kMaxCudnnHeadDim = 128;  // cuDNN fused SDPA forward+backward on sm_80/sm_90
+
+[[maybe_unused]] std::string sizes_of(const at::Tensor& t) {
+  std::string s = "(";
+  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
+  return s + ")";
+}
+
+#ifdef LONGNET_WITH_CUDA
+
+// Every fused call's views span at most this many elements. torch's flash backward fails beyond 2^31 elements
+// (FACTS.md: 4M tokens, w = 2048, r = 1); half of that leaves room for the engines' own padding.
+constexpr int64_t kMaxSpanPerCall = int64_t{1} << 30;
+
+// Which fused kernel attends. cuDNN attention is 1.45× faster than flash on these strided views at 1M tokens
+// (FACTS.md), so it runs whenever it can: D ≤ 128. Larger heads go to flash. A key padding mask is an additive bias,
+// which only cuDNN takes, so masks need D ≤ 128 (flash_backend_supports says so). The choice is made here, once per
+// input shape; an error from the chosen engine propagates (there is no retry on the other one).
+// LONGNET_FLASH_ENGINE=cudnn|flash forces one engine (benchmarks and engine comparisons); any other value is an error.
+// One exception, per call (engine_for): cuDNN's backward rejects one-row attention ("s_q = s_kv = 1 is not
+// supported", seen with torch 2.11 on an H200), so calls with one row per segment (short ragged tails, w/r = 1) run on
+// flash in both directions; with a key padding mask their single key is then removed by hand (see attend_call).
+enum class Engine { cudnn, flash };
+
+Engine choose_engine(int64_t head_dim) {
+  if (const char* forced = std::getenv("LONGNET_FLASH_ENGINE"); forced != nullptr && *forced != '\0') {
+    const std::string name(forced);
+    if (name == "cudnn") return Engine::cudnn;
+    if (name == "flash") return Engine::flash;
+    throw ConfigError("LONGNET_FLASH_ENGINE must be cudnn or flash, got '" + name + "'");
+  }
+  return head_dim <= kMaxCudnnHeadDim ? Engine::cudnn : Engine::flash;
+}
+
+struct Geometry {
+  int64_t B, N, H, Hkv, D;
+};
+
+// One fused-attention call: batches [b0, b0 + nb), segments [s0, s0 + ns) of `seg_len` tokens starting at
+// `first_token` (+ s·seg_len), rows o, o + r, ... of each segment, query heads o, o + r, ...
+struct Call {
+  int64_t b0, nb;
+  int64_t first_token;  // token of row 0 of segment 0 of this call
+  int64_t seg_len;      // w: tokens between consecutive segments of the call
+  int64_t ns;
+  int64_t r, o;
+  int64_t rows;   // L = rows per segment
+  int64_t heads;  // Hs = query heads per call
+  int64_t batch() const { return nb * ns; }
+};
+
+// Splits every branch into calls. Segments of one batch merge into the call's batch dimension for free; batches
+// merge too when the segments tile the whole sequence (the view's batch stride is then ns·w tokens), or for the
+// ragged last segment (one per batch). Calls are cut so that no view spans more than kMaxSpanPerCall elements.
+std::vector<Call> plan_calls(const Geometry& g, const DilatedAttentionConfig& config) {
+  std::vector<Call> calls;
+  const int64_t token = g.H * g.D;  // elements per token of q (the largest of q, k, v)
+  const int64_t batch_span = g.N * token;
+  for (size_t i = 0; i < config.segment_lengths.size(); ++i) {
+    const int64_t w = std::min(config.segment_lengths[i], g.N);  // w > N is clamped to N
+    const int64_t r = config.dilation_rates[i];
+    const int64_t full = g.N / w, tail = g.N % w;
+    for (int64_t o = 0; o < std::min(r, g.H); ++o) {  // offsets o ≥ H select no head
+      const int64_t heads = (g.H - o + r - 1) / r;
+      if (full > 0 && o < w) {
+        const int64_t rows = (w - o + r - 1) / r;
+        const int64_t seg_span = w * token;
+        if (full * w == g.N && batch_span <= kMaxSpanPerCall) {
+          const int64_t nb = std::max<int64_t>(1, kMaxSpanPerCall / batch_span);
+          for (int64_t b0 = 0; b0 < g.B; b0 += nb) {
+            calls.push_back({b0, std::min(nb, g.B - b0), 0, w, full, r, o, rows, heads});
+          }
+        } else {
+          const int64_t ns = std::max<int64_t>(1, kMaxSpanPerCall / seg_span);
+          for (int64_t b = 0; b < g.B; ++b) {
+            for (int64_t s0 = 0; s0 < full; s0 += ns) {
+              calls.push_back({b, 1, s0 * w, w, std::min(ns, full - s0), r, o, rows, heads});
+            }
+          }
+        }
+      }
+      if (tail > 0 && o < tail) {
+        const int64_t rows = (tail - o + r - 1) / r;
+        const int64_t spare = kMaxSpanPerCall - tail * token;
+        const int64_t nb = std::max<int64_t>(1, spare > 0 ? spare / batch_span + 1 : 1);
+        for (int64_t b0 = 0; b0 < g.B; b0 += nb) {
+          calls.push_back({b0, std::min(nb, g.B - b0), full * w, tail, 1, r, o, rows, heads});
+        }
+      }
+    }
+  }
+  return calls;
+}
+
+// gather: x (B, N, X, D) contiguous → (nb·ns, heads, L, D), a zero-copy view of the call's rows and of heads
+// head0, head0 + head_step, ... `view` (not reshape) proves that no copy happens.
+at::Tensor sparsify(const at::Tensor& x, const Call& c, int64_t head0, int64_t head_step, int64_t heads) {
+  const int64_t N = x.size(1), D = x.size(3), token = x.size(2) * D;
+  const int64_t offset = x.storage_offset() + c.b0 * N * token + (c.first_token + c.o) * token + head0 * D;
+  return x.as_strided({c.nb, c.ns, heads, c.rows, D}, {N * token, c.seg_len * token, head_step * D, c.r * token, 1},
+                      offset)
+      .view({c.batch(), heads, c.rows, D});
+}
+
+// The call's query heads in an (B, N, H, D) tensor.
+at::Tensor sparsify_heads(const at::Tensor& x, const Call& c) { return sparsify(x, c, c.o, c.r, c.heads); }
+
+// k or v for the call: zero-copy when every query head has its own kv head; with grouped-query heads the query heads
+// o, o + r, ... read kv heads (o + j·r) / G, which in general are not evenly spaced, so they are gathered (a copy of
+// the call's rows only).
+at::Tensor sparsify_kv(const at::Tensor& kv, const Call& c, int64_t H) {
+  const int64_t Hkv = kv.size(2);
+  if (Hkv == H) return sparsify_heads(kv, c);
+  const int64_t group = H / Hkv;
+  std::vector<int64_t> index(c.heads);
+  for (int64_t j = 0; j < c.heads; ++j) index[j] = (c.o + j * c.r) / group;
+  const auto idx = torch::tensor(index, torch::dtype(torch::kLong)).to(kv.device(), /*non_blocking=*/true);
+  return sparsify(kv, c, 0, 1, Hkv).index_select(1, idx);
+}
+
+// The call's rows of lse (B, H, N) float32 as (nb, ns, heads, L), and its strides for the combine kernel.
+at::Tensor sparsify_lse(const at::Tensor& lse, const Call& c) {
+  const int64_t H = lse.size(1), N = lse.size(2);
+  const int64_t offset = lse.storage_offset() + c.b0 * H * N + c.o * N + c.first_token + c.o;
+  return lse.as_strided({c.nb, c.ns, c.heads, c.rows}, {H * N, c.seg_len, c.r * N, c.r}, offset);
+}
+
+// key_padding_mask (B, N) bool → additive bias (nb·ns, heads, L, L) in q's dtype: -inf on removed keys. Expanded
+// (stride 0) over heads and query rows.
+// The call's rows of key_padding_mask (B, N) bool as (nb·ns, 1, 1, L): true where the key is removed.
+at::Tensor removed_keys(const at::Tensor& mask, const Call& c) {
+  const int64_t N = mask.size(1);
+  const int64_t offset = mask.storage_offset() + c.b0 * N + c.first_token + c.o;
+  return mask.as_strided({c.nb, c.ns, c.rows}, {N, c.seg_len, c.r}, offset).view({c.batch(), 1, 1, c.rows});
+}
+
+std::optional<at::Tensor> key_bias(const std::optional<at::Tensor>& mask, const Call& c, at::ScalarType dtype) {
+  if (!mask) return std::nullopt;
+  const auto removed = removed_keys(*mask, c);
+  return at::zeros({c.batch(), 1, 1, c.rows}, mask->options().dtype(dtype))
+      .masked_fill_(removed, -std::numeric_limits<double>::infinity())
+      .expand({c.batch(), c.heads, c.rows, c.rows});
+}
+
+Engine engine_for(Engine chosen, const Call& c) { return c.rows < 2 ? Engine::flash : chosen; }
+
+// Masks reach the fused kernel as cuDNN's additive bias. Flash takes none: it runs masked calls only with one row
+// per segment, where the single key is the query's own row, so a removed key means the row contributes nothing.
+void require_mask_support(Engine engine, const std::optional<at::Tensor>& mask, const Call& c) {
+  if (mask && engine == Engine::flash && c.rows > 1) {
+    throw Error("flash attention backend: key_padding_mask needs the cuDNN engine, and LONGNET_FLASH_ENGINE=flash is "
+                "set");
+  }
+}
+
+struct Attended {
+  at::Tensor out;  // (B', Hs, L, D)
+  at::Tensor lse;  // (B', Hs, L) float32 (a trailing 1 dim for cuDNN)
+};
+
+// attend: one fused call with LSE.
+Attended attend(Engine engine, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const std::optional<at::Tensor>& bias, bool causal, double scale) {
+  if (engine == Engine::cudnn) {
+    auto res = at::_scaled_dot_product_cudnn_attention(q, k, v, bias, /*compute_log_sumexp=*/true, /*dropout_p=*/0.0,
+                                                       causal, /*return_debug_mask=*/false, scale);
+    return {std::get<0>(res), std::get<1>(res)};
+  }
+  auto res = at::_scaled_dot_product_flash_attention(q, k, v, /*dropout_p=*/0.0, causal, /*return_debug_mask=*/false,
+                                                     scale);
+  return {std::get<0>(res), std::get<1>(res)};
+}
+
+kernels::ElementType element_type(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return kernels::ElementType::bfloat16;
+    case at::kHalf: return kernels::ElementType::float16;
+    case at::kFloat: return kernels::ElementType::float32;
+    default: throw Error(std::string("combine_by_lse: unsupported element type ") + c10::toString(t));
+  }
+}
+
+// combine_by_lse: merges the call's (out_i, lse_i) into the running out (B, N, H, D) and lse (B, H, N) in place.
+void combine_by_lse(at::Tensor& out, at::Tensor& lse, const Attended& branch, const Call& c) {
+  TORCH_CHECK(branch.out.stride(3) == 1, "combine_by_lse: the fused kernel returned an output with inner stride ",
+              branch.out.stride(3));
+  const int64_t N = out.size(1), H = out.size(2), D = out.size(3), token = H * D;
+  kernels::LseCombineParams p;
+  p.out = static_cast<char*>(out.data_ptr()) +
+          (c.b0 * N * token + (c.first_token + c.o) * token + c.o * D) * static_cast<int64_t>(out.element_size());
+  p.out_i = branch.out.data_ptr();
+  const at::Tensor lse_view = sparsify_lse(lse, c);
+  p.lse = lse_view.data_ptr<float>();
+  p.lse_i = branch.lse.data_ptr<float>();
+  p.rows[0] = c.nb;
+  p.rows[1] = c.ns;
+  p.rows[2] = c.heads;
+  p.rows[3] = c.rows;
+  p.head_dim = D;
+  const int64_t out_strides[4] = {N * token, c.seg_len * token, c.r * D, c.r * token};
+  const auto& oi = branch.out;
+  const int64_t out_i_strides[4] = {c.ns * oi.stride(0), oi.stride(0), oi.stride(1), oi.stride(2)};
+  const auto& li = branch.lse;
+  const int64_t lse_i_strides[4] = {c.ns * li.stride(0), li.stride(0), li.stride(1), li.stride(2)};
+  for (int d = 0; d < 4; ++d) {
+    p.out_strides[d] = out_strides[d];
+    p.out_i_strides[d] = out_i_strides[d];
+    p.lse_strides[d] = lse_view.stride(d);
+    p.lse_i_strides[d] = lse_i_strides[d];
+  }
+  p.dtype = element_type(out.scalar_type());
+  p.stream = at::cuda::getCurrentCUDAStream(out.get_device()).stream();
+  kernels::launch_lse_combine_fwd(p);
+}
+
+struct Problem {
+  Geometry g;
+  std::vector<Call> calls;
+  Engine engine;
+  bool causal;
+  double scale;
+};
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::vector<int64_t>& segment_lengths,
+                     const std::vector<int64_t>& dilation_rates, bool causal, double scale) {
+  DilatedAttentionConfig config;
+  config.segment_lengths = segment_lengths;
+  config.dilation_rates = dilation_rates;
+  const Geometry g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
+  return {g, plan_calls(g, config), choose_engine(g.D), causal, scale};
+}
+
+// Forward: out (B, N, H, D) in q's dtype, lse (B, H, N) float32. Branch rows are merged into `out` as they come, so
+// the only temporaries are one call's output and LSE; the running output is rounded to q's dtype between branches
+// (the kernel's arithmetic is float32), which keeps an 8M-token forward within an 80 GB card.
+std::pair<at::Tensor, at::Tensor> forward_impl(const Problem& pb, const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v, const std::optional<at::Tensor>& mask) {
+  auto out = at::zeros_like(q);
+  auto lse = at::full({pb.g.B, pb.g.H, pb.g.N}, -std::numeric_limits<double>::infinity(),
+                      q.options().dtype(at::kFloat));
+  for (const Call& c : pb.calls) {
+    const Engine engine = engine_for(pb.engine, c);
+    require_mask_support(engine, mask, c);
+    const auto bias = engine == Engine::cudnn ? key_bias(mask, c, q.scalar_type()) : std::nullopt;
+    Attended branch = attend(engine, sparsify_heads(q, c), sparsify_kv(k, c, pb.g.H), sparsify_kv(v, c, pb.g.H), bias,
+                             pb.causal, pb.scale);
+    if (mask && engine == Engine::flash) {  // one row: a removed key leaves the row without keys
+      branch.lse = branch.lse.masked_fill(removed_keys(*mask, c).view({c.batch(), 1, 1}),
+                                          -std::numeric_limits<double>::infinity());
+    }
+    combine_by_lse(out, lse, branch, c);
+  }
+  return {out, lse};
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class FlashDilatedFunction : public torch::autograd::Function<FlashDilatedFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& mask, const std::vector<int64_t>& segment_lengths,
+                               const std::vector<int64_t>& dilation_rates, bool causal, double scale) {
+    const Problem pb = make_problem(q, k, segment_lengths, dilation_rates, causal, scale);
+    auto [out, lse] = forward_impl(pb, q, k, v, mask);
+    ctx->save_for_backward({q, k, v, out, lse});
+    ctx->saved_data["mask"] = mask ? c10::IValue(*mask) : c10::IValue();
+    ctx->saved_data["segment_lengths"] = segment_lengths;
+    ctx->saved_data["dilation_rates"] = dilation_rates;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    // The backward differentiates `out`; the LSE is returned as a statistic (no gradient flows through it).
+    ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
+    variable_list grads(8);
+    if (!grad_outputs[0].defined()) return grads;
+    const at::Tensor dout = grad_outputs[0].contiguous();
+    std::optional<at::Tensor> mask;
+    if (!ctx->saved_data["mask"].isNone()) mask = ctx->saved_data["mask"].toTensor();
+    const Problem pb = make_problem(q, k, ctx->saved_data["segment_lengths"].toIntVector(),
+                                    ctx->saved_data["dilation_rates"].toIntVector(),
+                                    ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble());
+    const c10::cuda::CUDAGuard guard(q.device());
+    const Geometry& g = pb.g;
+    const bool grouped = g.Hkv != g.H;
+
+    // Gradients accumulate in float32 (each element receives one term per branch). With grouped-query heads, dk and
+    // dv first accumulate per query head and are summed over each group at the end.
+    const auto f32 = q.options().dtype(at::kFloat);
+    auto dq = at::zeros({g.B, g.N, g.H, g.D}, f32);
+    auto dk = at::zeros({g.B, g.N, grouped ? g.H : g.Hkv, g.D}, f32);
+    auto dv = at::zeros_like(dk);
+    // A row without keys has lse = -inf and out = 0: with lse = +inf instead, exp(s - lse) = 0 and its gradient
+    // vanishes, where -inf would give exp(-inf + inf) = NaN.
+    const auto lse_bwd = lse.masked_fill(lse == -std::numeric_limits<double>::infinity(),
+                                         std::numeric_limits<double>::infinity());
+    const auto no_rng = at::zeros({}, q.options().dtype(at::kLong));
+    for (const Call& c : pb.calls) {
+      const auto qc = sparsify_heads(q, c), kc = sparsify_kv(k, c, g.H), vc = sparsify_kv(v, c, g.H);
+      const auto oc = sparsify_heads(out, c), doc = sparsify_heads(dout, c);
+      // The merged LSE, gathered into the dense layout the fused backward reads.
+      const auto lc = sparsify_lse(lse_bwd, c).reshape({c.batch(), c.heads, c.rows}).contiguous();
+      std::tuple<at::Tensor, at::Tensor, at::Tensor> grad;
+      const Engine engine = engine_for(pb.engine, c);
+      require_mask_support(engine, mask, c);
+      if (engine == Engine::cudnn) {
+        const auto bias = key_bias(mask, c, q.scalar_type());
+        grad = at::_scaled_dot_product_cudnn_attention_backward(
+            doc, qc, kc, vc, oc, lc.unsqueeze(-1), no_rng, no_rng, bias ? *bias : at::Tensor(), at::Tensor(),
+            at::Tensor(), c.rows, c.rows, /*dropout_p=*/0.0, pb.causal, pb.scale);
+      } else {
+        grad = at::_scaled_dot_product_flash_attention_backward(doc, qc, kc, vc, oc, lc, at::Tensor(), at::Tensor(),
+                                                                c.rows, c.rows, /*dropout_p=*/0.0, pb.causal, no_rng,
+                                                                no_rng, pb.scale);
+        if (mask) {  // one row: a removed key took no part in the forward, so its row gets no gradient
+          const auto removed = removed_keys(*mask, c);
+          for (at::Tensor* t : {&std::get<0>(grad), &std::get<1>(grad), &std::get<2>(grad)}) {
+            *t = t->masked_fill(removed, 0.0);
+          }
+        }
+      }
+      // scatter
+      sparsify_heads(dq, c).add_(std::get<0>(grad));
+      sparsify_heads(dk, c).add_(std::get<1>(grad));
+      sparsify_heads(dv, c).add_(std::get<2>(grad));
+    }
+    if (grouped) {
+      const int64_t group = g.H / g.Hkv;
+      dk = dk.view({g.B, g.N, g.Hkv, group, g.D}).sum(3);
+      dv = dv.view({g.B, g.N, g.Hkv, group, g.D}).sum(3);
+    }
+    grads[0] = dq.to(q.scalar_type());
+    grads[1] = dk.to(k.scalar_type());
+    grads[2] = dv.to(v.scalar_type());
+    return grads;
+  }
+};
+
+#endif  // LONGNET_WITH_CUDA
+
+}  // namespace
+
+bool flash_backend_supports(const at::Tensor& q, const AttentionOptions& options, std::string* why) {
+  auto fail = [why](std::string reason) {
+    if (why != nullptr) *why = std::move(reason);
+    return false;
+  };
+#ifndef LONGNET_WITH_CUDA
+  (void)q;
+  (void)options;
+  return fail("this build has no CUDA kernels (configure with -DLONGNET_CUDA=ON)");
+#else
+  if (!q.defined()) return fail("q is undefined");
+  if (!q.is_cuda()) return fail("q is on " + q.device().str() + "; the flash backend needs a CUDA tensor");
+  if (q.scalar_type() != at::kBFloat16 && q.scalar_type() != at::kHalf) {
+    return fail(std::string("q is ") + c10::toString(q.scalar_type()) +
+                "; the flash backend needs bfloat16 or float16 (the reference backend takes any dtype)");
+  }
+  if (q.dim() != 4) return fail("q must be (B, N, H, D), got " + sizes_of(q));
+  const int64_t D = q.size(3);
+  if (D % 8 != 0 || D < 8 || D > kMaxHeadDim) {
+    return fail("head dim D = " + std::to_string(D) + "; the flash backend needs a multiple of 8 in [8, " +
+                std::to_string(kMaxHeadDim) + "]");
+  }
+  if (options.relative_bias) {
+    return fail("the flash backend has no relative position bias (the reference backend has)");
+  }
+  if (options.key_padding_mask && D > kMaxCudnnHeadDim) {
+    return fail("key_padding_mask runs through cuDNN attention's bias, which needs D <= " +
+                std::to_string(kMaxCudnnHeadDim) + ", got D = " + std::to_string(D));
+  }
+  return true;
+#endif
+}
+
+AttentionResult flash_dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const DilatedAttentionConfig& config, const AttentionOptions& options) {
+  config.validate();
+  std::string why;
+  if (!flash_backend_supports(q, options, &why)) throw Error("flash attention backend: " + why);
+#ifndef LONGNET_WITH_CUDA
+  (void)k;
+  (void)v;
+  throw Error("flash attention backend: " + why);
+#else
+  auto expect = [](bool ok, const std::string& message) {
+    if (!ok) throw Error("flash attention backend: " + message);
+  };
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"k", &k}, {"v", &v}}) {
+    expect(t->defined(), std::string(name) + " is undefined");
+    expect(t->dim() == 4, std::string(name) + " must be (B, N, Hkv, D), got " + sizes_of(*t));
+    expect(t->device() == q.device(), std::string(name) + " is on " + t->device().str() + ", q on " +
+                                          q.device().str());
+    expect(t->scalar_type() == q.scalar_type(), std::string(name) + " is " + c10::toString(t->scalar_type()) +
+                                                    ", q is " + c10::toString(q.scalar_type()));
+  }
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
+  expect(k.size(0) == B && k.size(1) == N && k.size(3) == D && k.size(2) >= 1,
+         "k must be (B, N, Hkv, D) = (" + std::to_string(B) + ", " + std::to_string(N) + ", Hkv, " +
+             std::to_string(D) + ") for q " + sizes_of(q) + ", got " + sizes_of(k));
+  expect(v.sizes() == k.sizes(), "v must have k's shape " + sizes_of(k) + ", got " + sizes_of(v));
+  expect(H % k.size(2) == 0, "q's heads H = " + std::to_string(H) + " must be a multiple of k's heads Hkv = " +
+                                 std::to_string(k.size(2)));
+  std::optional<at::Tensor> mask;
+  if (options.key_padding_mask) {
+    const at::Tensor& m = *options.key_padding_mask;
+    expect(m.defined() && m.dim() == 2 && m.size(0) == B && m.size(1) == N,
+           "key_padding_mask must be (B, N) = (" + std::to_string(B) + ", " + std::to_string(N) + "), got " +
+               (m.defined() ? sizes_of(m) : std::string("undefined")));
+    expect(m.scalar_type() == at::kBool,
+           std::string("key_padding_mask must be bool (true = padding), got ") + c10::toString(m.scalar_type()));
+    expect(m.device() == q.device(), "key_padding_mask is on " + m.device().str() + ", q on " + q.device().str());
+    mask = m.contiguous();
+  }
+  const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
+  expect(std::isfinite(scale), "scale must be finite, got " + std::to_string(scale));
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  if (B == 0 || N == 0 || H == 0) {
+    return {at::zeros_like(q), at::full({B, H, N}, -std::numeric_limits<double>::infinity(),
+                                        q.options().dtype(at::kFloat))};
+  }
+  // The views assume the (B, N, H, D) row-major layout; a non-contiguous input (a slice of a fused qkv projection,
+  // say) is copied once here.
+  auto result = FlashDilatedFunction::apply(q.contiguous(), k.contiguous(), v.contiguous(), mask,
+                                            config.segment_lengths, config.dilation_rates, config.causal, scale);
+  return {result[0], result[1]};
+#endif
+}
+
+}  // namespace longnet::attention
