@@ -1,0 +1,153 @@
+#include "attention/multihead_dilated_attention.h"
+
+#include <ATen/ATen.h>
+
+#include "attention/positional.h"
+#include "core/error.h"
+
+namespace longnet::attention {
+namespace {
+
+std::string shape_string(at::IntArrayRef sizes) {
+  std::string s = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + ")";
+}
+
+}  // namespace
+
+PositionEncoding parse_position_encoding(const std::string& name) {
+  if (name == "none") return PositionEncoding::none;
+  if (name == "rope") return PositionEncoding::rope;
+  if (name == "xpos") return PositionEncoding::xpos;
+  if (name == "relative_bias") return PositionEncoding::relative_bias;
+  throw ConfigError("unknown position encoding '" + name + "' (expected none, rope, xpos or relative_bias)");
+}
+
+std::string to_string(PositionEncoding position) {
+  switch (position) {
+    case PositionEncoding::none: return "none";
+    case PositionEncoding::rope: return "rope";
+    case PositionEncoding::xpos: return "xpos";
+    case PositionEncoding::relative_bias: return "relative_bias";
+  }
+  return "none";
+}
+
+void MultiheadDilatedAttentionOptions::validate() const {
+  const auto fail = [](const std::string& message) { throw ConfigError("multihead dilated attention: " + message); };
+  if (embed_dim < 1) fail("embed_dim must be >= 1, got " + std::to_string(embed_dim));
+  if (heads < 1) fail("heads must be >= 1, got " + std::to_string(heads));
+  if (kv_heads < 1) fail("kv_heads must be >= 1, got " + std::to_string(kv_heads));
+  if (embed_dim % heads != 0) {
+    fail("heads = " + std::to_string(heads) + " must divide embed_dim = " + std::to_string(embed_dim));
+  }
+  if (heads % kv_heads != 0) {
+    fail("kv_heads = " + std::to_string(kv_heads) + " must divide heads = " + std::to_string(heads));
+  }
+  if (!(dropout >= 0.0 && dropout < 1.0)) fail("dropout must be in [0, 1), got " + std::to_string(dropout));
+  dilated.validate();
+  if ((position == PositionEncoding::rope || position == PositionEncoding::xpos) && head_dim() % 2 != 0) {
+    fail("position = " + to_string(position) + " needs an even head dimension, got " + std::to_string(head_dim()) +
+         " (embed_dim / heads)");
+  }
+  if (!(rope_theta > 0.0)) fail("rope_theta must be > 0, got " + std::to_string(rope_theta));
+  if (!(xpos_scale_base > 0.0)) fail("xpos_scale_base must be > 0, got " + std::to_string(xpos_scale_base));
+  if (position == PositionEncoding::relative_bias) {
+    if (dilated.backend == Backend::flash) {
+      throw ConfigError(
+          "attention option position = relative_bias is not supported by backend flash (flash attention takes no "
+          "score bias); use backend reference or auto");
+    }
+    const bool bidirectional = !dilated.causal;
+    const int64_t min_buckets = bidirectional ? 4 : 2;  // each side needs an exact and a logarithmic half
+    if (relative_num_buckets < min_buckets) {
+      fail("relative_num_buckets must be >= " + std::to_string(min_buckets) + ", got " +
+           std::to_string(relative_num_buckets));
+    }
+    const int64_t max_exact = (bidirectional ? relative_num_buckets / 2 : relative_num_buckets) / 2;
+    if (relative_max_distance <= max_exact) {
+      fail("relative_max_distance must exceed the " + std::to_string(max_exact) + " exactly bucketed distances, got " +
+           std::to_string(relative_max_distance));
+    }
+  }
+}
+
+MultiheadDilatedAttentionImpl::MultiheadDilatedAttentionImpl(const MultiheadDilatedAttentionOptions& options)
+    : options_(options) {
+  options_.validate();
+  const int64_t c = options_.embed_dim, d = options_.head_dim();
+  const auto linear = [&](int64_t in, int64_t out) {
+    return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(options_.bias));
+  };
+  q_proj_ = register_module("q_proj", linear(c, options_.heads * d));
+  k_proj_ = register_module("k_proj", linear(c, options_.kv_heads * d));
+  v_proj_ = register_module("v_proj", linear(c, options_.kv_heads * d));
+  if (options_.qk_layernorm) {
+    q_norm_ = register_module("q_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})));
+    k_norm_ = register_module("k_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})));
+  }
+  if (options_.sub_layernorm) {
+    sub_norm_ = register_module("sub_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c})));
+  }
+  out_proj_ = register_module("out_proj", linear(options_.heads * d, c));
+  if (options_.position == PositionEncoding::relative_bias) {
+    // Zeros: the layer starts without positional preference and learns one (T5 initialises it randomly, which only
+    // adds noise to the first steps).
+    relative_bias_table_ =
+        register_parameter("relative_bias_table", at::zeros({options_.heads, options_.relative_num_buckets}));
+  }
+}
+
+std::optional<RelativePositionBias> MultiheadDilatedAttentionImpl::relative_bias() const {
+  if (options_.position != PositionEncoding::relative_bias) return std::nullopt;
+  return RelativePositionBias{.table = relative_bias_table_,
+                              .num_buckets = options_.relative_num_buckets,
+                              .max_distance = options_.relative_max_distance,
+                              .bidirectional = !options_.dilated.causal};
+}
+
+std::pair<at::Tensor, at::Tensor> MultiheadDilatedAttentionImpl::queries_and_keys(const at::Tensor& x) {
+  if (x.dim() != 3 || x.size(2) != options_.embed_dim) {
+    throw Error("multihead dilated attention: x must be (B, N, C) with C = " + std::to_string(options_.embed_dim) +
+                ", got " + shape_string(x.sizes()));
+  }
+  const int64_t b = x.size(0), n = x.size(1), d = options_.head_dim();
+  at::Tensor q = q_proj_(x).view({b, n, options_.heads, d});     // q: (B, N, H, D)
+  at::Tensor k = k_proj_(x).view({b, n, options_.kv_heads, d});  // k: (B, N, Hkv, D)
+  if (options_.qk_layernorm) {
+    q = q_norm_(q);
+    k = k_norm_(k);
+  }
+  if (options_.position == PositionEncoding::rope || options_.position == PositionEncoding::xpos) {
+    const at::Tensor positions = at::arange(n, x.options().dtype(at::kLong));  // (N,)
+    const auto [cos, sin] = rotary_cos_sin(positions, d, options_.rope_theta);
+    if (options_.position == PositionEncoding::rope) {
+      q = apply_rotary(q, cos, sin);
+      k = apply_rotary(k, cos, sin);
+    } else {
+      // Centred positions keep ζ^(±n/γ) within float32 range for long sequences; q·k is unchanged (see header).
+      const at::Tensor centred = positions - n / 2;
+      q = apply_rotary(q, cos, sin, xpos_scale(centred, d, options_.xpos_scale_base));
+      k = apply_rotary(k, cos, sin, xpos_scale(-centred, d, options_.xpos_scale_base));
+    }
+  }
+  return {q, k};
+}
+
+at::Tensor MultiheadDilatedAttentionImpl::forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask) {
+  auto [q, k] = queries_and_keys(x);
+  const int64_t b = x.size(0), n = x.size(1), d = options_.head_dim();
+  const at::Tensor v = v_proj_(x).view({b, n, options_.kv_heads, d});  // v: (B, N, Hkv, D)
+
+  AttentionOptions attention_options;
+  attention_options.key_padding_mask = key_padding_mask;
+  attention_options.relative_bias = relative_bias();
+  // o: (B, N, H, D) → (B, N, H·D)
+  at::Tensor o = dilated_attention(q, k, v, options_.dilated, attention_options).out.reshape({b, n, options_.heads * d});
+  o = at::dropout(o, options_.dropout, is_training());
+  if (options_.sub_layernorm) o = sub_norm_(o);
+  return out_proj_(o);  // (B, N, C)
+}
+
+}  // namespace longnet::attention

@@ -1,0 +1,68 @@
+#include "attention/positional.h"
+
+#include <cmath>
+
+#include <ATen/ATen.h>
+
+#include "core/error.h"
+
+namespace longnet::attention {
+namespace {
+
+void check_head_dim(int64_t head_dim, const char* what) {
+  if (head_dim < 2 || head_dim % 2 != 0) {
+    throw Error(std::string(what) + " needs an even head dimension >= 2, got " + std::to_string(head_dim));
+  }
+}
+
+// i = 0 .. D/2-1 as float64 on the device of `like`.
+at::Tensor half_dim_index(int64_t head_dim, const at::Tensor& like) {
+  return at::arange(head_dim / 2, like.options().dtype(at::kDouble));
+}
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> rotary_cos_sin(const at::Tensor& positions, int64_t head_dim, double theta) {
+  check_head_dim(head_dim, "rotary position encoding");
+  // θ^(-2i/D)
+  const at::Tensor inv_freq = at::pow(theta, half_dim_index(head_dim, positions) * (-2.0 / static_cast<double>(head_dim)));
+  // angles: (N, D/2)
+  const at::Tensor angles = positions.to(at::kDouble).unsqueeze(1) * inv_freq.unsqueeze(0);
+  return {angles.cos(), angles.sin()};
+}
+
+at::Tensor xpos_scale(const at::Tensor& positions, int64_t head_dim, double scale_base) {
+  check_head_dim(head_dim, "xPos");
+  // ζ_i ∈ [0.29, 1): low frequencies (large i) decay least, which is what lets xPos extrapolate.
+  const at::Tensor zeta = (half_dim_index(head_dim, positions) * (2.0 / static_cast<double>(head_dim)) + 0.4) / 1.4;
+  const at::Tensor power = positions.to(at::kDouble).unsqueeze(1) / scale_base;  // (N, 1)
+  return at::pow(zeta.unsqueeze(0), power);                                       // (N, D/2)
+}
+
+at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& scale) {
+  if (x.dim() != 4 || x.size(-1) % 2 != 0) {
+    throw Error("apply_rotary: x must be (B, N, H, D) with even D, got " + std::to_string(x.dim()) + " dims");
+  }
+  const int64_t n = x.size(1), half = x.size(3) / 2;
+  if (cos.sizes() != at::IntArrayRef{n, half} || sin.sizes() != cos.sizes() ||
+      (scale.defined() && scale.sizes() != cos.sizes())) {
+    throw Error("apply_rotary: cos, sin and scale must be (N, D/2) = (" + std::to_string(n) + ", " +
+                std::to_string(half) + ")");
+  }
+  const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor xc = x.to(compute);
+  // (N, D/2) → (1, N, 1, D/2) to broadcast over batch and heads
+  auto as_table = [&](const at::Tensor& t) { return t.to(compute).unsqueeze(0).unsqueeze(2); };
+  const at::Tensor c = as_table(cos), s = as_table(sin);
+  const at::Tensor x1 = xc.narrow(-1, 0, half), x2 = xc.narrow(-1, half, half);
+  at::Tensor r1 = x1 * c - x2 * s;
+  at::Tensor r2 = x2 * c + x1 * s;
+  if (scale.defined()) {
+    const at::Tensor z = as_table(scale);
+    r1 = r1 * z;
+    r2 = r2 * z;
+  }
+  return at::cat({r1, r2}, -1).to(x.scalar_type());
+}
+
+}  // namespace longnet::attention

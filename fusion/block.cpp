@@ -1,0 +1,75 @@
+#include "fusion/block.h"
+
+#include <cmath>
+
+#include <ATen/ATen.h>
+
+#include "core/error.h"
+
+namespace longnet::fusion {
+
+attention::MultiheadDilatedAttentionOptions attention_options(const ModelConfig& model, const AttentionConfig& attention) {
+  attention::MultiheadDilatedAttentionOptions options{
+      .embed_dim = model.width,
+      .heads = model.heads,
+      .kv_heads = model.kv_heads,
+      .dilated = attention.dilated,
+      .position = attention.position,
+      .qk_layernorm = attention.qk_layernorm,
+      .dropout = attention.dropout,
+      .bias = attention.bias,
+      .sub_layernorm = model.sub_layernorm,
+      .rope_theta = attention.rope_theta,
+      .xpos_scale_base = attention.xpos_scale_base,
+      .relative_num_buckets = attention.relative_num_buckets,
+      .relative_max_distance = attention.relative_max_distance,
+  };
+  options.validate();
+  return options;
+}
+
+int64_t mlp_hidden_width(const ModelConfig& model) {
+  const double hidden = model.mlp_ratio * static_cast<double>(model.width);
+  return static_cast<int64_t>(std::llround(model.mlp == MlpKind::swiglu ? hidden * 2.0 / 3.0 : hidden));
+}
+
+TransformerBlockImpl::TransformerBlockImpl(const ModelConfig& model, const AttentionConfig& attention)
+    : mlp_kind_(model.mlp), dropout_(model.dropout) {
+  if (!(model.mlp_ratio > 0.0)) throw ConfigError("model.mlp_ratio must be > 0, got " + std::to_string(model.mlp_ratio));
+  if (!(model.dropout >= 0.0 && model.dropout < 1.0)) {
+    throw ConfigError("model.dropout must be in [0, 1), got " + std::to_string(model.dropout));
+  }
+  const int64_t c = model.width;
+  const int64_t hidden = mlp_hidden_width(model);
+  if (hidden < 1) throw ConfigError("model.mlp_ratio = " + std::to_string(model.mlp_ratio) + " leaves no MLP width");
+
+  attention_norm_ = register_module("attention_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c})));
+  attention_ = register_module("attention", attention::MultiheadDilatedAttention(attention_options(model, attention)));
+  mlp_norm_ = register_module("mlp_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c})));
+  const int64_t fc1_out = mlp_kind_ == MlpKind::swiglu ? 2 * hidden : hidden;
+  fc1_ = register_module("fc1", torch::nn::Linear(torch::nn::LinearOptions(c, fc1_out)));
+  if (model.sub_layernorm) {
+    mlp_sub_norm_ = register_module("mlp_sub_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({hidden})));
+  }
+  fc2_ = register_module("fc2", torch::nn::Linear(torch::nn::LinearOptions(hidden, c)));
+}
+
+at::Tensor TransformerBlockImpl::mlp(const at::Tensor& x) {
+  at::Tensor h;  // (..., hidden)
+  if (mlp_kind_ == MlpKind::swiglu) {
+    const auto gate_up = fc1_(x).chunk(2, -1);
+    h = at::silu(gate_up[0]) * gate_up[1];
+  } else {
+    h = at::gelu(fc1_(x));
+  }
+  if (mlp_sub_norm_) h = mlp_sub_norm_(h);
+  return fc2_(h);
+}
+
+at::Tensor TransformerBlockImpl::forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask) {
+  // x: (B, N, C)
+  at::Tensor y = x + at::dropout(attention_(attention_norm_(x), key_padding_mask), dropout_, is_training());
+  return y + at::dropout(mlp(mlp_norm_(y)), dropout_, is_training());
+}
+
+}  // namespace longnet::fusion

@@ -1,0 +1,77 @@
+// The pre-norm transformer block of every LongNet stack:
+//   x = x + dropout(attention(LayerNorm(x)))
+//   x = x + dropout(mlp(LayerNorm(x)))
+// mlp: GELU: W2 gelu(W1 x), hidden = mlp_ratio·C; SwiGLU: W2 (silu(Wg x) ⊙ Wu x), hidden = round(2/3 · mlp_ratio·C)
+// (LLaMA's choice, which keeps the parameter count of the GELU MLP). With sub_layernorm a LayerNorm over the hidden
+// width precedes W2, and another one precedes the attention's out projection (Magneto, arXiv:2210.06423).
+//
+//   fusion::ModelConfig model{.width = 128, .heads = 4, .kv_heads = 4};
+//   fusion::AttentionConfig attn{.dilated = {.segment_lengths = {64}, .dilation_rates = {1}, .causal = true}};
+//   fusion::TransformerBlock block(model, attn);
+//   auto y = block(x);                       // x: (B, N, C) → (B, N, C)
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
+#include <torch/nn/pimpl.h>
+
+#include "attention/dilated_attention.h"
+#include "attention/multihead_dilated_attention.h"
+#include "fusion/model_config.h"
+
+namespace longnet::fusion {
+
+// The attention of a block beyond what ModelConfig fixes: width, heads, kv_heads and sub_layernorm come from
+// ModelConfig, everything else from here. One field per [attention] setting of an experiment.
+struct AttentionConfig {
+  attention::DilatedAttentionConfig dilated;
+  attention::PositionEncoding position = attention::PositionEncoding::rope;
+  bool qk_layernorm = false;
+  double dropout = 0.0;  // on attention outputs, in [0, 1)
+  bool bias = true;      // q, k, v, out projection biases
+  double rope_theta = 10000.0;
+  double xpos_scale_base = 512.0;
+  int64_t relative_num_buckets = 32;
+  int64_t relative_max_distance = 128;
+};
+
+// The options of a block's MultiheadDilatedAttention (validated: throws ConfigError like
+// MultiheadDilatedAttentionOptions::validate).
+attention::MultiheadDilatedAttentionOptions attention_options(const ModelConfig& model, const AttentionConfig& attention);
+
+// The MLP's hidden width: mlp_ratio·C for GELU, round(2/3·mlp_ratio·C) for SwiGLU.
+int64_t mlp_hidden_width(const ModelConfig& model);
+
+class TransformerBlockImpl : public torch::nn::Module {
+ public:
+  // Throws ConfigError for an invalid combination (see attention_options; mlp_ratio ≤ 0; dropout outside [0, 1)).
+  TransformerBlockImpl(const ModelConfig& model, const AttentionConfig& attention);
+
+  // x: (B, N, C); key_padding_mask: (B, N) bool, true = padding → (B, N, C).
+  at::Tensor forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask = std::nullopt);
+
+  // The MLP branch alone (without norm, dropout and residual): (..., C) → (..., C).
+  at::Tensor mlp(const at::Tensor& x);
+
+  attention::MultiheadDilatedAttention& attention() { return attention_; }
+  torch::nn::LayerNorm& attention_norm() { return attention_norm_; }
+  torch::nn::LayerNorm& mlp_norm() { return mlp_norm_; }
+
+ private:
+  MlpKind mlp_kind_;
+  double dropout_;
+  torch::nn::LayerNorm attention_norm_{nullptr}, mlp_norm_{nullptr};
+  attention::MultiheadDilatedAttention attention_{nullptr};
+  torch::nn::Linear fc1_{nullptr};  // C → hidden (GELU) or C → 2·hidden, [gate | up] in one matmul (SwiGLU)
+  torch::nn::Linear fc2_{nullptr};  // hidden → C
+  torch::nn::LayerNorm mlp_sub_norm_{nullptr};  // sub_layernorm only
+};
+
+TORCH_MODULE(TransformerBlock);
+
+}  // namespace longnet::fusion

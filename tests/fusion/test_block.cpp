@@ -1,0 +1,145 @@
+// TransformerBlock in float64 on CPU: the pre-norm residual structure and both MLPs against a hand-written
+// computation, widths, sub-LayerNorm, dropout, gradients and configuration errors.
+#include <catch2/catch.hpp>
+
+#include <string>
+
+#include <torch/torch.h>
+
+#include "core/error.h"
+#include "fusion/block.h"
+
+using namespace longnet;
+using namespace longnet::fusion;
+
+namespace {
+
+// Tensors here are tiny: intra-op threads only add overhead, and on shared CI cores their spinning dominates.
+const bool kSingleThreaded = [] {
+  at::set_num_threads(1);
+  return true;
+}();
+
+constexpr double kTol = 1e-10;
+
+ModelConfig small_model(MlpKind mlp, bool sub_layernorm = false) {
+  return ModelConfig{.width = 16, .depth = 1, .heads = 4, .kv_heads = 2, .mlp = mlp, .mlp_ratio = 2.0,
+                     .sub_layernorm = sub_layernorm};
+}
+
+AttentionConfig small_attention(bool causal = true) {
+  return AttentionConfig{
+      .dilated = {.segment_lengths = {4, 8}, .dilation_rates = {1, 2}, .causal = causal,
+                  .backend = attention::Backend::reference},
+      .position = attention::PositionEncoding::rope,
+      .qk_layernorm = true};
+}
+
+TransformerBlock make_block(const ModelConfig& model, const AttentionConfig& attention) {
+  torch::manual_seed(11);
+  TransformerBlock block(model, attention);
+  block->to(torch::kDouble);
+  torch::NoGradGuard no_grad;
+  for (auto& p : block->parameters()) p.copy_(torch::randn_like(p) * 0.5);
+  return block;
+}
+
+at::Tensor param(const TransformerBlock& block, const std::string& name) {
+  return block->named_parameters()[name];
+}
+
+}  // namespace
+
+TEST_CASE("block = x + attn(LN(x)), then + mlp(LN(·)), for GELU and SwiGLU", "[fusion][cpu]") {
+  const auto mlp = GENERATE(MlpKind::gelu, MlpKind::swiglu);
+  const bool sub_layernorm = GENERATE(false, true);
+  CAPTURE(mlp == MlpKind::gelu ? "gelu" : "swiglu", sub_layernorm);
+  auto block = make_block(small_model(mlp, sub_layernorm), small_attention());
+  torch::manual_seed(2);
+  const at::Tensor x = torch::randn({2, 10, 16}, torch::kDouble);
+
+  const at::Tensor a = torch::layer_norm(x, {16}, param(block, "attention_norm.weight"), param(block, "attention_norm.bias"));
+  const at::Tensor y = x + block->attention()(a);
+  const at::Tensor m = torch::layer_norm(y, {16}, param(block, "mlp_norm.weight"), param(block, "mlp_norm.bias"));
+  at::Tensor h = torch::linear(m, param(block, "fc1.weight"), param(block, "fc1.bias"));
+  if (mlp == MlpKind::swiglu) {
+    const int64_t hidden = 21;  // round(2/3 · 2 · 16) = round(21.33)
+    REQUIRE(h.size(-1) == 2 * hidden);
+    h = torch::silu(h.narrow(-1, 0, hidden)) * h.narrow(-1, hidden, hidden);
+  } else {
+    REQUIRE(h.size(-1) == 32);
+    h = torch::gelu(h);
+  }
+  if (sub_layernorm) {
+    h = torch::layer_norm(h, {h.size(-1)}, param(block, "mlp_sub_norm.weight"), param(block, "mlp_sub_norm.bias"));
+  }
+  const at::Tensor expected = y + torch::linear(h, param(block, "fc2.weight"), param(block, "fc2.bias"));
+  REQUIRE(torch::allclose(block(x), expected, kTol, kTol));
+  REQUIRE(block->attention()->options().sub_layernorm == sub_layernorm);
+}
+
+TEST_CASE("MLP hidden widths", "[fusion][cpu]") {
+  ModelConfig model{.width = 128, .mlp = MlpKind::gelu, .mlp_ratio = 4.0};
+  REQUIRE(mlp_hidden_width(model) == 512);
+  model.mlp = MlpKind::swiglu;
+  REQUIRE(mlp_hidden_width(model) == 341);  // round(2/3 · 512)
+  model.width = 96;
+  REQUIRE(mlp_hidden_width(model) == 256);
+}
+
+TEST_CASE("attention options come from ModelConfig and AttentionConfig", "[fusion][cpu]") {
+  auto model = small_model(MlpKind::gelu, true);
+  auto attn = small_attention(false);
+  attn.position = attention::PositionEncoding::xpos;
+  attn.dropout = 0.25;
+  const auto options = attention_options(model, attn);
+  REQUIRE(options.embed_dim == 16);
+  REQUIRE(options.heads == 4);
+  REQUIRE(options.kv_heads == 2);
+  REQUIRE(options.sub_layernorm);
+  REQUIRE(options.qk_layernorm);
+  REQUIRE(options.position == attention::PositionEncoding::xpos);
+  REQUIRE(options.dropout == 0.25);
+  REQUIRE(options.dilated.segment_lengths == std::vector<int64_t>{4, 8});
+}
+
+TEST_CASE("block dropout acts in training mode only", "[fusion][cpu]") {
+  auto model = small_model(MlpKind::gelu);
+  model.dropout = 0.5;
+  auto block = make_block(model, small_attention());
+  const at::Tensor x = torch::randn({1, 8, 16}, torch::kDouble);
+  block->eval();
+  REQUIRE(torch::allclose(block(x), block(x), 0.0, 0.0));
+  block->train();
+  REQUIRE_FALSE(torch::allclose(block(x), block(x), 1e-6, 1e-6));
+}
+
+TEST_CASE("every block parameter receives a gradient", "[fusion][cpu]") {
+  const auto mlp = GENERATE(MlpKind::gelu, MlpKind::swiglu);
+  CAPTURE(mlp == MlpKind::gelu ? "gelu" : "swiglu");
+  auto block = make_block(small_model(mlp, /*sub_layernorm=*/true), small_attention());
+  const at::Tensor x = torch::randn({2, 9, 16}, torch::kDouble);
+  block(x).pow(2).sum().backward();
+  for (const auto& item : block->named_parameters()) {
+    CAPTURE(item.key());
+    REQUIRE(item.value().grad().defined());
+    REQUIRE(item.value().grad().abs().sum().item<double>() > 0.0);
+  }
+}
+
+TEST_CASE("block configuration errors", "[fusion][cpu]") {
+  auto model = small_model(MlpKind::gelu);
+  SECTION("mlp_ratio") {
+    model.mlp_ratio = 0.0;
+    REQUIRE_THROWS_WITH(TransformerBlock(model, small_attention()), "model.mlp_ratio must be > 0, got 0.000000");
+  }
+  SECTION("dropout") {
+    model.dropout = -0.1;
+    REQUIRE_THROWS_AS(TransformerBlock(model, small_attention()), ConfigError);
+  }
+  SECTION("kv_heads from the model config") {
+    model.kv_heads = 3;
+    REQUIRE_THROWS_WITH(TransformerBlock(model, small_attention()),
+                        "multihead dilated attention: kv_heads = 3 must divide heads = 4");
+  }
+}
