@@ -1,6 +1,7 @@
 #include "core/config_reader.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <sstream>
 
@@ -29,6 +30,8 @@ std::string describe(const toml::node& node) {
   }
 }
 
+std::string non_finite_text(double x) { return std::isnan(x) ? "nan" : x > 0 ? "inf" : "-inf"; }
+
 std::string trim(std::string_view s) {
   const auto b = s.find_first_not_of(" \t");
   if (b == std::string_view::npos) return {};
@@ -36,13 +39,16 @@ std::string trim(std::string_view s) {
   return std::string(s.substr(b, e - b + 1));
 }
 
-void merge_into(toml::table& dst, const toml::table& src) {
-  for (auto&& [key, value] : src) {
+// Fills `dst` (the including file) with what `base` defines and `dst` does not; tables merge key by key and `dst`
+// wins. Nodes are moved, not copied: toml++ drops the source position of a copied node, and every error message
+// needs it.
+void merge_base_into(toml::table& dst, toml::table&& base) {
+  for (auto&& [key, value] : base) {
     toml::node* existing = dst.get(key.str());
-    if (value.is_table() && existing && existing->is_table()) {
-      merge_into(*existing->as_table(), *value.as_table());
-    } else {
-      value.visit([&, &k = key](auto&& n) { dst.insert_or_assign(k, n); });
+    if (!existing) {
+      value.visit([&, &k = key](auto&& n) { dst.insert(k, std::move(n)); });
+    } else if (existing->is_table() && value.is_table()) {
+      merge_base_into(*existing->as_table(), std::move(*value.as_table()));
     }
   }
 }
@@ -56,11 +62,10 @@ toml::table parse_text(std::string_view text, const std::string& source_name) {
   }
 }
 
-std::string read_file(const fs::path& path, const std::string& where) {
+std::string read_file(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in || fs::is_directory(path)) {
-    throw ConfigError(where + "cannot read config file '" + path.string() + "'" +
-                      (fs::exists(path) ? std::string() : ": no such file"));
+    throw ConfigError(path.string() + ": cannot read config file" + (fs::exists(path) ? "" : " (no such file)"));
   }
   std::ostringstream ss;
   ss << in.rdbuf();
@@ -68,27 +73,33 @@ std::string read_file(const fs::path& path, const std::string& where) {
 }
 
 // Loads `file` with its `base` chain resolved; `chain` holds the files that include it (for cycle detection).
-toml::table load_with_bases(const fs::path& file, std::vector<fs::path>& chain, const std::string& where) {
+toml::table load_with_bases(const fs::path& file, std::vector<fs::path>& chain) {
   const fs::path canonical = fs::weakly_canonical(file);
-  toml::table table = parse_text(read_file(file, where), file.string());
+  toml::table table = parse_text(read_file(file), file.string());
   toml::node* base = table.get("base");
   if (!base) return table;
 
-  const std::string base_where = format_region(base->source(), file) + ": ";
-  if (!base->is_string()) throw ConfigError(base_where + "'base' must be a string (a path to a TOML file), got " + describe(*base));
+  const std::string where = format_region(base->source(), file) + ": ";
+  if (!base->is_string()) {
+    throw ConfigError(where + "'base' must be a string (a path to a TOML file), got " + describe(*base));
+  }
+  // Relative to the including file, so that a config and its base can move together.
   const fs::path base_path = file.parent_path() / std::string(*base->value<std::string>());
+  if (!fs::is_regular_file(base_path)) {
+    throw ConfigError(where + "'base' must name an existing TOML file, got '" + base_path.string() + "'");
+  }
   const fs::path base_canonical = fs::weakly_canonical(base_path);
   chain.push_back(canonical);
   if (std::find(chain.begin(), chain.end(), base_canonical) != chain.end()) {
     std::string cycle;
     for (const auto& p : chain) cycle += p.filename().string() + " -> ";
-    throw ConfigError(base_where + "'base' forms an inheritance cycle: " + cycle + base_canonical.filename().string());
+    throw ConfigError(where + "'base' forms an inheritance cycle: " + cycle + base_canonical.filename().string());
   }
-  toml::table merged = load_with_bases(base_path, chain, base_where);
+  toml::table inherited = load_with_bases(base_path, chain);
   chain.pop_back();
   table.erase("base");
-  merge_into(merged, table);
-  return merged;
+  merge_base_into(table, std::move(inherited));
+  return table;
 }
 
 void apply_override(toml::table& root, const std::string& text, std::map<std::string, std::string>& record) {
@@ -140,7 +151,7 @@ Document Document::load(const fs::path& file, const std::vector<std::string>& ov
   Document doc;
   doc.file_ = file;
   std::vector<fs::path> chain;
-  doc.table_ = std::make_shared<toml::table>(load_with_bases(file, chain, ""));
+  doc.table_ = std::make_shared<toml::table>(load_with_bases(file, chain));
   for (const auto& o : overrides) apply_override(*doc.table_, o, doc.override_text_);
   return doc;
 }
@@ -152,7 +163,7 @@ Document Document::parse(std::string_view text, const std::string& source_name,
   doc.table_ = std::make_shared<toml::table>(parse_text(text, source_name));
   if (doc.table_->get("base")) {
     throw ConfigError(format_region(doc.table_->get("base")->source(), source_name) +
-                      ": 'base' needs a file on disk to resolve against; use Document::load");
+                      ": 'base' needs the config to be read from a file (its path is relative to that file)");
   }
   for (const auto& o : overrides) apply_override(*doc.table_, o, doc.override_text_);
   return doc;
@@ -180,7 +191,8 @@ bool Section::has(std::string_view key) const { return table_ && table_->get(key
 std::string Section::where_node(std::string_view key, const toml::node& node) const {
   const std::string d = dotted(key);
   for (const auto& [k, text] : doc_->override_text_) {
-    if (k == d || k.rfind(d + ".", 0) == 0 || d.rfind(k + ".", 0) == 0 || d.rfind(k + "[", 0) == 0) return "--set " + text;
+    // The override set this key, a key below it (creating the table), or a table above it.
+    if (k == d || k.rfind(d + ".", 0) == 0 || d.rfind(k + ".", 0) == 0) return "--set " + text;
   }
   return format_region(node.source(), doc_->file_);
 }
@@ -234,7 +246,10 @@ int64_t Section::integer(std::string_view key) const {
 double Section::number(std::string_view key) const {
   const toml::node* n = require_node(key);
   if (!n->is_number()) fail(key, "must be a number, got " + describe(*n));
-  return *n->value<double>();
+  const double x = *n->value<double>();
+  // nan and inf are valid TOML but no setting of the toolkit means anything by them.
+  if (!std::isfinite(x)) fail(key, "must be a finite number, got " + non_finite_text(x));
+  return x;
 }
 
 std::string Section::string(std::string_view key) const {
@@ -267,13 +282,15 @@ std::string Section::choice(std::string_view key, std::string fallback, const st
 
 namespace {
 template <typename T, typename Check, typename Get>
-std::vector<T> read_list(const Section& s, const toml::node* n, std::string_view key, const char* what, Check check,
-                         Get get) {
-  if (!n->is_array()) s.fail(key, std::string("must be an array of ") + what + ", got " + describe(*n));
+std::vector<T> read_list(const Section& s, const toml::node* n, std::string_view key, const char* plural,
+                         const char* singular, Check check, Get get) {
+  if (!n->is_array()) s.fail(key, std::string("must be an array of ") + plural + ", got " + describe(*n));
   std::vector<T> out;
   const toml::array& arr = *n->as_array();
   for (size_t i = 0; i < arr.size(); ++i) {
-    if (!check(*arr.get(i))) s.fail_element(key, i, std::string("must be ") + what + ", got " + describe(*arr.get(i)));
+    if (!check(*arr.get(i))) {
+      s.fail_element(key, i, std::string("must be ") + singular + ", got " + describe(*arr.get(i)));
+    }
     out.push_back(get(*arr.get(i)));
   }
   return out;
@@ -284,23 +301,27 @@ std::vector<int64_t> Section::integer_list(std::string_view key, std::vector<int
   const toml::node* n = lookup(key);
   if (!n) return fallback;
   return read_list<int64_t>(
-      *this, n, key, "integers", [](const toml::node& e) { return e.is_integer(); },
+      *this, n, key, "integers", "an integer", [](const toml::node& e) { return e.is_integer(); },
       [](const toml::node& e) { return *e.value<int64_t>(); });
 }
 
 std::vector<double> Section::number_list(std::string_view key, std::vector<double> fallback) const {
   const toml::node* n = lookup(key);
   if (!n) return fallback;
-  return read_list<double>(
-      *this, n, key, "numbers", [](const toml::node& e) { return e.is_number(); },
+  const auto out = read_list<double>(
+      *this, n, key, "numbers", "a number", [](const toml::node& e) { return e.is_number(); },
       [](const toml::node& e) { return *e.value<double>(); });
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (!std::isfinite(out[i])) fail_element(key, i, "must be a finite number, got " + non_finite_text(out[i]));
+  }
+  return out;
 }
 
 std::vector<std::string> Section::string_list(std::string_view key, std::vector<std::string> fallback) const {
   const toml::node* n = lookup(key);
   if (!n) return fallback;
   return read_list<std::string>(
-      *this, n, key, "strings", [](const toml::node& e) { return e.is_string(); },
+      *this, n, key, "strings", "a string", [](const toml::node& e) { return e.is_string(); },
       [](const toml::node& e) { return std::string(*e.value<std::string>()); });
 }
 
@@ -335,7 +356,9 @@ void Section::finish() const {
   if (!first) return;
   std::vector<std::string> valid(used_->begin(), used_->end());
   std::string where = where_node(first->str(), *table_->get(first->str()));
-  if (first->source().begin.line != 0 && where.rfind("--set", 0) != 0) where = format_region(first->source(), doc_->file_);
+  if (first->source().begin.line != 0 && where.rfind("--set", 0) != 0) {
+    where = format_region(first->source(), doc_->file_);
+  }
   std::string message = where + ": unknown key '" + dotted(first->str()) + "'";
   if (auto m = closest_match(first->str(), valid)) message += "; did you mean '" + *m + "'?";
   if (valid.empty()) {
@@ -372,6 +395,12 @@ std::optional<std::string> closest_match(std::string_view word, const std::vecto
       best_distance = d;
       best = c;
     }
+  }
+  if (best || word.size() < 3) return best;
+  // A shortened name ("warmup" for "warmup_steps") is far in edits but plainly meant: take the shortest candidate
+  // that contains the word.
+  for (const auto& c : candidates) {
+    if (c.find(word) != std::string::npos && (!best || c.size() < best->size())) best = c;
   }
   return best;
 }

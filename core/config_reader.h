@@ -51,7 +51,7 @@ class Section {
   // Required values: a missing key is an error.
   bool boolean(std::string_view key) const;
   int64_t integer(std::string_view key) const;
-  double number(std::string_view key) const;  // integers are accepted as numbers
+  double number(std::string_view key) const;  // integers are accepted as numbers; nan and inf are errors
   std::string string(std::string_view key) const;
 
   // Optional values with the default used when the key is absent.
@@ -98,7 +98,8 @@ class Section {
 
 // Levenshtein distance; used for "did you mean" suggestions.
 size_t edit_distance(std::string_view a, std::string_view b);
-// The candidate closest to `word`, if it is close enough to be a plausible typo.
+// The candidate closest to `word`, if it is close enough to be a plausible typo, else the shortest candidate that
+// contains `word` (a shortened name such as "warmup" for "warmup_steps").
 std::optional<std::string> closest_match(std::string_view word, const std::vector<std::string>& candidates);
 
 }  // namespace longnet::config

@@ -1,5 +1,6 @@
 #include "pipelines/experiment_config.h"
 
+#include <charconv>
 #include <cmath>
 #include <sstream>
 
@@ -32,12 +33,16 @@ void in_unit_interval(const Section& s, std::string_view key, double value, bool
 RunConfig parse_run(const Section& s) {
   RunConfig c;
   c.name = s.string("name", c.name);
-  if (c.name.empty() || c.name.find('/') != std::string::npos) s.fail("name", "must be a non-empty name without '/'");
+  // The run folder is <output_dir>/<name>: a name must not climb out of it or nest.
+  if (c.name.empty() || c.name == "." || c.name == ".." || c.name.find_first_of("/\\") != std::string::npos) {
+    s.fail("name", "must be a folder name (not empty, '.' or '..', no '/' or '\\'), got \"" + c.name + "\"");
+  }
   c.task = s.choice("task", c.task, {"lm"});
   c.seed = s.integer("seed", c.seed);
   at_least(s, "seed", c.seed, 0);
   c.device = s.choice("device", c.device, {"auto", "cpu", "cuda"});
   c.output_dir = s.string("output_dir", c.output_dir);
+  if (c.output_dir.empty()) s.fail("output_dir", "must be a folder path, got an empty string");
   s.finish();
   return c;
 }
@@ -72,8 +77,8 @@ fusion::ModelConfig parse_model(const Section& s) {
   return c;
 }
 
-AttentionSettings parse_attention(const Section& s) {
-  AttentionSettings c;
+fusion::AttentionConfig parse_attention(const Section& s) {
+  fusion::AttentionConfig c;
   auto& d = c.dilated;
   d.segment_lengths = s.integer_list("segment_lengths", d.segment_lengths);
   d.dilation_rates = s.integer_list("dilation_rates", d.dilation_rates);
@@ -97,14 +102,32 @@ AttentionSettings parse_attention(const Section& s) {
   }
   d.causal = s.boolean("causal", d.causal);
   d.backend = attention::parse_backend(s.choice("backend", "auto", {"auto", "reference", "flash"}));
-  const std::string pos = s.choice("position", "rope", {"none", "rope", "xpos", "relative_bias"});
-  c.position = pos == "none"   ? PositionEncoding::none
-               : pos == "rope" ? PositionEncoding::rope
-               : pos == "xpos" ? PositionEncoding::xpos
-                               : PositionEncoding::relative_bias;
+  c.position = attention::parse_position_encoding(
+      s.choice("position", "rope", {"none", "rope", "xpos", "relative_bias"}));
   c.qk_layernorm = s.boolean("qk_layernorm", c.qk_layernorm);
   c.dropout = s.number("dropout", c.dropout);
   in_unit_interval(s, "dropout", c.dropout, true, false);
+  c.bias = s.boolean("bias", c.bias);
+  c.rope_theta = s.number("rope_theta", c.rope_theta);
+  if (!(c.rope_theta > 0)) s.fail("rope_theta", "must be > 0, got " + fmt_number(c.rope_theta));
+  c.xpos_scale_base = s.number("xpos_scale_base", c.xpos_scale_base);
+  if (!(c.xpos_scale_base > 0)) s.fail("xpos_scale_base", "must be > 0, got " + fmt_number(c.xpos_scale_base));
+  c.relative_num_buckets = s.integer("relative_num_buckets", c.relative_num_buckets);
+  at_least(s, "relative_num_buckets", c.relative_num_buckets, 2);
+  c.relative_max_distance = s.integer("relative_max_distance", c.relative_max_distance);
+  at_least(s, "relative_max_distance", c.relative_max_distance, 1);
+  if (c.position == attention::PositionEncoding::relative_bias) {
+    // T5 bucketing: half the buckets (per direction when not causal) are exact distances, the rest logarithmic.
+    const bool bidirectional = !d.causal;
+    if (bidirectional) at_least(s, "relative_num_buckets", c.relative_num_buckets, 4);
+    const int64_t exact = (bidirectional ? c.relative_num_buckets / 2 : c.relative_num_buckets) / 2;
+    if (c.relative_max_distance <= exact) {
+      s.fail("relative_max_distance", "must exceed the " + std::to_string(exact) +
+                                          " exactly bucketed distances of attention.relative_num_buckets = " +
+                                          std::to_string(c.relative_num_buckets) + ", got " +
+                                          std::to_string(c.relative_max_distance));
+    }
+  }
   s.finish();
   d.validate();
   return c;
@@ -187,9 +210,14 @@ ExperimentConfig parse(const config::Document& doc) {
 
   // Relations across tables.
   if (c.data.sequence_length > c.model.max_length) {
-    root.section("data").fail("sequence_length", "must not exceed model.max_length (" +
-                                                     std::to_string(c.model.max_length) + "), got " +
-                                                     std::to_string(c.data.sequence_length));
+    // Blame the key the file sets: a default sequence length has no line to point at.
+    if (const Section data = root.section("data"); data.has("sequence_length")) {
+      data.fail("sequence_length", "must not exceed model.max_length (" + std::to_string(c.model.max_length) +
+                                       "), got " + std::to_string(c.data.sequence_length));
+    }
+    root.section("model").fail("max_length", "must be at least data.sequence_length (" +
+                                                 std::to_string(c.data.sequence_length) + ", the default), got " +
+                                                 std::to_string(c.model.max_length));
   }
   if (c.run.task == "lm" && c.data.corpus.empty()) {
     root.section("data").fail("corpus", "must list at least one text file for run.task = \"lm\"");
@@ -198,7 +226,15 @@ ExperimentConfig parse(const config::Document& doc) {
     root.section("attention").fail("causal", "must be true for run.task = \"lm\" (a language model may not see the "
                                              "tokens it predicts)");
   }
-  if (c.attention.position == PositionEncoding::relative_bias &&
+  const bool rotary = c.attention.position == attention::PositionEncoding::rope ||
+                      c.attention.position == attention::PositionEncoding::xpos;
+  if (rotary && (c.model.width / c.model.heads) % 2 != 0) {
+    // Rotary encodings turn pairs of channels of every head.
+    root.section("attention").fail("position", "\"" + attention::to_string(c.attention.position) +
+                                                   "\" needs an even head dimension, and model.width / model.heads = " +
+                                                   std::to_string(c.model.width / c.model.heads));
+  }
+  if (c.attention.position == attention::PositionEncoding::relative_bias &&
       c.attention.dilated.backend == attention::Backend::flash) {
     root.section("attention").fail("position", "\"relative_bias\" is supported by the reference backend only, and "
                                                "attention.backend is \"flash\"");
@@ -217,58 +253,111 @@ ExperimentConfig parse_experiment(const std::string& text, const std::string& so
   return parse(config::Document::parse(text, source_name, overrides));
 }
 
-std::string to_string(PositionEncoding p) {
-  switch (p) {
-    case PositionEncoding::none: return "none";
-    case PositionEncoding::rope: return "rope";
-    case PositionEncoding::xpos: return "xpos";
-    case PositionEncoding::relative_bias: return "relative_bias";
+namespace {
+
+// Writes the resolved config in the schema's order (run, model, attention, data, train, eval; keys as the structs
+// declare them) with floats in their shortest exact form: "0.1", not the "0.10000000000000001" of toml++'s printer.
+class TomlWriter {
+ public:
+  void table(const char* name) { out_ << (out_.tellp() > 0 ? "\n[" : "[") << name << "]\n"; }
+  void put(const char* key, int64_t v) { line(key, std::to_string(v)); }
+  void put(const char* key, bool v) { line(key, v ? "true" : "false"); }
+  void put(const char* key, double v) {
+    char buf[64];
+    const auto end = std::to_chars(buf, buf + sizeof buf, v).ptr;  // shortest text that reads back as v
+    std::string text(buf, end);
+    if (text.find_first_of(".en") == std::string::npos) text += ".0";  // keep it a TOML float
+    line(key, text);
   }
-  return "none";
-}
+  void put(const char* key, const std::string& v) { line(key, quote(v)); }
+  void put(const char* key, const char* v) { line(key, quote(v)); }
+  void put(const char* key, const std::vector<int64_t>& v) {
+    std::string text;
+    for (int64_t x : v) text += (text.empty() ? "" : ", ") + std::to_string(x);
+    line(key, "[" + text + "]");
+  }
+  void put(const char* key, const std::vector<std::string>& v) {  // one entry a line: these are file paths
+    std::string text;
+    for (const auto& x : v) text += (v.size() > 1 ? "\n  " : "") + quote(x) + (v.size() > 1 ? "," : "");
+    line(key, "[" + text + (v.size() > 1 ? "\n]" : "]"));
+  }
+  std::string str() const { return out_.str(); }
+
+ private:
+  void line(const char* key, const std::string& value) { out_ << key << " = " << value << "\n"; }
+  static std::string quote(const std::string& s) {  // toml++ picks the quoting and escapes
+    std::ostringstream ss;
+    ss << toml::toml_formatter(toml::value<std::string>(s));
+    return ss.str();
+  }
+  std::ostringstream out_;
+};
+
+}  // namespace
 
 std::string to_toml(const ExperimentConfig& c) {
-  auto ints = [](const std::vector<int64_t>& v) {
-    toml::array a;
-    for (auto x : v) a.push_back(x);
-    return a;
-  };
-  auto strings = [](const std::vector<std::string>& v) {
-    toml::array a;
-    for (const auto& x : v) a.push_back(x);
-    return a;
-  };
+  TomlWriter w;
+  w.table("run");
+  w.put("name", c.run.name);
+  w.put("task", c.run.task);
+  w.put("seed", c.run.seed);
+  w.put("device", c.run.device);
+  w.put("output_dir", c.run.output_dir);
+
   const auto& m = c.model;
+  w.table("model");
+  w.put("width", m.width);
+  w.put("depth", m.depth);
+  w.put("heads", m.heads);
+  w.put("kv_heads", m.kv_heads);
+  w.put("mlp", m.mlp == fusion::MlpKind::gelu ? "gelu" : "swiglu");
+  w.put("mlp_ratio", m.mlp_ratio);
+  w.put("dropout", m.dropout);
+  w.put("sub_layernorm", m.sub_layernorm);
+  w.put("vocab_size", m.vocab_size);
+  w.put("max_length", m.max_length);
+
   const auto& a = c.attention;
+  w.table("attention");
+  w.put("segment_lengths", a.dilated.segment_lengths);
+  w.put("dilation_rates", a.dilated.dilation_rates);
+  w.put("causal", a.dilated.causal);
+  w.put("backend", attention::to_string(a.dilated.backend));
+  w.put("position", attention::to_string(a.position));
+  w.put("qk_layernorm", a.qk_layernorm);
+  w.put("dropout", a.dropout);
+  w.put("bias", a.bias);
+  w.put("rope_theta", a.rope_theta);
+  w.put("xpos_scale_base", a.xpos_scale_base);
+  w.put("relative_num_buckets", a.relative_num_buckets);
+  w.put("relative_max_distance", a.relative_max_distance);
+
+  w.table("data");
+  w.put("corpus", c.data.corpus);
+  w.put("sequence_length", c.data.sequence_length);
+  w.put("validation_fraction", c.data.validation_fraction);
+
   const auto& t = c.train;
-  toml::table root{
-      {"run", toml::table{{"name", c.run.name}, {"task", c.run.task}, {"seed", c.run.seed},
-                          {"device", c.run.device}, {"output_dir", c.run.output_dir}}},
-      {"model", toml::table{{"width", m.width}, {"depth", m.depth}, {"heads", m.heads}, {"kv_heads", m.kv_heads},
-                            {"mlp", m.mlp == fusion::MlpKind::gelu ? "gelu" : "swiglu"}, {"mlp_ratio", m.mlp_ratio},
-                            {"dropout", m.dropout}, {"sub_layernorm", m.sub_layernorm},
-                            {"vocab_size", m.vocab_size}, {"max_length", m.max_length}}},
-      {"attention", toml::table{{"segment_lengths", ints(a.dilated.segment_lengths)},
-                                {"dilation_rates", ints(a.dilated.dilation_rates)},
-                                {"causal", a.dilated.causal},
-                                {"backend", attention::to_string(a.dilated.backend)},
-                                {"position", to_string(a.position)},
-                                {"qk_layernorm", a.qk_layernorm},
-                                {"dropout", a.dropout}}},
-      {"data", toml::table{{"corpus", strings(c.data.corpus)}, {"sequence_length", c.data.sequence_length},
-                           {"validation_fraction", c.data.validation_fraction}}},
-      {"train", toml::table{{"steps", t.steps}, {"batch_size", t.batch_size},
-                            {"grad_accumulation", t.grad_accumulation}, {"lr", t.lr},
-                            {"min_lr_ratio", t.min_lr_ratio}, {"warmup_steps", t.warmup_steps},
-                            {"weight_decay", t.weight_decay}, {"beta1", t.beta1}, {"beta2", t.beta2},
-                            {"grad_clip", t.grad_clip}, {"precision", t.precision}, {"log_every", t.log_every},
-                            {"checkpoint_every", t.checkpoint_every}, {"keep_checkpoints", t.keep_checkpoints}}},
-      {"eval", toml::table{{"every", c.eval.every}, {"batches", c.eval.batches}}},
-  };
-  std::ostringstream ss;
-  ss << toml::toml_formatter(root, toml::toml_formatter::default_flags & ~toml::format_flags::indentation);
-  ss << "\n";
-  return ss.str();
+  w.table("train");
+  w.put("steps", t.steps);
+  w.put("batch_size", t.batch_size);
+  w.put("grad_accumulation", t.grad_accumulation);
+  w.put("lr", t.lr);
+  w.put("min_lr_ratio", t.min_lr_ratio);
+  w.put("warmup_steps", t.warmup_steps);
+  w.put("weight_decay", t.weight_decay);
+  w.put("beta1", t.beta1);
+  w.put("beta2", t.beta2);
+  w.put("grad_clip", t.grad_clip);
+  w.put("precision", t.precision);
+  w.put("log_every", t.log_every);
+  w.put("checkpoint_every", t.checkpoint_every);
+  w.put("keep_checkpoints", t.keep_checkpoints);
+
+  w.table("eval");
+  w.put("every", c.eval.every);
+  w.put("batches", c.eval.batches);
+  return w.str();
 }
 
 }  // namespace longnet::pipelines

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "attention/dilated_attention.h"
+#include "fusion/block.h"
 #include "fusion/model_config.h"
 
 namespace longnet::pipelines {
@@ -24,16 +25,6 @@ struct RunConfig {
   int64_t seed = 0;
   std::string device = "auto";     // "auto" | "cpu" | "cuda"
   std::string output_dir = "runs"; // the run folder is <output_dir>/<name>
-};
-
-enum class PositionEncoding { none, rope, xpos, relative_bias };
-
-// Attention as the model uses it: the dilated pattern plus the module's options.
-struct AttentionSettings {
-  attention::DilatedAttentionConfig dilated;
-  PositionEncoding position = PositionEncoding::rope;
-  bool qk_layernorm = false;
-  double dropout = 0.0;  // on attention outputs, in [0, 1)
 };
 
 struct DataConfig {
@@ -68,7 +59,7 @@ struct ExperimentConfig {
   std::filesystem::path source;        // the file it was read from
   RunConfig run;
   fusion::ModelConfig model;
-  AttentionSettings attention;
+  fusion::AttentionConfig attention;  // the dilated pattern plus the attention module's options
   DataConfig data;
   TrainConfig train;
   EvalConfig eval;
@@ -81,7 +72,5 @@ ExperimentConfig parse_experiment(const std::string& text, const std::string& so
 
 // The resolved config as TOML; parse_experiment(to_toml(c)) gives back c.
 std::string to_toml(const ExperimentConfig& config);
-
-std::string to_string(PositionEncoding p);
 
 }  // namespace longnet::pipelines
