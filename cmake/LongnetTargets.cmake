@@ -48,6 +48,9 @@ function(longnet_add_executable name)
   cmake_parse_arguments(ARG "TORCH" "" "SOURCES;DEPS" ${ARGN})
   add_executable(${name} ${ARG_SOURCES})
   longnet_target_defaults(${name})
+  # Executables compile as PIC like the libraries (instead of PIE), so the one precompiled header fits them too.
+  set_target_properties(${name} PROPERTIES POSITION_INDEPENDENT_CODE OFF)
+  target_compile_options(${name} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-fPIC>)
   target_link_libraries(${name} PRIVATE ${ARG_DEPS})
   if(ARG_TORCH)
     target_link_libraries(${name} PRIVATE torch)
@@ -71,6 +74,8 @@ function(longnet_add_test_suite name)
   endif()
   catch_discover_tests(${name}
     TEST_PREFIX "${name}."
-    PROPERTIES LABELS "${ARG_LABELS}"
+    # One intra-op thread per test: ctest runs tests in parallel, and torch's default thread pool would oversubscribe
+    # the cores several times over (a 7 s suite took 58 s on 2 busy cores).
+    PROPERTIES LABELS "${ARG_LABELS}" ENVIRONMENT "OMP_NUM_THREADS=1"
     WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
 endfunction()

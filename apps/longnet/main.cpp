@@ -13,6 +13,9 @@
 #include "core/log.h"
 #include "pipelines/experiment_config.h"
 #include "pipelines/run.h"
+#ifdef LONGNET_WITH_BENCH
+#include "bench/bench_attention.h"
+#endif
 
 namespace {
 
@@ -71,6 +74,17 @@ int main(int argc, char** argv) {
     sub->add_option("--set", cfg_sets, "Override a key (repeatable)");
   }
 
+  // ---- bench: `longnet bench attention [options]` (bench/bench_attention.h) ----------------------------------
+#ifdef LONGNET_WITH_BENCH
+  CLI::App* bench = app.add_subcommand("bench", "Benchmarks (need a CUDA device)");
+  bench->require_subcommand(1);
+  CLI::App* bench_attention = bench->add_subcommand(
+      "attention", "Dilated attention: flash backend vs dense SDPA and a torch-composed implementation");
+  bench::AttentionBenchOptions bench_opts;
+  bench::add_attention_bench_options(*bench_attention, bench_opts);
+#endif
+  // ---- end bench ------------------------------------------------------------------------------------------------
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -97,6 +111,10 @@ int main(int argc, char** argv) {
       std::cout << cfg_file << ": ok\n";
     } else if (*print) {
       std::cout << pipelines::to_toml(pipelines::load_experiment(cfg_file, cfg_sets));
+#ifdef LONGNET_WITH_BENCH
+    } else if (*bench_attention) {
+      return bench::run_attention_benchmark(bench_opts);
+#endif
     }
   } catch (const ConfigError& e) {
     std::cerr << "error: " << format_error_chain(e) << "\n";
