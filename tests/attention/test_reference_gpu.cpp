@@ -4,7 +4,7 @@
 #include <torch/torch.h>
 
 #include "attention/reference.h"
-#include "support/oracle.h"
+#include "tests/support/oracle.h"
 
 #include <catch2/catch.hpp>
 

@@ -10,7 +10,7 @@
 
 #include "core/error.h"
 #include "pipelines/experiment_config.h"
-#include "support/temp_dir.h"
+#include "tests/support/temp_dir.h"
 
 // After the torch headers (which experiment_config.h reaches): c10 defines its own CHECK, and the last definition wins.
 #include <catch2/catch.hpp>

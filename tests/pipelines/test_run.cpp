@@ -10,7 +10,7 @@
 #include "core/error.h"
 #include "pipelines/experiment_config.h"
 #include "pipelines/run.h"
-#include "support/temp_dir.h"
+#include "tests/support/temp_dir.h"
 
 #include <catch2/catch.hpp>
 
