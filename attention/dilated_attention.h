@@ -68,7 +68,8 @@ struct AttentionOptions {
 
 struct AttentionResult {
   at::Tensor out;  // (B, N, H, D), dtype and device of q
-  at::Tensor lse;  // (B, H, N) float32 (float64 for float64 inputs); -inf where a query has no key
+  at::Tensor lse;  // (B, H, N) float32 (float64 for float64 inputs); -inf where a query has no key. Differentiable
+                   // with the reference backend; with flash only `out` carries gradients (the LSE is a by-product)
 };
 
 // q: (B, N, H, D); k, v: (B, N, Hkv, D) with H % Hkv == 0 (grouped-query heads: query head h reads kv head
