@@ -116,8 +116,9 @@ std::pair<at::Tensor, at::Tensor> MultiheadDilatedAttentionImpl::queries_and_key
   at::Tensor q = q_proj_(x).view({b, n, options_.heads, d});     // q: (B, N, H, D)
   at::Tensor k = k_proj_(x).view({b, n, options_.kv_heads, d});  // k: (B, N, Hkv, D)
   if (options_.qk_layernorm) {
-    q = q_norm_(q);
-    k = k_norm_(k);
+    // Under autocast LayerNorm returns float32; q and k go back to v's dtype, which dilated_attention requires.
+    q = q_norm_(q).to(q.scalar_type());
+    k = k_norm_(k).to(k.scalar_type());
   }
   if (options_.position == PositionEncoding::rope || options_.position == PositionEncoding::xpos) {
     const at::Tensor positions = at::arange(n, x.options().dtype(at::kLong));  // (N,)

@@ -12,7 +12,7 @@ if [ $# -ne 1 ] || [ ! -x "$1" ]; then
   exit 2
 fi
 longnet=$1
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/longnet_cli_test.XXXXXX")
+tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 failures=0
 
