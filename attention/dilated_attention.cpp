@@ -28,6 +28,39 @@ std::string to_string(Backend backend) {
   return "auto";
 }
 
+Mix parse_mix(const std::string& name) {
+  if (name == "lse") return Mix::lse;
+  if (name == "head_split") return Mix::head_split;
+  throw ConfigError("unknown attention mix '" + name + "' (expected lse or head_split)");
+}
+
+std::string to_string(Mix mix) {
+  switch (mix) {
+    case Mix::lse: return "lse";
+    case Mix::head_split: return "head_split";
+  }
+  return "lse";
+}
+
+namespace {
+
+// head_split gives every branch at least one head: H >= K.
+void check_head_split_heads(int64_t heads, int64_t branches) {
+  if (heads < branches) {
+    throw ConfigError("dilated_attention: mix = head_split needs at least one query head per branch, got H=" +
+                      std::to_string(heads) + " heads for K=" + std::to_string(branches) + " branches");
+  }
+}
+
+// The branch of head h with head_split: group i holds heads [floor(i·H/K), floor((i+1)·H/K)).
+int64_t head_split_branch(int64_t head, int64_t heads, int64_t branches) {
+  int64_t i = 0;
+  while ((i + 1) * heads / branches <= head) ++i;
+  return i;
+}
+
+}  // namespace
+
 void DilatedAttentionConfig::validate() const {
   if (segment_lengths.empty()) throw ConfigError("dilated attention needs at least one branch (segment_lengths is empty)");
   if (segment_lengths.size() != dilation_rates.size()) {
@@ -49,14 +82,19 @@ void DilatedAttentionConfig::validate() const {
 std::vector<std::string> DilatedAttentionConfig::coverage_warnings(int64_t heads) const {
   // Row j of a segment is covered for head h by branch i when j ≡ h (mod r_i). Position p's row index differs per
   // branch (p mod w_i), but j mod r_i = p mod r_i because r_i divides w_i; so coverage depends on p mod lcm(r_i) only.
+  // With head_split, head h sees only the branch of its group, so the period is that branch's rate.
+  const auto branches = static_cast<int64_t>(dilation_rates.size());
+  if (mix == Mix::head_split) check_head_split_heads(heads, branches);
   std::vector<std::string> warnings;
-  int64_t period = 1;
-  for (int64_t r : dilation_rates) period = std::lcm(period, r);
   for (int64_t h = 0; h < heads; ++h) {
+    std::vector<int64_t> rates = dilation_rates;
+    if (mix == Mix::head_split) rates = {dilation_rates[static_cast<size_t>(head_split_branch(h, heads, branches))]};
+    int64_t period = 1;
+    for (int64_t r : rates) period = std::lcm(period, r);
     int64_t uncovered = 0;
     for (int64_t p = 0; p < period; ++p) {
       bool covered = false;
-      for (int64_t r : dilation_rates) covered = covered || (p % r == h % r);
+      for (int64_t r : rates) covered = covered || (p % r == h % r);
       if (!covered) ++uncovered;
     }
     if (uncovered > 0) {
@@ -168,14 +206,22 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 Backend resolve_backend(const at::Tensor& q, const DilatedAttentionConfig& config, const AttentionOptions& options) {
   if (config.backend != Backend::automatic) return config.backend;
   const bool half = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
-  return q.is_cuda() && half && !options.relative_bias ? Backend::flash : Backend::reference;
+  const bool flash_mix = config.mix == Mix::lse;  // the flash backend does not implement head_split yet
+  return q.is_cuda() && half && !options.relative_bias && flash_mix ? Backend::flash : Backend::reference;
 }
 
 AttentionResult dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const DilatedAttentionConfig& config, const AttentionOptions& options) {
   config.validate();
   check_inputs(q, k, v, options);
+  if (config.mix == Mix::head_split) {
+    check_head_split_heads(q.size(2), static_cast<int64_t>(config.segment_lengths.size()));
+  }
   if (resolve_backend(q, config, options) == Backend::flash) {
+    if (config.mix == Mix::head_split) {
+      throw ConfigError("dilated_attention: attention.mix = head_split is not supported by the flash backend; use "
+                        "backend reference");
+    }
     // Never a quiet switch to the reference: inputs the flash backend cannot run are an error naming what is missing.
     std::string why;
     if (!flash_backend_supports(q, options, &why)) {

@@ -9,6 +9,14 @@
 //   (combine_by_lse). Causal removes keys after p; the key padding mask removes keys. A query that no branch
 //   selects, or whose keys are all removed, outputs zeros and has LSE = -inf.
 //
+// Mix modes (DilatedAttentionConfig::mix):
+//   lse         the above: every head attends through every branch, branches mixed by their softmax denominators.
+//   head_split  the H query heads are split among the K branches in contiguous groups (group i holds heads
+//               [floor(i·H/K), floor((i+1)·H/K)), so H >= K is required), and head h of group i attends through
+//               branch i only: a softmax over the keys branch i gives it, with the same offset o = h mod r_i, causal
+//               mask, key padding and grouped-query kv heads as above. Queries branch i does not select output zeros
+//               with LSE = -inf. With K = 1 both modes are the same.
+//
 // Usage:
 //   DilatedAttentionConfig cfg{.segment_lengths = {2048, 4096}, .dilation_rates = {1, 2}, .causal = true};
 //   cfg.validate();
@@ -17,7 +25,8 @@
 // Backends: `reference` (torch ops; any device and dtype; the CPU path; differentiable through autograd) and
 // `flash` (CUDA, bf16/fp16: torch's fused attention on zero-copy strided views, branches combined by our kernel,
 // exact backward through a custom autograd function). `automatic` picks `flash` for CUDA bf16/fp16 inputs without a
-// relative position bias and `reference` otherwise; an explicitly requested backend that cannot run the inputs
+// relative position bias and with mix = lse, and `reference` otherwise (the flash backend does not implement head_split
+// yet: an explicit `flash` with head_split is an error); an explicitly requested backend that cannot run the inputs
 // raises an error naming what is missing. Thread-safe (no global state besides torch's).
 #pragma once
 
@@ -36,16 +45,27 @@ enum class Backend { automatic, reference, flash };
 Backend parse_backend(const std::string& name);
 std::string to_string(Backend backend);
 
+// How the K branches are combined (see the semantics above).
+enum class Mix { lse, head_split };
+
+// "lse" | "head_split"
+Mix parse_mix(const std::string& name);
+std::string to_string(Mix mix);
+
 struct DilatedAttentionConfig {
   std::vector<int64_t> segment_lengths{2048};  // w_i > 0
   std::vector<int64_t> dilation_rates{1};      // r_i > 0, w_i % r_i == 0
   bool causal = false;
   Backend backend = Backend::automatic;
+  Mix mix = Mix::lse;
 
-  // Throws ConfigError for empty or mismatched lists, w_i < 1, r_i < 1 or w_i not divisible by r_i.
+  // Throws ConfigError for empty or mismatched lists, w_i < 1, r_i < 1 or w_i not divisible by r_i. (H >= K for
+  // head_split depends on the inputs: dilated_attention() checks it.)
   void validate() const;
   // For `heads` query heads: one line per head that leaves some row index of a segment uncovered by every branch
-  // (such queries output zeros). Empty when every position of every head is covered.
+  // that head attends through (all branches with lse; its own group's branch with head_split), as such queries
+  // output zeros. Empty when every position of every head is covered. Throws ConfigError for head_split with
+  // heads < K.
   std::vector<std::string> coverage_warnings(int64_t heads) const;
   // Effective forward FLOPs of the branches at length n (Σ_i (n/w_i)·H·4·(w_i/r_i)²·D, ragged tail included).
   double forward_flops(int64_t batch, int64_t n, int64_t heads, int64_t head_dim) const;

@@ -43,14 +43,16 @@ at::Tensor expand_kv_heads(const at::Tensor& x, int64_t heads) {
       .reshape({x.size(0), x.size(1), heads, x.size(3)});
 }
 
-// Rows o, o+r, ... of every segment of `run`, for heads o, o+r, ... (the heads whose offset is o). Strided views only.
-// x: (B, N, H, D) contiguous -> (B, S, H_o, M, D) with S = run.count, H_o = |{h : h mod r = o}|, M = ceil((len-o)/r)
-at::Tensor sparsify(const at::Tensor& x, const SegmentRun& run, int64_t r, int64_t o) {
+// Rows o, o+r, ... of every segment of `run`, for heads first, first+r, ... (the local heads whose offset is o).
+// Strided views only.
+// x: (B, N, H, D), N-axis splittable by view -> (B, S, H_o, M, D) with S = run.count, H_o = |{h : h mod r = first}|,
+// M = ceil((len-o)/r)
+at::Tensor sparsify(const at::Tensor& x, const SegmentRun& run, int64_t r, int64_t o, int64_t first) {
   const int64_t B = x.size(0), H = x.size(2), D = x.size(3);
   return x.narrow(1, run.start, run.count * run.length)
       .view({B, run.count, run.length, H, D})
       .slice(2, o, run.length, r)
-      .slice(3, o, H, r)
+      .slice(3, first, H, r)
       .permute({0, 1, 3, 2, 4});
 }
 
@@ -65,8 +67,9 @@ at::Tensor sparsify_keys(const at::Tensor& keep_key, const SegmentRun& run, int6
 }
 
 // Relative position bias of one sparse segment: sparse rows j, j' sit (j' - j)·r positions apart in the original
-// sequence, the same for every segment. table: (H, buckets) -> (H_o, M, M) in dtype `acc`.
-at::Tensor sparse_bias(const RelativePositionBias& bias, int64_t rows, int64_t r, int64_t o, at::ScalarType acc) {
+// sequence, the same for every segment. table: (H, buckets) -> (H_o, M, M) in dtype `acc`, for local heads first,
+// first+r, ...
+at::Tensor sparse_bias(const RelativePositionBias& bias, int64_t rows, int64_t r, int64_t first, at::ScalarType acc) {
   std::vector<int64_t> bucket_of_step(static_cast<size_t>(2 * rows - 1));
   for (int64_t step = -(rows - 1); step < rows; ++step) {
     bucket_of_step[static_cast<size_t>(step + rows - 1)] =
@@ -79,7 +82,7 @@ at::Tensor sparse_bias(const RelativePositionBias& bias, int64_t rows, int64_t r
     }
   }
   const auto index = torch::tensor(buckets, torch::dtype(torch::kLong)).to(bias.table.device());
-  const auto table = bias.table.slice(0, o, bias.table.size(0), r).to(acc);  // (H_o, buckets)
+  const auto table = bias.table.slice(0, first, bias.table.size(0), r).to(acc);  // (H_o, buckets)
   return table.index_select(1, index).view({table.size(0), rows, rows});
 }
 
@@ -109,29 +112,33 @@ AttentionResult attend(const at::Tensor& q_s, const at::Tensor& k_s, const at::T
 
 // Writes one offset's rows back to their original positions (in place, recorded by autograd).
 // part.out: (B, S, H_o, M, D) -> out_full (B, N, H, D); part.lse: (B, S, H_o, M) -> lse_full (B, H, N).
-void scatter(const AttentionResult& part, const SegmentRun& run, int64_t r, int64_t o, at::Tensor& out_full,
-             at::Tensor& lse_full) {
-  sparsify(out_full, run, r, o).copy_(part.out);
+void scatter(const AttentionResult& part, const SegmentRun& run, int64_t r, int64_t o, int64_t first,
+             at::Tensor& out_full, at::Tensor& lse_full) {
+  sparsify(out_full, run, r, o, first).copy_(part.out);
   const int64_t B = lse_full.size(0), H = lse_full.size(1);
   lse_full.narrow(2, run.start, run.count * run.length)
       .view({B, H, run.count, run.length})
       .slice(3, o, run.length, r)
-      .slice(1, o, H, r)
+      .slice(1, first, H, r)
       .permute({0, 2, 1, 3})
       .copy_(part.lse);
 }
 
 // One branch (w, r) over the whole sequence: positions it does not select keep out = 0, lse = -inf.
-// q, k, v: (B, N, H, D) contiguous; keep_key: (B, N) bool or undefined.
+// q, k, v: (B, N, H, D) contiguous, or a head range [head0, head0 + H) of contiguous tensors (the offset of local
+// head j is (head0 + j) mod r); keep_key: (B, N) bool or undefined; bias->table: (H, buckets) for these heads.
 AttentionResult attend_branch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& keep_key,
-                              int64_t segment_length, int64_t r, bool causal, double scale,
+                              int64_t segment_length, int64_t r, int64_t head0, bool causal, double scale,
                               const std::optional<RelativePositionBias>& bias, at::ScalarType acc) {
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
   auto out_full = at::zeros({B, N, H, D}, q.options().dtype(acc));
   auto lse_full = at::full({B, H, N}, kNegInf, q.options().dtype(acc));
   for (const SegmentRun& run : segment_runs(N, segment_length)) {
-    // Offsets o >= H have no heads (r > H) and offsets o >= run.length no rows (a short last segment).
-    for (int64_t o = 0; o < std::min({r, H, run.length}); ++o) {
+    // Offsets o >= run.length have no rows (a short last segment); an offset whose first local head is >= H has no
+    // heads (r > H).
+    for (int64_t o = 0; o < std::min(r, run.length); ++o) {
+      const int64_t first = ((o - head0) % r + r) % r;  // first local head with (head0 + j) mod r = o
+      if (first >= H) continue;
       const int64_t rows = (run.length - o + r - 1) / r;
       at::Tensor keep;
       if (causal) keep = at::ones({rows, rows}, q.options().dtype(at::kBool)).tril();
@@ -139,10 +146,10 @@ AttentionResult attend_branch(const at::Tensor& q, const at::Tensor& k, const at
         const auto keep_sparse = sparsify_keys(keep_key, run, r, o);
         keep = keep.defined() ? keep.logical_and(keep_sparse) : keep_sparse;
       }
-      const at::Tensor bias_sparse = bias ? sparse_bias(*bias, rows, r, o, acc) : at::Tensor();
-      const auto part = attend(sparsify(q, run, r, o), sparsify(k, run, r, o), sparsify(v, run, r, o), keep,
-                               bias_sparse, scale, acc);
-      scatter(part, run, r, o, out_full, lse_full);
+      const at::Tensor bias_sparse = bias ? sparse_bias(*bias, rows, r, first, acc) : at::Tensor();
+      const auto part = attend(sparsify(q, run, r, o, first), sparsify(k, run, r, o, first),
+                               sparsify(v, run, r, o, first), keep, bias_sparse, scale, acc);
+      scatter(part, run, r, o, first, out_full, lse_full);
     }
   }
   return {out_full, lse_full};
@@ -196,10 +203,28 @@ AttentionResult reference_dilated_attention(const at::Tensor& q, const at::Tenso
   at::Tensor keep_key;  // (B, N) bool, true where the key takes part
   if (options.key_padding_mask) keep_key = options.key_padding_mask->logical_not();
 
+  if (config.mix == Mix::head_split) {
+    // Group i = heads [floor(i·H/K), floor((i+1)·H/K)) runs branch i alone; the groups are concatenated along H.
+    const auto branches = static_cast<int64_t>(config.segment_lengths.size());
+    std::vector<at::Tensor> outs, lses;
+    for (size_t i = 0; i < config.segment_lengths.size(); ++i) {
+      const auto index = static_cast<int64_t>(i);
+      const int64_t head0 = index * H / branches, heads = (index + 1) * H / branches - head0;
+      std::optional<RelativePositionBias> bias = options.relative_bias;
+      if (bias) bias->table = bias->table.narrow(0, head0, heads);
+      const auto group = attend_branch(q_c.narrow(2, head0, heads), k_c.narrow(2, head0, heads),
+                                       v_c.narrow(2, head0, heads), keep_key, config.segment_lengths[i],
+                                       config.dilation_rates[i], head0, config.causal, scale, bias, acc);
+      outs.push_back(group.out);  // (B, N, H_i, D)
+      lses.push_back(group.lse);  // (B, H_i, N)
+    }
+    return {at::cat(outs, 2).to(q.scalar_type()), at::cat(lses, 1)};
+  }
+
   std::optional<AttentionResult> total;
   for (size_t i = 0; i < config.segment_lengths.size(); ++i) {
     const auto branch = attend_branch(q_c, k_c, v_c, keep_key, config.segment_lengths[i], config.dilation_rates[i],
-                                      config.causal, scale, options.relative_bias, acc);
+                                      /*head0=*/0, config.causal, scale, options.relative_bias, acc);
     total = total ? combine_by_lse(total->out, total->lse, branch.out, branch.lse) : branch;
   }
   return {total->out.to(q.scalar_type()), total->lse};

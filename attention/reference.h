@@ -4,7 +4,8 @@
 // Steps (LongNet §2.2, named as in torchscale's dilated_attention.py): for every branch (w, r) and head offset o,
 // `sparsify` takes the rows ≡ o (mod r) of every segment as strided views, `attend` runs masked softmax attention
 // inside each sparse segment and returns (out, lse), `scatter` puts the rows back at their original positions, and
-// `combine_by_lse` mixes the branches by their log-sum-exp.
+// `combine_by_lse` mixes the branches by their log-sum-exp. With mix = head_split there is no mix: each branch runs on
+// its group's heads only (global head indices give the offsets) and the groups are concatenated.
 //
 // Semantics: exactly those of attention/dilated_attention.h. Inputs are assumed valid (dilated_attention() checks
 // them). Thread-safe (no global state besides torch's).

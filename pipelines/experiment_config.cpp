@@ -102,6 +102,7 @@ fusion::AttentionConfig parse_attention(const Section& s) {
   }
   d.causal = s.boolean("causal", d.causal);
   d.backend = attention::parse_backend(s.choice("backend", "auto", {"auto", "reference", "flash"}));
+  d.mix = attention::parse_mix(s.choice("mix", "lse", {"lse", "head_split"}));
   c.position = attention::parse_position_encoding(
       s.choice("position", "rope", {"none", "rope", "xpos", "relative_bias"}));
   c.qk_layernorm = s.boolean("qk_layernorm", c.qk_layernorm);
@@ -239,6 +240,19 @@ ExperimentConfig parse(const config::Document& doc) {
     root.section("attention").fail("position", "\"relative_bias\" is supported by the reference backend only, and "
                                                "attention.backend is \"flash\"");
   }
+  if (c.attention.dilated.mix == attention::Mix::head_split) {
+    // head_split gives every branch its own group of at least one head.
+    const auto branches = static_cast<int64_t>(c.attention.dilated.segment_lengths.size());
+    if (c.model.heads < branches) {
+      root.section("attention").fail("mix", "\"head_split\" needs at least one head per branch, and model.heads = " +
+                                                std::to_string(c.model.heads) + " is less than the " +
+                                                std::to_string(branches) + " branches");
+    }
+    if (c.attention.dilated.backend == attention::Backend::flash) {
+      root.section("attention").fail("mix", "\"head_split\" is supported by the reference backend only, and "
+                                            "attention.backend is \"flash\"");
+    }
+  }
   return c;
 }
 
@@ -323,6 +337,7 @@ std::string to_toml(const ExperimentConfig& c) {
   w.put("dilation_rates", a.dilated.dilation_rates);
   w.put("causal", a.dilated.causal);
   w.put("backend", attention::to_string(a.dilated.backend));
+  w.put("mix", attention::to_string(a.dilated.mix));
   w.put("position", attention::to_string(a.position));
   w.put("qk_layernorm", a.qk_layernorm);
   w.put("dropout", a.dropout);

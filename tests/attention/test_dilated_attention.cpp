@@ -5,6 +5,7 @@
 #include <limits>
 #include <ostream>
 #include <random>
+#include <string>
 #include <vector>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -20,6 +21,7 @@ using longnet::attention::AttentionOptions;
 using longnet::attention::AttentionResult;
 using longnet::attention::Backend;
 using longnet::attention::DilatedAttentionConfig;
+using longnet::attention::Mix;
 using longnet::attention::RelativePositionBias;
 using longnet::test::oracle_dilated_attention;
 using longnet::test::relative_error;
@@ -38,6 +40,7 @@ struct Case {
   bool bias = false;              // T5 relative position bias
   bool bidirectional_bias = true;
   uint64_t seed = 0;
+  Mix mix = Mix::lse;
 };
 
 std::ostream& operator<<(std::ostream& os, const Case& c) {
@@ -51,7 +54,8 @@ std::ostream& operator<<(std::ostream& os, const Case& c) {
   os << " r=";
   list(c.rates);
   os << " causal=" << c.causal << " padding=" << c.padding << " bias=" << c.bias
-     << " bidirectional=" << c.bidirectional_bias << " seed=" << c.seed;
+     << " bidirectional=" << c.bidirectional_bias << " seed=" << c.seed
+     << " mix=" << longnet::attention::to_string(c.mix);
   return os;
 }
 
@@ -71,6 +75,7 @@ Problem make_problem(const Case& c, at::ScalarType dtype = at::kDouble) {
   p.config.segment_lengths = c.segments;
   p.config.dilation_rates = c.rates;
   p.config.causal = c.causal;
+  p.config.mix = c.mix;
   if (c.padding) {
     auto mask = at::rand({c.batch, c.n}, gen, f64) < 0.25;  // (B, N) bool
     mask.select(0, 0).narrow(0, c.n - c.n / 4, c.n / 4).fill_(true);
@@ -142,6 +147,45 @@ std::vector<Case> named_cases() {
   add({.batch = 2, .n = 33, .heads = 3, .kv_heads = 1, .segments = {9, 18}, .rates = {3, 2}, .causal = true,
        .padding = true, .bias = true, .bidirectional_bias = false});                              // everything
   return cases;
+}
+
+// head_split cases: every group of heads runs its own branch. Hand-picked so that ragged segments, w > N, groups
+// smaller than r, uneven groups (H % K != 0), grouped-query heads across groups and K = 1 are all covered.
+std::vector<Case> head_split_cases() {
+  std::vector<Case> cases;
+  const auto add = [&](Case c) {
+    c.seed = 2000 + cases.size();
+    c.mix = Mix::head_split;
+    cases.push_back(c);
+  };
+  add({.n = 64, .heads = 4, .kv_heads = 4, .segments = {16, 32}, .rates = {1, 2}});              // two groups of 2
+  add({.n = 50, .heads = 4, .kv_heads = 4, .segments = {16, 32}, .rates = {1, 2}, .causal = true});  // N % w != 0
+  add({.batch = 3, .n = 45, .heads = 4, .kv_heads = 4, .segments = {10, 20}, .rates = {1, 2}, .causal = true,
+       .padding = true});
+  add({.n = 20, .heads = 4, .kv_heads = 2, .segments = {32, 64}, .rates = {2, 4}});              // w > N, GQA
+  add({.n = 40, .heads = 4, .kv_heads = 4, .segments = {8, 16}, .rates = {4, 8}});               // r > group size
+  add({.n = 36, .heads = 5, .kv_heads = 5, .segments = {12, 12, 36}, .rates = {1, 2, 3}});       // groups 1, 2, 2
+  add({.n = 30, .heads = 6, .kv_heads = 2, .segments = {10, 30}, .rates = {1, 3}, .padding = true});  // GQA
+  add({.n = 29, .heads = 6, .kv_heads = 3, .segments = {4, 8, 12, 16}, .rates = {1, 2, 3, 4}, .causal = true});
+  add({.n = 40, .heads = 3, .kv_heads = 3, .segments = {12}, .rates = {2}, .causal = true});     // K = 1
+  add({.batch = 2, .n = 48, .heads = 3, .kv_heads = 3, .segments = {8, 16, 32}, .rates = {1, 2, 4}, .causal = true,
+       .padding = true});                                                                         // H = K
+  add({.batch = 2, .n = 33, .heads = 3, .kv_heads = 1, .segments = {9, 18}, .rates = {3, 2}, .causal = true,
+       .padding = true, .bias = true, .bidirectional_bias = false});                              // relative bias
+  add({.batch = 2, .n = 100, .heads = 8, .kv_heads = 8, .segments = {4, 8, 16, 32, 64}, .rates = {1, 2, 4, 8, 16},
+       .causal = true});                                                                          // five branches
+  add({.batch = 2, .n = 24, .heads = 2, .kv_heads = 2, .head_dim = 64, .segments = {8, 24}, .rates = {2, 3}});
+  return cases;
+}
+
+// A random case in head_split mode, with no more branches than heads.
+Case random_head_split_case(uint64_t seed) {
+  Case c = random_case(seed);
+  const auto branches = static_cast<size_t>(std::min<int64_t>(c.heads, static_cast<int64_t>(c.segments.size())));
+  c.segments.resize(branches);
+  c.rates.resize(branches);
+  c.mix = Mix::head_split;
+  return c;
 }
 
 AttentionOptions with_table(const AttentionOptions& options, const at::Tensor& table) {
@@ -247,6 +291,114 @@ TEST_CASE("the oracle's multiplicity counts keys seen through several branches",
   CHECK(torch::equal(count[0][1], torch::tensor({1., 1., 1., 1., 0., 0., 0., 0.}, torch::kDouble)));
   // Head 1 takes the odd rows of the second branch.
   CHECK(torch::equal(count[1][5], torch::tensor({0., 1., 0., 1., 1., 2., 1., 2.}, torch::kDouble)));
+}
+
+TEST_CASE("head_split reference matches the float64 oracle on hand-picked cases", "[attention][cpu]") {
+  const auto cases = head_split_cases();
+  const auto index = GENERATE_COPY(range(size_t{0}, cases.size()));
+  const Case c = cases[index];
+  CAPTURE(c);
+  check_against_oracle(c, at::kDouble);
+}
+
+TEST_CASE("head_split reference matches the float64 oracle on random cases", "[attention][cpu]") {
+  const auto seed = GENERATE(range(uint64_t{200}, uint64_t{224}));
+  const Case c = random_head_split_case(seed);
+  CAPTURE(c);
+  check_against_oracle(c, at::kDouble);
+}
+
+TEST_CASE("the oracle's head_split multiplicity keeps each head's own branch", "[attention][cpu]") {
+  // N = 8, branches (4, 1) and (8, 2), H = 2: head 0 attends through the first branch only, head 1 through the second.
+  DilatedAttentionConfig config = make_config({4, 8}, {1, 2});
+  config.mix = Mix::head_split;
+  const auto count = longnet::test::branch_multiplicity(8, 2, config);
+  CHECK(torch::equal(count[0][0], torch::tensor({1., 1., 1., 1., 0., 0., 0., 0.}, torch::kDouble)));
+  CHECK(torch::equal(count[0][6], torch::tensor({0., 0., 0., 0., 1., 1., 1., 1.}, torch::kDouble)));
+  // Head 1 has offset 1 in the second branch: its even queries see nothing.
+  CHECK(torch::equal(count[1][0], torch::zeros({8}, torch::kDouble)));
+  CHECK(torch::equal(count[1][5], torch::tensor({0., 1., 0., 1., 0., 1., 0., 1.}, torch::kDouble)));
+}
+
+TEST_CASE("head_split is each group's heads run through lse mode with its branch alone", "[attention][cpu]") {
+  // Property, independent of the oracle: the heads [floor(i·H/K), floor((i+1)·H/K)) of head_split equal the same
+  // heads of lse mode with branch i as the only branch (all heads are passed, so offsets h mod r_i are global).
+  const std::vector<Case> cases{
+      {.batch = 2, .n = 45, .heads = 5, .kv_heads = 5, .segments = {10, 20, 45}, .rates = {1, 2, 3}, .causal = true,
+       .padding = true, .seed = 31},
+      {.n = 40, .heads = 6, .kv_heads = 2, .segments = {8, 16, 40, 40}, .rates = {4, 8, 2, 1}, .seed = 32},
+      {.n = 27, .heads = 3, .kv_heads = 1, .segments = {9}, .rates = {3}, .causal = true, .seed = 33}};  // K = 1
+  for (Case c : cases) {
+    c.mix = Mix::head_split;
+    CAPTURE(c);
+    const Problem p = make_problem(c);
+    const auto split = longnet::attention::dilated_attention(p.q, p.k, p.v, p.config, p.options);
+    const auto branches = static_cast<int64_t>(c.segments.size());
+    for (int64_t i = 0; i < branches; ++i) {
+      CAPTURE(i);
+      DilatedAttentionConfig alone = make_config({c.segments[static_cast<size_t>(i)]},
+                                                 {c.rates[static_cast<size_t>(i)]}, c.causal);
+      const auto lse_mode = longnet::attention::dilated_attention(p.q, p.k, p.v, alone, p.options);
+      const int64_t head0 = i * c.heads / branches, heads = (i + 1) * c.heads / branches - head0;
+      CHECK(relative_error(split.out.narrow(2, head0, heads), lse_mode.out.narrow(2, head0, heads)) <= 1e-12);
+      CHECK(relative_error(split.lse.narrow(1, head0, heads), lse_mode.lse.narrow(1, head0, heads)) <= 1e-12);
+    }
+    if (branches == 1) {
+      // K = 1: both modes are the same computation.
+      DilatedAttentionConfig lse_config = p.config;
+      lse_config.mix = Mix::lse;
+      const auto lse_mode = longnet::attention::dilated_attention(p.q, p.k, p.v, lse_config, p.options);
+      CHECK(relative_error(split.out, lse_mode.out) <= 1e-12);
+      CHECK(relative_error(split.lse, lse_mode.lse) <= 1e-12);
+    }
+  }
+}
+
+TEST_CASE("head_split needs at least one head per branch", "[attention][cpu]") {
+  const auto q = torch::zeros({1, 16, 2, 8}, torch::kDouble);
+  DilatedAttentionConfig config = make_config({4, 8, 16}, {1, 2, 4});
+  config.mix = Mix::head_split;
+  const std::string message =
+      "dilated_attention: mix = head_split needs at least one query head per branch, got H=2 heads for K=3 branches";
+  CHECK_THROWS_AS(longnet::attention::dilated_attention(q, q, q, config), longnet::ConfigError);
+  CHECK_THROWS_WITH(longnet::attention::dilated_attention(q, q, q, config), message);
+  CHECK_THROWS_WITH(config.coverage_warnings(2), message);
+  // Three heads are enough; lse mode has no such limit.
+  CHECK_NOTHROW(longnet::attention::dilated_attention(torch::zeros({1, 16, 3, 8}, torch::kDouble),
+                                                      torch::zeros({1, 16, 3, 8}, torch::kDouble),
+                                                      torch::zeros({1, 16, 3, 8}, torch::kDouble), config));
+  config.mix = Mix::lse;
+  CHECK_NOTHROW(longnet::attention::dilated_attention(q, q, q, config));
+}
+
+TEST_CASE("mix names parse and print", "[attention][cpu]") {
+  using longnet::attention::parse_mix;
+  CHECK(parse_mix("lse") == Mix::lse);
+  CHECK(parse_mix("head_split") == Mix::head_split);
+  CHECK(longnet::attention::to_string(Mix::lse) == "lse");
+  CHECK(longnet::attention::to_string(Mix::head_split) == "head_split");
+  CHECK(DilatedAttentionConfig{}.mix == Mix::lse);
+  CHECK_THROWS_WITH(parse_mix("split"), "unknown attention mix 'split' (expected lse or head_split)");
+}
+
+TEST_CASE("coverage_warnings: with head_split a head is covered by its own branch only", "[attention][cpu]") {
+  DilatedAttentionConfig config = make_config({8, 16}, {1, 2});
+  // lse: the r = 1 branch covers every position of every head.
+  CHECK(config.coverage_warnings(4).empty());
+  // head_split: heads 0-1 take (8, 1) and are covered; heads 2-3 take (16, 2) and see every other position.
+  config.mix = Mix::head_split;
+  CHECK(config.coverage_warnings(4) ==
+        std::vector<std::string>{"head 2: 1 of every 2 positions are selected by no branch and output zeros",
+                                 "head 3: 1 of every 2 positions are selected by no branch and output zeros"});
+  // lse with rates {2, 4} and 1 head: positions 1 and 3 of every 4 are uncovered.
+  config = make_config({8, 16}, {2, 4});
+  CHECK(config.coverage_warnings(1) ==
+        std::vector<std::string>{"head 0: 2 of every 4 positions are selected by no branch and output zeros"});
+  // head_split, H = 2: head 0 has r = 2 (offset 0), head 1 has r = 4 (offset 1).
+  config.mix = Mix::head_split;
+  CHECK(config.coverage_warnings(2) ==
+        std::vector<std::string>{"head 0: 1 of every 2 positions are selected by no branch and output zeros",
+                                 "head 1: 3 of every 4 positions are selected by no branch and output zeros"});
 }
 
 TEST_CASE("relative_position_bucket follows T5", "[attention][cpu]") {
@@ -455,6 +607,24 @@ TEST_CASE("backend resolution", "[attention][cpu]") {
   CHECK_THROWS_AS(longnet::attention::dilated_attention(q, q, q, config), longnet::ConfigError);
   CHECK_THROWS_WITH(longnet::attention::dilated_attention(q, q, q, config),
                     Catch::StartsWith("dilated_attention: the flash backend cannot run these inputs: "));
+}
+
+TEST_CASE("head_split runs on the reference backend only", "[attention][cpu]") {
+  using longnet::attention::resolve_backend;
+  const auto q = torch::zeros({1, 8, 2, 16});
+  DilatedAttentionConfig config = make_config({4, 8}, {1, 2});
+  config.mix = Mix::head_split;
+  // `auto` resolves head_split to the reference.
+  CHECK(resolve_backend(q, config, {}) == Backend::reference);
+  CHECK(resolve_backend(q.to(torch::kBFloat16), config, {}) == Backend::reference);
+  CHECK_NOTHROW(longnet::attention::dilated_attention(q, q, q, config));
+  // Explicit flash with head_split is refused before the flash backend looks at the inputs (CPU ones, here).
+  config.backend = Backend::flash;
+  CHECK(resolve_backend(q, config, {}) == Backend::flash);
+  CHECK_THROWS_AS(longnet::attention::dilated_attention(q, q, q, config), longnet::ConfigError);
+  CHECK_THROWS_WITH(longnet::attention::dilated_attention(q, q, q, config),
+                    "dilated_attention: attention.mix = head_split is not supported by the flash backend; use backend "
+                    "reference");
 }
 
 TEST_CASE("bad inputs name the argument and the expected shape", "[attention][cpu]") {

@@ -67,6 +67,7 @@ void check_same(const ExperimentConfig& a, const ExperimentConfig& b) {
   CHECK(a.attention.dilated.dilation_rates == b.attention.dilated.dilation_rates);
   CHECK(a.attention.dilated.causal == b.attention.dilated.causal);
   CHECK(a.attention.dilated.backend == b.attention.dilated.backend);
+  CHECK(a.attention.dilated.mix == b.attention.dilated.mix);
   CHECK(a.attention.position == b.attention.position);
   CHECK(a.attention.qk_layernorm == b.attention.qk_layernorm);
   CHECK(a.attention.dropout == b.attention.dropout);
@@ -127,7 +128,7 @@ const std::vector<BadCase> kBadFiles = {
      "max_length, mlp, mlp_ratio, sub_layernorm, vocab_size, width)"},
     {"unknown key in [attention]", "[attention]\nsegment_length = [64]\n", {},
      "bad.toml:2:1: unknown key 'attention.segment_length'; did you mean 'segment_lengths'? (valid keys: backend, "
-     "bias, causal, dilation_rates, dropout, position, qk_layernorm, relative_max_distance, relative_num_buckets, "
+     "bias, causal, dilation_rates, dropout, mix, position, qk_layernorm, relative_max_distance, relative_num_buckets, "
      "rope_theta, segment_lengths, xpos_scale_base)"},
     {"unknown key in [data]", "[data]\ncopus = [\"a.txt\"]\n", {},
      "bad.toml:2:1: unknown key 'data.copus'; did you mean 'corpus'? (valid keys: corpus, sequence_length, "
@@ -231,6 +232,19 @@ const std::vector<BadCase> kBadFiles = {
      {},
      "bad.toml:3:12: 'attention.position' \"relative_bias\" is supported by the reference backend only, and "
      "attention.backend is \"flash\""},
+    {"head_split with fewer heads than branches",
+     "[model]\nwidth = 64\nheads = 2\nkv_heads = 2\n[attention]\ncausal = true\nsegment_lengths = [64, 128, 256]\n"
+     "dilation_rates = [1, 2, 4]\nmix = \"head_split\"\n[data]\ncorpus = [\"c.txt\"]\n",
+     {},
+     "bad.toml:9:7: 'attention.mix' \"head_split\" needs at least one head per branch, and model.heads = 2 is less "
+     "than the 3 branches"},
+    {"head_split on the flash backend",
+     "[attention]\ncausal = true\nmix = \"head_split\"\nbackend = \"flash\"\n[data]\ncorpus = [\"c.txt\"]\n", {},
+     "bad.toml:3:7: 'attention.mix' \"head_split\" is supported by the reference backend only, and attention.backend "
+     "is \"flash\""},
+    {"mix typo", "[attention]\nmix = \"headsplit\"\n", {},
+     "bad.toml:2:7: 'attention.mix' must be one of \"lse\", \"head_split\", got \"headsplit\"; did you mean "
+     "\"head_split\"?"},
     {"relative bias with too few distances",
      "[attention]\ncausal = true\nposition = \"relative_bias\"\nrelative_num_buckets = 32\n"
      "relative_max_distance = 16\n",
@@ -338,6 +352,7 @@ segment_lengths = [32, 128, 512]
 dilation_rates = [1, 4, 16]
 causal = true
 backend = "reference"
+mix = "head_split"
 position = "xpos"
 qk_layernorm = true
 dropout = 0.05

@@ -41,7 +41,12 @@ at::Tensor branch_multiplicity(int64_t n, int64_t heads, const attention::Dilate
   for (size_t i = 0; i < config.segment_lengths.size(); ++i) {
     const int64_t w = std::min(config.segment_lengths[i], n);
     const int64_t r = config.dilation_rates[i];
-    for (int64_t h = 0; h < heads; ++h) {
+    // head_split: branch i belongs to heads [floor(i·H/K), floor((i+1)·H/K)) only.
+    const auto branches = static_cast<int64_t>(config.segment_lengths.size()), index = static_cast<int64_t>(i);
+    const bool split = config.mix == attention::Mix::head_split;
+    const int64_t first_head = split ? index * heads / branches : 0;
+    const int64_t end_head = split ? (index + 1) * heads / branches : heads;
+    for (int64_t h = first_head; h < end_head; ++h) {
       for (int64_t p = 0; p < n; ++p) {
         if ((p % w) % r != h % r) continue;
         for (int64_t key = 0; key < n; ++key) {

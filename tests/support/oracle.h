@@ -2,7 +2,9 @@
 // softmax over the key multiset, independently of the backends.
 //
 //   C[b, h, p, k] = number of branches (w_i, r_i) that put query p and key k in one segment of w_i = min(w_i, N)
-//                   positions with both row indices ≡ h (mod r_i), times [k ≤ p if causal] · [key k not padding]
+//                   positions with both row indices ≡ h (mod r_i), times [k ≤ p if causal] · [key k not padding];
+//                   with mix = head_split only branch i counts for the heads h of its group,
+//                   floor(i·H/K) ≤ h < floor((i+1)·H/K), so each entry is 0 or 1
 //   s[b, h, p, k] = scale · q[b, p, h] · k[b, k, h / (H / Hkv)] + bias[h, bucket(k - p)]
 //   out[b, p, h]  = Σ_k C·e^s·v[b, k, h / (H / Hkv)] / Σ_k C·e^s,   lse[b, h, p] = log Σ_k C·e^s
 // Rows with no key (C = 0 everywhere) give out = 0, lse = -inf, and zero gradient. Dense O(B·H·N²) on the CPU: for
@@ -17,7 +19,7 @@
 
 namespace longnet::test {
 
-// C before causal and padding: (H, N, N) float64, entry [h, p, k].
+// C before causal and padding: (H, N, N) float64, entry [h, p, k] (config.mix taken into account).
 at::Tensor branch_multiplicity(int64_t n, int64_t heads, const attention::DilatedAttentionConfig& config);
 
 // q: (B, N, H, D); k, v: (B, N, Hkv, D); any floating dtype on the CPU, computed in float64 and differentiable
