@@ -2,7 +2,6 @@
 // and errors that leave nothing behind.
 #include <cmath>
 #include <fstream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -17,16 +16,10 @@
 namespace fs = std::filesystem;
 using longnet::pipelines::parse_experiment;
 using longnet::pipelines::run_experiment;
+using longnet::test::read_text;
 using longnet::test::TempDir;
 
 namespace {
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 // A corpus with structure a small model can learn quickly: a few sentences repeated in a varying order.
 std::string tiny_corpus() {
@@ -61,10 +54,10 @@ TEST_CASE("run_experiment trains a language model and writes its run folder", "[
   const fs::path run = run_experiment(config);
   CHECK(run == dir.path() / "runs" / "tiny");
   // The resolved config in the folder reproduces the run's config.
-  CHECK(longnet::pipelines::to_toml(parse_experiment(slurp(run / "config.toml"), "config.toml")) ==
+  CHECK(longnet::pipelines::to_toml(parse_experiment(read_text(run / "config.toml"), "config.toml")) ==
         longnet::pipelines::to_toml(config));
 
-  const auto summary = nlohmann::json::parse(slurp(run / "summary.json"));
+  const auto summary = nlohmann::json::parse(read_text(run / "summary.json"));
   const double initial = summary["initial_val_bits_per_byte"], final_bpb = summary["final_val_bits_per_byte"];
   const double unigram = summary["unigram_bits_per_byte"];
   CAPTURE(initial, final_bpb, unigram);
@@ -95,10 +88,10 @@ TEST_CASE("run_experiment trains a language model and writes its run folder", "[
   for (const auto& e : fs::directory_iterator(run / "checkpoints")) CHECK(e.path().extension() == ".pt");
 
   // A second run of the same name gets its own folder; the first one is left as it was.
-  const auto before = slurp(run / "summary.json");
+  const auto before = read_text(run / "summary.json");
   const auto short_config = parse_experiment(config_text(corpus, dir.path() / "runs", 5), "tiny.toml");
   CHECK(run_experiment(short_config) == dir.path() / "runs" / "tiny-2");
-  CHECK(slurp(run / "summary.json") == before);
+  CHECK(read_text(run / "summary.json") == before);
 }
 
 TEST_CASE("run_experiment reports data errors before writing anything", "[pipelines][cpu]") {

@@ -1,11 +1,12 @@
 // Test fixtures on disk: a fresh folder under the system temporary directory, removed with everything in it at scope
-// exit.
+// exit, and reading a file back.
 #pragma once
 
 #include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -46,5 +47,13 @@ class TempDir {
  private:
   fs::path path_;
 };
+
+// The whole contents of a file ("" when it cannot be read).
+inline std::string read_text(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
 
 }  // namespace longnet::test
