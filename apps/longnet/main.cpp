@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 
+#include "apps/longnet/commands.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "pipelines/experiment_config.h"
@@ -85,21 +86,24 @@ int main(int argc, char** argv) {
 #endif
   // ---- end bench ------------------------------------------------------------------------------------------------
 
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::CallForAllHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::CallForVersion& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    app.exit(e);
-    return kExitConfig;
-  }
+  // Areas that register their own subcommands (apps/longnet/commands.h); their callbacks run inside app.parse().
+  // The log level must be set before any callback runs.
+  app.parse_complete_callback([&] { log::set_level(log::parse_level(log_level)); });
 
   try {
-    log::set_level(log::parse_level(log_level));
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::CallForHelp& e) {
+      return app.exit(e);
+    } catch (const CLI::CallForAllHelp& e) {
+      return app.exit(e);
+    } catch (const CLI::CallForVersion& e) {
+      return app.exit(e);
+    } catch (const CLI::ParseError& e) {
+      app.exit(e);
+      return kExitConfig;
+    }
+
     if (*run) {
       const auto experiment = pipelines::load_experiment(run_config, run_sets);
       pipelines::run_experiment(experiment);
