@@ -107,14 +107,18 @@ std::vector<std::string> DilatedAttentionConfig::coverage_warnings(int64_t heads
 
 double DilatedAttentionConfig::forward_flops(int64_t batch, int64_t n, int64_t heads, int64_t head_dim) const {
   double flops = 0;
+  const auto K = static_cast<int64_t>(segment_lengths.size());
   for (size_t i = 0; i < segment_lengths.size(); ++i) {
     const int64_t w = std::min(segment_lengths[i], n), r = dilation_rates[i];
     const int64_t full = n / w, tail = n % w;
     const double rows = static_cast<double>((w + r - 1) / r);
     const double tail_rows = static_cast<double>((tail + r - 1) / r);
-    flops += static_cast<double>(full) * rows * rows + tail_rows * tail_rows;
+    // head_split: branch i works for its group of heads only.
+    const auto index = static_cast<int64_t>(i);
+    const int64_t branch_heads = mix == Mix::head_split ? (index + 1) * heads / K - index * heads / K : heads;
+    flops += (static_cast<double>(full) * rows * rows + tail_rows * tail_rows) * static_cast<double>(branch_heads);
   }
-  return flops * 4.0 * static_cast<double>(batch * heads * head_dim);
+  return flops * 4.0 * static_cast<double>(batch * head_dim);
 }
 
 namespace {
@@ -206,8 +210,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 Backend resolve_backend(const at::Tensor& q, const DilatedAttentionConfig& config, const AttentionOptions& options) {
   if (config.backend != Backend::automatic) return config.backend;
   const bool half = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
-  const bool flash_mix = config.mix == Mix::lse;  // the flash backend does not implement head_split yet
-  return q.is_cuda() && half && !options.relative_bias && flash_mix ? Backend::flash : Backend::reference;
+  return q.is_cuda() && half && !options.relative_bias ? Backend::flash : Backend::reference;
 }
 
 AttentionResult dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -218,10 +221,6 @@ AttentionResult dilated_attention(const at::Tensor& q, const at::Tensor& k, cons
     check_head_split_heads(q.size(2), static_cast<int64_t>(config.segment_lengths.size()));
   }
   if (resolve_backend(q, config, options) == Backend::flash) {
-    if (config.mix == Mix::head_split) {
-      throw ConfigError("dilated_attention: attention.mix = head_split is not supported by the flash backend; use "
-                        "backend reference");
-    }
     // Never a quiet switch to the reference: inputs the flash backend cannot run are an error naming what is missing.
     std::string why;
     if (!flash_backend_supports(q, options, &why)) {

@@ -24,10 +24,9 @@
 //
 // Backends: `reference` (torch ops; any device and dtype; the CPU path; differentiable through autograd) and
 // `flash` (CUDA, bf16/fp16: torch's fused attention on zero-copy strided views, branches combined by our kernel,
-// exact backward through a custom autograd function). `automatic` picks `flash` for CUDA bf16/fp16 inputs without a
-// relative position bias and with mix = lse, and `reference` otherwise (the flash backend does not implement head_split
-// yet: an explicit `flash` with head_split is an error); an explicitly requested backend that cannot run the inputs
-// raises an error naming what is missing. Thread-safe (no global state besides torch's).
+// exact backward through a custom autograd function; both mix modes). `automatic` picks `flash` for CUDA bf16/fp16
+// inputs without a relative position bias, and `reference` otherwise; an explicitly requested backend that cannot run
+// the inputs raises an error naming what is missing. Thread-safe (no global state besides torch's).
 #pragma once
 
 #include <cstdint>
@@ -67,7 +66,8 @@ struct DilatedAttentionConfig {
   // output zeros. Empty when every position of every head is covered. Throws ConfigError for head_split with
   // heads < K.
   std::vector<std::string> coverage_warnings(int64_t heads) const;
-  // Effective forward FLOPs of the branches at length n (Σ_i (n/w_i)·H·4·(w_i/r_i)²·D, ragged tail included).
+  // Effective forward FLOPs of the branches at length n (Σ_i (n/w_i)·H_i·4·(w_i/r_i)²·D, ragged tail included;
+  // H_i = H with lse, the size of branch i's group of heads with head_split).
   double forward_flops(int64_t batch, int64_t n, int64_t heads, int64_t head_dim) const;
 };
 

@@ -14,6 +14,7 @@
 #endif
 #include "attention/flash_backend.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -49,6 +50,10 @@ constexpr int64_t kMaxCudnnHeadDim = 128;  // cuDNN fused SDPA forward+backward 
 // (FACTS.md: 4M tokens, w = 2048, r = 1); half of that leaves room for the engines' own padding.
 constexpr int64_t kMaxSpanPerCall = int64_t{1} << 30;
 
+// The backward's float32 gradient accumulators (dq, dk, dv of a chunk of heads) stay below this many bytes: 4M
+// tokens × 12 heads × 64 would otherwise need 38 GB of them next to the bf16 gradients, past an 80 GB card.
+constexpr int64_t kBackwardAccumulatorBytes = int64_t{4} << 30;
+
 // Which fused kernel attends. cuDNN attention is 1.45× faster than flash on these strided views at 1M tokens
 // (FACTS.md), so it runs whenever it can: D ≤ 128. Larger heads go to flash. A key padding mask is an additive bias,
 // which only cuDNN takes, so masks need D ≤ 128 (flash_backend_supports says so). The choice is made here, once per
@@ -74,7 +79,7 @@ struct Geometry {
 };
 
 // One fused-attention call: batches [b0, b0 + nb), segments [s0, s0 + ns) of `seg_len` tokens starting at
-// `first_token` (+ s·seg_len), rows o, o + r, ... of each segment, query heads o, o + r, ...
+// `first_token` (+ s·seg_len), rows o, o + r, ... of each segment, query heads head0, head0 + r, ... (all ≡ o mod r).
 struct Call {
   int64_t b0, nb;
   int64_t first_token;  // token of row 0 of segment 0 of this call
@@ -82,9 +87,24 @@ struct Call {
   int64_t ns;
   int64_t r, o;
   int64_t rows;   // L = rows per segment
+  int64_t head0;  // first query head
   int64_t heads;  // Hs = query heads per call
   int64_t batch() const { return nb * ns; }
 };
+
+// The query heads of [lo, hi) that are ≡ o (mod r): the first one and their count (0 when there is none).
+std::pair<int64_t, int64_t> heads_with_offset(int64_t lo, int64_t hi, int64_t r, int64_t o) {
+  const int64_t first = lo + ((o - lo) % r + r) % r;
+  return {first, first < hi ? (hi - 1 - first) / r + 1 : 0};
+}
+
+// The query heads each branch attends for: all of them with mix = lse; group i = [floor(i·H/K), floor((i+1)·H/K))
+// with head_split (dilated_attention.h).
+std::pair<int64_t, int64_t> branch_heads(const DilatedAttentionConfig& config, size_t branch, int64_t H) {
+  if (config.mix == Mix::lse) return {0, H};
+  const auto K = static_cast<int64_t>(config.segment_lengths.size()), i = static_cast<int64_t>(branch);
+  return {i * H / K, (i + 1) * H / K};
+}
 
 // Splits every branch into calls. Segments of one batch merge into the call's batch dimension for free; batches
 // merge too when the segments tile the whole sequence (the view's batch stride is then ns·w tokens), or for the
@@ -97,21 +117,23 @@ std::vector<Call> plan_calls(const Geometry& g, const DilatedAttentionConfig& co
     const int64_t w = std::min(config.segment_lengths[i], g.N);  // w > N is clamped to N
     const int64_t r = config.dilation_rates[i];
     const int64_t full = g.N / w, tail = g.N % w;
-    for (int64_t o = 0; o < std::min(r, g.H); ++o) {  // offsets o ≥ H select no head
-      const int64_t heads = (g.H - o + r - 1) / r;
+    const auto [lo, hi] = branch_heads(config, i, g.H);
+    for (int64_t o = 0; o < r; ++o) {
+      const auto [head0, heads] = heads_with_offset(lo, hi, r, o);
+      if (heads == 0) continue;
       if (full > 0 && o < w) {
         const int64_t rows = (w - o + r - 1) / r;
         const int64_t seg_span = w * token;
         if (full * w == g.N && batch_span <= kMaxSpanPerCall) {
           const int64_t nb = std::max<int64_t>(1, kMaxSpanPerCall / batch_span);
           for (int64_t b0 = 0; b0 < g.B; b0 += nb) {
-            calls.push_back({b0, std::min(nb, g.B - b0), 0, w, full, r, o, rows, heads});
+            calls.push_back({b0, std::min(nb, g.B - b0), 0, w, full, r, o, rows, head0, heads});
           }
         } else {
           const int64_t ns = std::max<int64_t>(1, kMaxSpanPerCall / seg_span);
           for (int64_t b = 0; b < g.B; ++b) {
             for (int64_t s0 = 0; s0 < full; s0 += ns) {
-              calls.push_back({b, 1, s0 * w, w, std::min(ns, full - s0), r, o, rows, heads});
+              calls.push_back({b, 1, s0 * w, w, std::min(ns, full - s0), r, o, rows, head0, heads});
             }
           }
         }
@@ -121,12 +143,23 @@ std::vector<Call> plan_calls(const Geometry& g, const DilatedAttentionConfig& co
         const int64_t spare = kMaxSpanPerCall - tail * token;
         const int64_t nb = std::max<int64_t>(1, spare > 0 ? spare / batch_span + 1 : 1);
         for (int64_t b0 = 0; b0 < g.B; b0 += nb) {
-          calls.push_back({b0, std::min(nb, g.B - b0), full * w, tail, 1, r, o, rows, heads});
+          calls.push_back({b0, std::min(nb, g.B - b0), full * w, tail, 1, r, o, rows, head0, heads});
         }
       }
     }
   }
   return calls;
+}
+
+// The call restricted to the query heads in [lo, hi); nullopt when it has none there.
+std::optional<Call> restrict_heads(const Call& c, int64_t lo, int64_t hi) {
+  const auto [head0, heads] = heads_with_offset(std::max(lo, c.head0), std::min(hi, c.head0 + c.heads * c.r), c.r,
+                                                c.o);
+  if (heads == 0) return std::nullopt;
+  Call sub = c;
+  sub.head0 = head0;
+  sub.heads = heads;
+  return sub;
 }
 
 // gather: x (B, N, X, D) contiguous → (nb·ns, heads, L, D), a zero-copy view of the call's rows and of heads
@@ -139,18 +172,20 @@ at::Tensor sparsify(const at::Tensor& x, const Call& c, int64_t head0, int64_t h
       .view({c.batch(), heads, c.rows, D});
 }
 
-// The call's query heads in an (B, N, H, D) tensor.
-at::Tensor sparsify_heads(const at::Tensor& x, const Call& c) { return sparsify(x, c, c.o, c.r, c.heads); }
+// The call's query heads in an (B, N, H, D) tensor, or in one holding only heads [first_head, ...) of them.
+at::Tensor sparsify_heads(const at::Tensor& x, const Call& c, int64_t first_head = 0) {
+  return sparsify(x, c, c.head0 - first_head, c.r, c.heads);
+}
 
 // k or v for the call: zero-copy when every query head has its own kv head; with grouped-query heads the query heads
-// o, o + r, ... read kv heads (o + j·r) / G, which in general are not evenly spaced, so they are gathered (a copy of
-// the call's rows only).
+// head0, head0 + r, ... read kv heads (head0 + j·r) / G, which in general are not evenly spaced, so they are gathered
+// (a copy of the call's rows only).
 at::Tensor sparsify_kv(const at::Tensor& kv, const Call& c, int64_t H) {
   const int64_t Hkv = kv.size(2);
   if (Hkv == H) return sparsify_heads(kv, c);
   const int64_t group = H / Hkv;
   std::vector<int64_t> index(c.heads);
-  for (int64_t j = 0; j < c.heads; ++j) index[j] = (c.o + j * c.r) / group;
+  for (int64_t j = 0; j < c.heads; ++j) index[j] = (c.head0 + j * c.r) / group;
   const auto idx = torch::tensor(index, torch::dtype(torch::kLong)).to(kv.device(), /*non_blocking=*/true);
   return sparsify(kv, c, 0, 1, Hkv).index_select(1, idx);
 }
@@ -158,7 +193,7 @@ at::Tensor sparsify_kv(const at::Tensor& kv, const Call& c, int64_t H) {
 // The call's rows of lse (B, H, N) float32 as (nb, ns, heads, L), and its strides for the combine kernel.
 at::Tensor sparsify_lse(const at::Tensor& lse, const Call& c) {
   const int64_t H = lse.size(1), N = lse.size(2);
-  const int64_t offset = lse.storage_offset() + c.b0 * H * N + c.o * N + c.first_token + c.o;
+  const int64_t offset = lse.storage_offset() + c.b0 * H * N + c.head0 * N + c.first_token + c.o;
   return lse.as_strided({c.nb, c.ns, c.heads, c.rows}, {H * N, c.seg_len, c.r * N, c.r}, offset);
 }
 
@@ -224,7 +259,7 @@ void combine_by_lse(at::Tensor& out, at::Tensor& lse, const Attended& branch, co
   const int64_t N = out.size(1), H = out.size(2), D = out.size(3), token = H * D;
   kernels::LseCombineParams p;
   p.out = static_cast<char*>(out.data_ptr()) +
-          (c.b0 * N * token + (c.first_token + c.o) * token + c.o * D) * static_cast<int64_t>(out.element_size());
+          (c.b0 * N * token + (c.first_token + c.o) * token + c.head0 * D) * static_cast<int64_t>(out.element_size());
   p.out_i = branch.out.data_ptr();
   const at::Tensor lse_view = sparsify_lse(lse, c);
   p.lse = lse_view.data_ptr<float>();
@@ -259,10 +294,11 @@ struct Problem {
 };
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::vector<int64_t>& segment_lengths,
-                     const std::vector<int64_t>& dilation_rates, bool causal, double scale) {
+                     const std::vector<int64_t>& dilation_rates, Mix mix, bool causal, double scale) {
   DilatedAttentionConfig config;
   config.segment_lengths = segment_lengths;
   config.dilation_rates = dilation_rates;
+  config.mix = mix;
   const Geometry g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
   return {g, plan_calls(g, config), choose_engine(g.D), causal, scale};
 }
@@ -297,13 +333,16 @@ class FlashDilatedFunction : public torch::autograd::Function<FlashDilatedFuncti
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& mask, const std::vector<int64_t>& segment_lengths,
-                               const std::vector<int64_t>& dilation_rates, bool causal, double scale) {
-    const Problem pb = make_problem(q, k, segment_lengths, dilation_rates, causal, scale);
+                               const std::vector<int64_t>& dilation_rates, bool head_split, bool causal,
+                               double scale) {
+    const Problem pb = make_problem(q, k, segment_lengths, dilation_rates, head_split ? Mix::head_split : Mix::lse,
+                                    causal, scale);
     auto [out, lse] = forward_impl(pb, q, k, v, mask);
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["mask"] = mask ? c10::IValue(*mask) : c10::IValue();
     ctx->saved_data["segment_lengths"] = segment_lengths;
     ctx->saved_data["dilation_rates"] = dilation_rates;
+    ctx->saved_data["head_split"] = head_split;
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["scale"] = scale;
     // The backward differentiates `out`; the LSE is returned as a statistic (no gradient flows through it).
@@ -315,66 +354,83 @@ class FlashDilatedFunction : public torch::autograd::Function<FlashDilatedFuncti
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
-    variable_list grads(8);
+    variable_list grads(9);
     if (!grad_outputs[0].defined()) return grads;
     const at::Tensor dout = grad_outputs[0].contiguous();
     std::optional<at::Tensor> mask;
     if (!ctx->saved_data["mask"].isNone()) mask = ctx->saved_data["mask"].toTensor();
     const Problem pb = make_problem(q, k, ctx->saved_data["segment_lengths"].toIntVector(),
                                     ctx->saved_data["dilation_rates"].toIntVector(),
+                                    ctx->saved_data["head_split"].toBool() ? Mix::head_split : Mix::lse,
                                     ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble());
     const c10::cuda::CUDAGuard guard(q.device());
     const Geometry& g = pb.g;
-    const bool grouped = g.Hkv != g.H;
+    const int64_t group = g.H / g.Hkv;
 
-    // Gradients accumulate in float32 (each element receives one term per branch). With grouped-query heads, dk and
-    // dv first accumulate per query head and are summed over each group at the end.
+    // Gradients accumulate in float32 (an element receives one term per branch), a chunk of query heads at a time so
+    // that the float32 accumulators stay within kBackwardAccumulatorBytes whatever N is; each chunk is then rounded
+    // into the gradients. Chunks hold whole grouped-query groups: dk and dv accumulate per query head and are summed
+    // over each group at the end of the chunk. Every element sees the same calls in the same order with or without
+    // chunking, so the result does not depend on the chunk size.
+    const int64_t per_head_bytes = 3 * g.B * g.N * g.D * static_cast<int64_t>(sizeof(float));
+    const int64_t chunk_groups = std::clamp<int64_t>(kBackwardAccumulatorBytes / (per_head_bytes * group), 1, g.Hkv);
+    const int64_t chunk = chunk_groups * group;
+    auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
     const auto f32 = q.options().dtype(at::kFloat);
-    auto dq = at::zeros({g.B, g.N, g.H, g.D}, f32);
-    auto dk = at::zeros({g.B, g.N, grouped ? g.H : g.Hkv, g.D}, f32);
-    auto dv = at::zeros_like(dk);
     // A row without keys has lse = -inf and out = 0: with lse = +inf instead, exp(s - lse) = 0 and its gradient
     // vanishes, where -inf would give exp(-inf + inf) = NaN.
     const auto lse_bwd = lse.masked_fill(lse == -std::numeric_limits<double>::infinity(),
                                          std::numeric_limits<double>::infinity());
     const auto no_rng = at::zeros({}, q.options().dtype(at::kLong));
-    for (const Call& c : pb.calls) {
-      const auto qc = sparsify_heads(q, c), kc = sparsify_kv(k, c, g.H), vc = sparsify_kv(v, c, g.H);
-      const auto oc = sparsify_heads(out, c), doc = sparsify_heads(dout, c);
-      // The merged LSE, gathered into the dense layout the fused backward reads.
-      const auto lc = sparsify_lse(lse_bwd, c).reshape({c.batch(), c.heads, c.rows}).contiguous();
-      std::tuple<at::Tensor, at::Tensor, at::Tensor> grad;
-      const Engine engine = engine_for(pb.engine, c);
-      require_mask_support(engine, mask, c);
-      if (engine == Engine::cudnn) {
-        const auto bias = key_bias(mask, c, q.scalar_type());
-        grad = at::_scaled_dot_product_cudnn_attention_backward(
-            doc, qc, kc, vc, oc, lc.unsqueeze(-1), no_rng, no_rng, bias ? *bias : at::Tensor(), at::Tensor(),
-            at::Tensor(), c.rows, c.rows, /*dropout_p=*/0.0, pb.causal, pb.scale);
-      } else {
-        grad = at::_scaled_dot_product_flash_attention_backward(doc, qc, kc, vc, oc, lc, at::Tensor(), at::Tensor(),
-                                                                c.rows, c.rows, /*dropout_p=*/0.0, pb.causal, no_rng,
-                                                                no_rng, pb.scale);
-        if (mask) {  // one row: a removed key took no part in the forward, so its row gets no gradient
-          const auto removed = removed_keys(*mask, c);
-          for (at::Tensor* t : {&std::get<0>(grad), &std::get<1>(grad), &std::get<2>(grad)}) {
-            *t = t->masked_fill(removed, 0.0);
+    for (int64_t h0 = 0; h0 < g.H; h0 += chunk) {
+      const int64_t hc = std::min(chunk, g.H - h0);
+      auto dq_acc = at::zeros({g.B, g.N, hc, g.D}, f32);
+      auto dk_acc = at::zeros({g.B, g.N, hc, g.D}, f32);  // per query head
+      auto dv_acc = at::zeros({g.B, g.N, hc, g.D}, f32);
+      for (const Call& full_call : pb.calls) {
+        const auto sub = restrict_heads(full_call, h0, h0 + hc);
+        if (!sub) continue;
+        const Call& c = *sub;
+        const auto qc = sparsify_heads(q, c), kc = sparsify_kv(k, c, g.H), vc = sparsify_kv(v, c, g.H);
+        const auto oc = sparsify_heads(out, c), doc = sparsify_heads(dout, c);
+        // The merged LSE, gathered into the dense layout the fused backward reads.
+        const auto lc = sparsify_lse(lse_bwd, c).reshape({c.batch(), c.heads, c.rows}).contiguous();
+        std::tuple<at::Tensor, at::Tensor, at::Tensor> grad;
+        const Engine engine = engine_for(pb.engine, c);
+        require_mask_support(engine, mask, c);
+        if (engine == Engine::cudnn) {
+          const auto bias = key_bias(mask, c, q.scalar_type());
+          grad = at::_scaled_dot_product_cudnn_attention_backward(
+              doc, qc, kc, vc, oc, lc.unsqueeze(-1), no_rng, no_rng, bias ? *bias : at::Tensor(), at::Tensor(),
+              at::Tensor(), c.rows, c.rows, /*dropout_p=*/0.0, pb.causal, pb.scale);
+        } else {
+          grad = at::_scaled_dot_product_flash_attention_backward(doc, qc, kc, vc, oc, lc, at::Tensor(), at::Tensor(),
+                                                                  c.rows, c.rows, /*dropout_p=*/0.0, pb.causal,
+                                                                  no_rng, no_rng, pb.scale);
+          if (mask) {  // one row: a removed key took no part in the forward, so its row gets no gradient
+            const auto removed = removed_keys(*mask, c);
+            for (at::Tensor* t : {&std::get<0>(grad), &std::get<1>(grad), &std::get<2>(grad)}) {
+              *t = t->masked_fill(removed, 0.0);
+            }
           }
         }
+        // scatter
+        sparsify_heads(dq_acc, c, h0).add_(std::get<0>(grad));
+        sparsify_heads(dk_acc, c, h0).add_(std::get<1>(grad));
+        sparsify_heads(dv_acc, c, h0).add_(std::get<2>(grad));
       }
-      // scatter
-      sparsify_heads(dq, c).add_(std::get<0>(grad));
-      sparsify_heads(dk, c).add_(std::get<1>(grad));
-      sparsify_heads(dv, c).add_(std::get<2>(grad));
+      dq.narrow(2, h0, hc).copy_(dq_acc);
+      if (group > 1) {
+        dk.narrow(2, h0 / group, hc / group).copy_(dk_acc.view({g.B, g.N, hc / group, group, g.D}).sum(3));
+        dv.narrow(2, h0 / group, hc / group).copy_(dv_acc.view({g.B, g.N, hc / group, group, g.D}).sum(3));
+      } else {
+        dk.narrow(2, h0, hc).copy_(dk_acc);
+        dv.narrow(2, h0, hc).copy_(dv_acc);
+      }
     }
-    if (grouped) {
-      const int64_t group = g.H / g.Hkv;
-      dk = dk.view({g.B, g.N, g.Hkv, group, g.D}).sum(3);
-      dv = dv.view({g.B, g.N, g.Hkv, group, g.D}).sum(3);
-    }
-    grads[0] = dq.to(q.scalar_type());
-    grads[1] = dk.to(k.scalar_type());
-    grads[2] = dv.to(v.scalar_type());
+    grads[0] = dq;
+    grads[1] = dk;
+    grads[2] = dv;
     return grads;
   }
 };
@@ -466,7 +522,8 @@ AttentionResult flash_dilated_attention(const at::Tensor& q, const at::Tensor& k
   // The views assume the (B, N, H, D) row-major layout; a non-contiguous input (a slice of a fused qkv projection,
   // say) is copied once here.
   auto result = FlashDilatedFunction::apply(q.contiguous(), k.contiguous(), v.contiguous(), mask,
-                                            config.segment_lengths, config.dilation_rates, config.causal, scale);
+                                            config.segment_lengths, config.dilation_rates,
+                                            config.mix == Mix::head_split, config.causal, scale);
   return {result[0], result[1]};
 #endif
 }

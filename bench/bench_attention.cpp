@@ -95,18 +95,27 @@ int64_t peak_memory_bytes() {
 // stacked LSEs in float32. Autograd runs through it and treats each flash LSE as a constant (the flash op's LSE has
 // no derivative), which makes its dq and dk ≈1 % wrong (FACTS.md); it is a speed baseline. Needs every row covered
 // by some branch and N divisible by every w (as in the benchmark configurations).
+// With mix = head_split each branch runs for its group of heads only and writes its rows straight into the output
+// (no mixing: every head has one branch), so autograd through it is exact.
 at::Tensor composed_dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const DilatedAttentionConfig& config) {
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
+  const auto K = static_cast<int64_t>(config.segment_lengths.size());
+  const bool split = config.mix == attention::Mix::head_split;
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   std::vector<at::Tensor> outs, lses;
-  for (size_t i = 0; i < config.segment_lengths.size(); ++i) {
+  at::Tensor split_out = split ? torch::zeros_like(q.detach()) : at::Tensor();
+  for (int64_t i = 0; i < K; ++i) {
     const int64_t w = std::min(config.segment_lengths[i], N), r = config.dilation_rates[i], S = N / w;
-    auto out = torch::zeros_like(q.detach());
-    auto lse = torch::full({B, H, N}, -std::numeric_limits<double>::infinity(), q.options().dtype(torch::kFloat));
-    for (int64_t o = 0; o < std::min(r, H); ++o) {
+    const int64_t lo = split ? i * H / K : 0, hi = split ? (i + 1) * H / K : H;
+    auto out = split ? split_out : torch::zeros_like(q.detach());
+    auto lse = split ? at::Tensor()
+                     : torch::full({B, H, N}, -std::numeric_limits<double>::infinity(), q.options().dtype(torch::kFloat));
+    for (int64_t o = 0; o < r; ++o) {
+      const int64_t first = lo + ((o - lo) % r + r) % r;  // first head of [lo, hi) with offset o
+      if (first >= hi) continue;
       auto gather = [&](const at::Tensor& x) {
-        auto sparse = x.view({B, S, w, H, D}).slice(2, o, w, r).slice(3, o, H, r);  // (B, S, L, Hs, D)
+        auto sparse = x.view({B, S, w, H, D}).slice(2, o, w, r).slice(3, first, hi, r);  // (B, S, L, Hs, D)
         return sparse.permute({0, 1, 3, 2, 4}).reshape({B * S, sparse.size(3), sparse.size(2), D});
       };
       auto res = at::_scaled_dot_product_flash_attention(gather(q), gather(k), gather(v), 0.0, config.causal, false,
@@ -114,13 +123,19 @@ at::Tensor composed_dilated_attention(const at::Tensor& q, const at::Tensor& k, 
       const auto& o_i = std::get<0>(res);  // (B·S, Hs, L, D)
       const auto& l_i = std::get<1>(res);  // (B·S, Hs, L)
       const int64_t Hs = o_i.size(1), L = o_i.size(2);
-      out.view({B, S, w, H, D}).slice(2, o, w, r).slice(3, o, H, r).copy_(
+      out.view({B, S, w, H, D}).slice(2, o, w, r).slice(3, first, hi, r).copy_(
           o_i.view({B, S, Hs, L, D}).permute({0, 1, 3, 2, 4}));
-      lse.view({B, H, S, w}).slice(1, o, H, r).slice(3, o, w, r).copy_(l_i.view({B, S, Hs, L}).permute({0, 2, 1, 3}));
+      if (!split) {
+        lse.view({B, H, S, w}).slice(1, first, hi, r).slice(3, o, w, r).copy_(
+            l_i.view({B, S, Hs, L}).permute({0, 2, 1, 3}));
+      }
     }
-    outs.push_back(out);
-    lses.push_back(lse);
+    if (!split) {
+      outs.push_back(out);
+      lses.push_back(lse);
+    }
   }
+  if (split) return split_out;
   const auto lse_all = torch::stack(lses);                     // (K, B, H, N)
   const auto weights = torch::exp(lse_all - torch::logsumexp(lse_all, 0, true));
   auto mixed = torch::zeros({B, N, H, D}, q.options().dtype(torch::kFloat));
@@ -218,7 +233,8 @@ class Runner {
               {"D", config_.head_dim},
               {"segment_lengths", a.segment_lengths},
               {"dilation_rates", a.dilation_rates},
-              {"causal", a.causal}}},
+              {"causal", a.causal},
+              {"mix", attention::to_string(a.mix)}}},
             {"dtype", "bfloat16"},
             {"engine", std::getenv("LONGNET_FLASH_ENGINE") != nullptr ? std::getenv("LONGNET_FLASH_ENGINE") : "auto"},
             {"device", env_.device},
@@ -259,6 +275,7 @@ void add_attention_bench_options(CLI::App& app, AttentionBenchOptions& options) 
       ->capture_default_str();
   app.add_flag("!--no-inference", options.inference, "Skip the no-grad forward runs");
   app.add_option("--mode", options.mode, "fwd, fwdbwd or both")->capture_default_str();
+  app.add_option("--mix", options.mix, "lse or head_split (attention.mix)")->capture_default_str();
   app.add_option("--repetitions", options.repetitions, "Timed repetitions per measurement")->capture_default_str();
   app.add_option("--warmup", options.warmup, "Untimed runs before timing")->capture_default_str();
   app.add_option("--json", options.output_json, "Write the records to this JSON file");
@@ -273,7 +290,8 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
   if (options.mode != "fwd" && options.mode != "fwdbwd" && options.mode != "both") {
     throw ConfigError("bench attention: mode must be fwd, fwdbwd or both, got '" + options.mode + "'");
   }
-  const BenchConfig config = bench_config(options.config);
+  BenchConfig config = bench_config(options.config);
+  config.attention.mix = attention::parse_mix(options.mix);
   const auto opts = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kBFloat16);
   {
     std::string why;
@@ -291,8 +309,9 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
   if (lengths.empty()) {
     for (int64_t n = int64_t{1} << 15; n <= options.max_length; n *= 2) lengths.push_back(n);
   }
-  std::printf("attention benchmark '%s' on %s: B=1 H=%lld D=%lld bf16, %d repetitions after %d warm-up\n",
-              config.name.c_str(), at::cuda::getCurrentDeviceProperties()->name, static_cast<long long>(H),
+  std::printf("attention benchmark '%s' (mix %s) on %s: B=1 H=%lld D=%lld bf16, %d repetitions after %d warm-up\n",
+              config.name.c_str(), options.mix.c_str(), at::cuda::getCurrentDeviceProperties()->name,
+              static_cast<long long>(H),
               static_cast<long long>(D), options.repetitions, options.warmup);
   std::printf("%-10s %-9s %6s %10s %9s %9s %8s %12s %8s\n", "method", "mode", "N", "median_ms", "p10_ms", "p90_ms",
               "TFLOP/s", "tokens/s", "peak_GB");

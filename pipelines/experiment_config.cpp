@@ -248,10 +248,6 @@ ExperimentConfig parse(const config::Document& doc) {
                                                 std::to_string(c.model.heads) + " is less than the " +
                                                 std::to_string(branches) + " branches");
     }
-    if (c.attention.dilated.backend == attention::Backend::flash) {
-      root.section("attention").fail("mix", "\"head_split\" is supported by the reference backend only, and "
-                                            "attention.backend is \"flash\"");
-    }
   }
   return c;
 }

@@ -609,22 +609,31 @@ TEST_CASE("backend resolution", "[attention][cpu]") {
                     Catch::StartsWith("dilated_attention: the flash backend cannot run these inputs: "));
 }
 
-TEST_CASE("head_split runs on the reference backend only", "[attention][cpu]") {
+TEST_CASE("head_split picks its backend as lse does", "[attention][cpu]") {
   using longnet::attention::resolve_backend;
   const auto q = torch::zeros({1, 8, 2, 16});
   DilatedAttentionConfig config = make_config({4, 8}, {1, 2});
   config.mix = Mix::head_split;
-  // `auto` resolves head_split to the reference.
+  // `auto` on CPU tensors is the reference (flash would need CUDA bf16/fp16 inputs).
   CHECK(resolve_backend(q, config, {}) == Backend::reference);
   CHECK(resolve_backend(q.to(torch::kBFloat16), config, {}) == Backend::reference);
   CHECK_NOTHROW(longnet::attention::dilated_attention(q, q, q, config));
-  // Explicit flash with head_split is refused before the flash backend looks at the inputs (CPU ones, here).
+  // An explicit flash is honoured, and refused for these CPU inputs with the reason.
   config.backend = Backend::flash;
   CHECK(resolve_backend(q, config, {}) == Backend::flash);
   CHECK_THROWS_AS(longnet::attention::dilated_attention(q, q, q, config), longnet::ConfigError);
-  CHECK_THROWS_WITH(longnet::attention::dilated_attention(q, q, q, config),
-                    "dilated_attention: attention.mix = head_split is not supported by the flash backend; use backend "
-                    "reference");
+}
+
+TEST_CASE("forward_flops counts each branch's heads: all of them with lse, its group with head_split",
+          "[attention][cpu]") {
+  // N = 64, w = {16, 32}, r = {1, 2}: per head, branch 0 costs 4 segments × 16² and branch 1 2 segments × 16².
+  DilatedAttentionConfig config = make_config({16, 32}, {1, 2});
+  const double per_head_0 = 4.0 * 16 * 16, per_head_1 = 2.0 * 16 * 16, scale = 4.0 * 8;  // 4·D, D = 8
+  CHECK(config.forward_flops(1, 64, 5, 8) == Approx((per_head_0 + per_head_1) * 5 * scale));
+  config.mix = Mix::head_split;  // H = 5, K = 2: groups [0, 2) and [2, 5)
+  CHECK(config.forward_flops(1, 64, 5, 8) == Approx((per_head_0 * 2 + per_head_1 * 3) * scale));
+  // A ragged tail counts its own rows: N = 40 → branch 0: 2 × 16² + 8², branch 1: 1 × 16² + 4².
+  CHECK(config.forward_flops(2, 40, 5, 8) == Approx(2 * ((2 * 256.0 + 64) * 2 + (256.0 + 16) * 3) * scale));
 }
 
 TEST_CASE("bad inputs name the argument and the expected shape", "[attention][cpu]") {

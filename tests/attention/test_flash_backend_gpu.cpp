@@ -25,6 +25,7 @@
 
 using longnet::attention::AttentionOptions;
 using longnet::attention::DilatedAttentionConfig;
+using longnet::attention::Mix;
 using longnet::attention::flash_backend_supports;
 using longnet::attention::flash_dilated_attention;
 using longnet::attention::reference_dilated_attention;
@@ -56,6 +57,7 @@ struct Case {
   Padding padding = Padding::none;
   at::ScalarType dtype = at::kBFloat16;
   uint64_t seed = 0;
+  Mix mix = Mix::lse;
 };
 
 std::ostream& operator<<(std::ostream& os, const Case& c) {
@@ -66,7 +68,7 @@ std::ostream& operator<<(std::ostream& os, const Case& c) {
   for (size_t i = 0; i < c.rates.size(); ++i) os << (i ? "," : "") << c.rates[i];
   const char* padding = c.padding == Padding::none ? "none" : c.padding == Padding::right ? "right" : "left";
   return os << "} causal=" << c.causal << " padding=" << padding << " dtype=" << c10::toString(c.dtype)
-            << " seed=" << c.seed;
+            << " seed=" << c.seed << " mix=" << longnet::attention::to_string(c.mix);
 }
 
 std::vector<Case> hand_picked_cases() {
@@ -100,6 +102,14 @@ std::vector<Case> hand_picked_cases() {
   // D > 128 runs on torch's flash kernel instead of cuDNN
   add({.batch = 2, .n = 256, .heads = 2, .kv_heads = 2, .head_dim = 256, .segments = {64, 128}, .rates = {1, 2},
        .causal = true});
+  // head_split: each group of heads runs its own branch (groups of 2, 1, 2, 1 heads for H = 6, K = 4 …)
+  add({.batch = 2, .n = 256, .heads = 4, .kv_heads = 4, .segments = {64, 128}, .rates = {1, 2}, .mix = Mix::head_split});
+  add({.n = 300, .heads = 6, .kv_heads = 6, .segments = {64, 128, 256, 512}, .rates = {1, 2, 4, 8}, .causal = true,
+       .mix = Mix::head_split});
+  add({.batch = 2, .n = 256, .heads = 8, .kv_heads = 2, .segments = {96, 32}, .rates = {3, 1},
+       .padding = Padding::right, .mix = Mix::head_split});
+  add({.n = 200, .heads = 3, .kv_heads = 3, .segments = {1024, 64, 32}, .rates = {2, 1, 4}, .dtype = at::kHalf,
+       .mix = Mix::head_split});
   return cases;
 }
 
@@ -132,6 +142,7 @@ Case random_case(uint64_t seed) {
   c.causal = pick(0, 1) == 1;
   c.padding = static_cast<Padding>(pick(0, 2));
   c.dtype = pick(0, 3) == 0 ? at::kHalf : at::kBFloat16;
+  if (pick(0, 2) == 0 && c.heads >= branches) c.mix = Mix::head_split;
   return c;
 }
 
@@ -154,7 +165,7 @@ at::Tensor padding_mask(const Case& c) {
 TEST_CASE("flash backend matches the float64 oracle: forward, LSE, dq, dk, dv", "[attention][cuda]") {
   require_gpu();
   std::vector<Case> cases = hand_picked_cases();
-  for (uint64_t seed = 1; seed <= 12; ++seed) cases.push_back(random_case(seed));
+  for (uint64_t seed = 1; seed <= 20; ++seed) cases.push_back(random_case(seed));
   const Case c = GENERATE_COPY(from_range(cases));
   CAPTURE(c);
 
@@ -171,6 +182,7 @@ TEST_CASE("flash backend matches the float64 oracle: forward, LSE, dq, dk, dv", 
   config.segment_lengths = c.segments;
   config.dilation_rates = c.rates;
   config.causal = c.causal;
+  config.mix = c.mix;
   AttentionOptions options;
   if (c.padding != Padding::none) options.key_padding_mask = padding_mask(c).to(dev);
 

@@ -238,10 +238,6 @@ const std::vector<BadCase> kBadFiles = {
      {},
      "bad.toml:9:7: 'attention.mix' \"head_split\" needs at least one head per branch, and model.heads = 2 is less "
      "than the 3 branches"},
-    {"head_split on the flash backend",
-     "[attention]\ncausal = true\nmix = \"head_split\"\nbackend = \"flash\"\n[data]\ncorpus = [\"c.txt\"]\n", {},
-     "bad.toml:3:7: 'attention.mix' \"head_split\" is supported by the reference backend only, and attention.backend "
-     "is \"flash\""},
     {"mix typo", "[attention]\nmix = \"headsplit\"\n", {},
      "bad.toml:2:7: 'attention.mix' must be one of \"lse\", \"head_split\", got \"headsplit\"; did you mean "
      "\"head_split\"?"},
