@@ -276,6 +276,7 @@ void add_attention_bench_options(CLI::App& app, AttentionBenchOptions& options) 
   app.add_flag("!--no-inference", options.inference, "Skip the no-grad forward runs");
   app.add_option("--mode", options.mode, "fwd, fwdbwd or both")->capture_default_str();
   app.add_option("--mix", options.mix, "lse or head_split (attention.mix)")->capture_default_str();
+  app.add_option("--methods", options.methods, "Methods to run: ours, composed, dense_sdpa")->capture_default_str();
   app.add_option("--repetitions", options.repetitions, "Timed repetitions per measurement")->capture_default_str();
   app.add_option("--warmup", options.warmup, "Untimed runs before timing")->capture_default_str();
   app.add_option("--json", options.output_json, "Write the records to this JSON file");
@@ -299,6 +300,14 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
       throw Error("bench attention: the flash backend cannot run here: " + why);
     }
   }
+  auto wanted = [&](const std::string& method) {
+    return std::find(options.methods.begin(), options.methods.end(), method) != options.methods.end();
+  };
+  for (const auto& m : options.methods) {
+    if (m != "ours" && m != "composed" && m != "dense_sdpa") {
+      throw ConfigError("bench attention: unknown method '" + m + "' (expected ours, composed or dense_sdpa)");
+    }
+  }
   Runner runner(options, config);
   const auto& cfg = config.attention;
   const int64_t H = config.heads, D = config.head_dim;
@@ -316,7 +325,7 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
   std::printf("%-10s %-9s %6s %10s %9s %9s %8s %12s %8s\n", "method", "mode", "N", "median_ms", "p10_ms", "p90_ms",
               "TFLOP/s", "tokens/s", "peak_GB");
 
-  if (options.inference) {
+  if (options.inference && wanted("ours")) {
     // Forward only, no autograd state: how long a sequence one card holds.
     torch::NoGradGuard no_grad;
     for (const int64_t n : options.inference_lengths) {
@@ -333,7 +342,7 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
     }
   }
 
-  bool ours_fits = true, composed_fits = true, dense_fits = true;
+  bool ours_fits = wanted("ours"), composed_fits = wanted("composed"), dense_fits = wanted("dense_sdpa");
   for (const int64_t n : lengths) {
     if (!ours_fits && !composed_fits) break;
     const double flops = cfg.forward_flops(1, n, H, D);
@@ -356,7 +365,7 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
 
     // Correctness before timing: our forward against the composed one (exact in the forward pass).
     json check = json::object();
-    if (composed_fits) {
+    if (composed_fits && ours_fits) {
       try {
         torch::NoGradGuard no_grad;
         const Errors e = compare(ours(q, k, v, cfg), composed_dilated_attention(q, k, v, cfg));

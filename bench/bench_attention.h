@@ -24,6 +24,7 @@ struct AttentionBenchOptions {
   std::vector<int64_t> inference_lengths{int64_t{1} << 20, int64_t{1} << 21, int64_t{1} << 22, int64_t{1} << 23};
   std::string mode = "both";                        // fwd | fwdbwd | both (training lengths)
   std::string mix = "lse";                          // lse | head_split (attention.mix)
+  std::vector<std::string> methods{"ours", "composed", "dense_sdpa"};  // which ones run
   bool inference = true;                            // also forward under no-grad at inference_lengths
   int repetitions = 10;
   int warmup = 3;
