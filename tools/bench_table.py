@@ -10,7 +10,7 @@ import json
 import sys
 from collections import defaultdict
 
-METHODS = ["ours", "composed", "dense_sdpa"]
+METHODS = ["ours", "composed", "fkodom", "dense_sdpa"]
 MODE_TITLES = {"fwd": "forward", "fwdbwd": "forward + backward", "inference": "forward, no grad (inference)"}
 
 
@@ -37,16 +37,19 @@ def tables(records):
     out.append(f"Device: {first['device']}; torch {first['torch']}, CUDA {first['cuda']}, cuDNN {first['cudnn']}; "
                f"commit {first['commit']}; dtype {first['dtype']}.")
     out.append("")
-    out.append("Cells: median ms (p10–p90) · effective TFLOP/s (dilated FLOPs Σ_i (N/w_i)·H·4·(w_i/r_i)²·D, "
-               "×3.5 for forward+backward; dense SDPA: its own 4·N²·H·D).")
+    out.append("Cells: median ms (p10–p90) · effective TFLOP/s (dilated FLOPs Σ_i (N/w_i)·H_i·4·(w_i/r_i)²·D with H_i "
+               "the heads branch i serves: all H with mix = lse, its group with head_split, fkodom's own group sizes "
+               "for fkodom; ×3.5 for forward+backward; dense SDPA: its own 4·N²·H·D).")
     groups = defaultdict(dict)
     for r in records:
-        groups[(r["config"], r["mode"])][(r["params"]["N"], r["method"])] = r
-    for (config, mode), recs in groups.items():
+        # fkodom's code splits heads among branches: it is compared with attention.mix = head_split.
+        mix = "head_split" if r["method"] == "fkodom" else r["params"].get("mix", "lse")
+        groups[(r["config"], mix, r["mode"])][(r["params"]["N"], r["method"])] = r
+    for (config, mix, mode), recs in groups.items():
         p = next(iter(recs.values()))["params"]
         methods = [m for m in METHODS if any(k[1] == m for k in recs)]
         out.append("")
-        out.append(f"### `{config}` {MODE_TITLES.get(mode, mode)}: B={p['B']}, H={p['H']}, D={p['D']}, "
+        out.append(f"### `{config}` {MODE_TITLES.get(mode, mode)}, mix = {mix}: B={p['B']}, H={p['H']}, D={p['D']}, "
                    f"w={p['segment_lengths']}, r={p['dilation_rates']}, causal={str(p['causal']).lower()}")
         out.append("")
         header = ["N"] + methods + ["tokens/s (ours)", "peak GiB (ours)", "max error vs composed"]
@@ -61,6 +64,13 @@ def tables(records):
                    if "max_abs_error" in chk else "")
             out.append("| " + " | ".join([tokens(n)] + [cell(recs.get((n, m))) for m in methods] + [tps, mem, err])
                        + " |")
+        for other in ("composed", "fkodom"):
+            ratios = [f"{tokens(n)}: {recs[(n, other)]['stats']['median_ms'] / recs[(n, 'ours')]['stats']['median_ms']:.2f}×"
+                      for n in sorted({k[0] for k in recs})
+                      if all(recs.get((n, m), {}).get("status") == "ok" for m in ("ours", other))]
+            if ratios and other == "fkodom":
+                out.append("")
+                out.append(f"ours faster than {other} by: " + ", ".join(ratios) + ".")
         if mode == "inference":
             t = {n: r["stats"]["median_ms"] for (n, m), r in recs.items() if m == "ours" and r["status"] == "ok"}
             if (1 << 20) in t and (1 << 22) in t:
