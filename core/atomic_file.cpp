@@ -56,6 +56,13 @@ void write_file_atomic(const std::filesystem::path& path, std::string_view conte
     ::unlink(tmp.c_str());
     fail("cannot rename into place", path, err);
   }
+  // The rename is durable only once the directory entry is: without this a power cut can bring back the old file.
+  const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd < 0) fail("cannot open directory", dir, errno);
+  const int synced = ::fsync(dir_fd);
+  const int err = errno;
+  ::close(dir_fd);
+  if (synced != 0) fail("cannot sync directory", dir, err);
 }
 
 }  // namespace longnet

@@ -1,5 +1,6 @@
 // Writing files so that a crash, a kill or a full disk never leaves a half-written file under the final name:
-// the bytes go to "<path>.tmp.<pid>" in the same directory, are flushed and fsync'ed, then renamed over <path>.
+// the bytes go to "<path>.tmp.<pid>" in the same directory, are flushed and fsync'ed, then renamed over <path>, and
+// the directory is fsync'ed so that the rename survives a power cut.
 #pragma once
 
 #include <filesystem>

@@ -50,12 +50,18 @@ if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
   "$venv/bin/pip" install -q --upgrade pip
   "$venv/bin/pip" install -q "torch==$torch_version" numpy
 fi
+# Python packages the tests read our files back with (TensorBoard event files, safetensors/npy outputs).
+if ! "$venv/bin/python" -c "import tensorboard, numpy" 2>/dev/null; then
+  step "tensorboard into $venv"
+  "$venv/bin/pip" install -q tensorboard
+fi
 torch_prefix=$("$venv/bin/python" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)' 2>/dev/null)
 
 # ---- configure and build ---------------------------------------------------------------------------------------
 mkdir -p "$build"; log=$build/configure.log
 step "configure $build"
 cmake -S "$repo" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$torch_prefix" \
+  -DPython3_EXECUTABLE="$venv/bin/python" \
   -DLONGNET_WERROR=ON ${LONGNET_CMAKE_ARGS:-} >"$log" 2>&1 || { cat "$log"; exit 1; }
 grep -A12 "enabled:" "$log" | sed -n '1,12p' || true
 step "build ($jobs jobs)"
