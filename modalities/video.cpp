@@ -1,0 +1,370 @@
+#include "modalities/video.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "core/error.h"
+#include "modalities/ffmpeg_input.h"
+
+extern "C" {
+#include <libavutil/imgutils.h>
+#include <libavutil/pixdesc.h>
+#include <libswscale/swscale.h>
+}
+
+namespace longnet::modalities {
+namespace {
+
+using ffmpeg::Input;
+
+struct SwsFree {
+  void operator()(SwsContext* s) const { sws_freeContext(s); }
+};
+
+class VideoDecoder {
+ public:
+  VideoDecoder(Input& in, const VideoOptions& opt) : in_(in), opt_(opt) {
+    fmt_ = in.format();
+    stream_ = in.find_stream(AVMEDIA_TYPE_VIDEO);
+    st_ = fmt_->streams[stream_];
+    const AVCodecParameters* par = st_->codecpar;
+    if (par->width > opt.max_side || par->height > opt.max_side) {
+      in.fail("frame size " + std::to_string(par->width) + "x" + std::to_string(par->height) +
+              " exceeds the limit of " + std::to_string(opt.max_side) + " per side");
+    }
+    ctx_ = in.open_decoder(stream_, opt.threads, int64_t{opt.max_side} * opt.max_side);
+    tb_ = st_->time_base;
+    start_ = st_->start_time != AV_NOPTS_VALUE ? st_->start_time : 0;
+    AVRational rate = st_->avg_frame_rate.num > 0 ? st_->avg_frame_rate : st_->r_frame_rate;
+    if (rate.num <= 0 || rate.den <= 0) rate = AVRational{25, 1};
+    frame_dur_ = std::max<int64_t>(1, av_rescale_q(1, av_inv_q(rate), tb_));
+    info_.width = par->width;
+    info_.height = par->height;
+    info_.frame_rate = av_q2d(rate);
+    info_.codec = avcodec_get_name(par->codec_id);
+    if (st_->duration != AV_NOPTS_VALUE && st_->duration > 0) {
+      duration_ = st_->duration;
+    } else if (fmt_->duration != AV_NOPTS_VALUE && fmt_->duration > 0) {
+      duration_ = av_rescale_q(fmt_->duration, AV_TIME_BASE_Q, tb_);
+    }
+    info_.duration_s = static_cast<double>(duration_) * av_q2d(tb_);
+    // Only an index present after opening lists every keyframe (mp4); generic seeking adds entries as it goes
+    // (MPEG-TS), and those must not be mistaken for the complete list.
+    has_index_ = avformat_index_get_entries_count(st_) > 0;
+  }
+
+  const VideoInfo& info() const { return info_; }
+
+  VideoDecodeStats run(const FrameCallback& on_frame) {
+    on_frame_ = &on_frame;
+    if (opt_.sampling != FrameSampling::all) {
+      if (duration_ <= 0) duration_ = scan_duration();
+      make_targets();
+    }
+    pkt_ = ffmpeg::make_packet();
+    frame_ = ffmpeg::make_frame();
+    last_ = ffmpeg::make_frame();
+    position_ = start_;
+    if (const AVIndexEntry* first = avformat_index_get_entry(st_, 0)) position_ = first->timestamp;
+
+    bool eof = false;
+    while (!done()) {
+      if (in_.expired()) in_.fail("decoding took longer than the timeout");
+      maybe_seek();
+      const int ret = av_read_frame(fmt_, pkt_.get());
+      if (ret < 0) {
+        if (ret == AVERROR_EXIT) in_.fail("reading packets", ret);
+        eof = true;  // end of file, or damaged data at the end: decode what was read
+        break;
+      }
+      if (pkt_->stream_index == stream_) send(pkt_.get());
+      av_packet_unref(pkt_.get());
+    }
+    if (eof && !done()) {
+      ctx_->skip_frame = AVDISCARD_DEFAULT;
+      send(nullptr);
+      // Targets past the last frame (a duration that overstates the stream) get the last frame.
+      while (opt_.sampling != FrameSampling::all && !done() && last_->data[0]) emit(last_.get(), last_pts_);
+    }
+    if (stats_.frames_returned == 0) {
+      in_.fail(stats_.frames_decoded == 0 ? "no decodable video frames" : "no frame matched the sampling");
+    }
+    return stats_;
+  }
+
+ private:
+  bool done() const {
+    return opt_.sampling != FrameSampling::all && next_ >= targets_.size();
+  }
+
+  // Demuxes the whole file once for the last timestamp (raw streams carry no duration), then rewinds.
+  int64_t scan_duration() {
+    auto pkt = ffmpeg::make_packet();
+    int64_t end = 0;
+    while (av_read_frame(fmt_, pkt.get()) >= 0) {
+      if (pkt->stream_index == stream_ && pkt->pts != AV_NOPTS_VALUE) {
+        end = std::max(end, pkt->pts - start_ + std::max<int64_t>(pkt->duration, frame_dur_));
+      }
+      av_packet_unref(pkt.get());
+      if (in_.expired()) in_.fail("scanning for the duration took longer than the timeout");
+    }
+    if (end <= 0) in_.fail("the stream has no timestamps, cannot sample frames by time");
+    if (av_seek_frame(fmt_, stream_, start_, AVSEEK_FLAG_BACKWARD) < 0 &&
+        avformat_seek_file(fmt_, stream_, std::numeric_limits<int64_t>::min(), start_, start_, 0) < 0) {
+      in_.fail("cannot rewind after scanning for the duration");
+    }
+    info_.duration_s = static_cast<double>(end) * av_q2d(tb_);
+    return end;
+  }
+
+  void make_targets() {
+    const double dur = static_cast<double>(duration_) * av_q2d(tb_);
+    std::vector<double> seconds;
+    if (opt_.sampling == FrameSampling::uniform) {
+      for (int i = 0; i < opt_.num_frames; ++i) seconds.push_back((i + 0.5) * dur / opt_.num_frames);
+    } else {
+      const auto n = static_cast<int64_t>(std::ceil(dur * opt_.fps - 1e-9));
+      const int64_t max_frames = opt_.max_output_bytes / (int64_t{3} * std::max(1, opt_.height) * std::max(1, opt_.width));
+      if (n > max_frames) {
+        in_.fail(std::to_string(n) + " frames at " + std::to_string(opt_.fps) + " fps exceed max_output_bytes");
+      }
+      for (int64_t i = 0; i < std::max<int64_t>(n, 1); ++i) seconds.push_back(static_cast<double>(i) / opt_.fps);
+    }
+    for (double s : seconds) targets_.push_back(start_ + static_cast<int64_t>(std::floor(s / av_q2d(tb_))));
+  }
+
+  // Seeks when the keyframe before the next target lies after everything already given to the decoder.
+  void maybe_seek() {
+    if (!opt_.seek || opt_.sampling == FrameSampling::all || next_ >= targets_.size() || checked_ == next_) return;
+    checked_ = next_;
+    const int64_t target = targets_[next_];
+    // Index timestamps are decode times; back off a few frames so that reordering cannot put the keyframe's
+    // presentation after the target.
+    const int64_t lookup = target - 4 * frame_dur_;
+    bool seek = false;
+    if (has_index_) {
+      const AVIndexEntry* kf = avformat_index_get_entry_from_timestamp(st_, lookup, AVSEEK_FLAG_BACKWARD);
+      seek = kf && kf->timestamp > position_;
+    } else {
+      seek = static_cast<double>(target - position_) * av_q2d(tb_) > opt_.seek_gap_s;
+    }
+    if (!seek) return;
+    if (av_seek_frame(fmt_, stream_, lookup, AVSEEK_FLAG_BACKWARD) < 0) return;  // decode forward instead
+    avcodec_flush_buffers(ctx_.get());
+    ++stats_.seeks;
+    position_ = lookup;
+  }
+
+  void send(AVPacket* pkt) {
+    if (pkt) {
+      const int64_t t = pkt->dts != AV_NOPTS_VALUE ? pkt->dts : pkt->pts;
+      if (t != AV_NOPTS_VALUE) position_ = std::max(position_, t);
+      // A frame that ends before the next target can never be returned; the decoder may skip it unless it is a
+      // reference for others.
+      const bool skippable = opt_.skip_nonref && opt_.sampling != FrameSampling::all && next_ < targets_.size() &&
+                             pkt->pts != AV_NOPTS_VALUE &&
+                             pkt->pts + std::max<int64_t>(pkt->duration, frame_dur_) <= targets_[next_];
+      ctx_->skip_frame = skippable ? AVDISCARD_NONREF : AVDISCARD_DEFAULT;
+      ++stats_.packets_sent;
+    }
+    int ret = avcodec_send_packet(ctx_.get(), pkt);
+    if (ret < 0 && ret != AVERROR_EOF) {
+      if (ret == AVERROR(ENOMEM)) in_.fail("out of memory while decoding", ret);
+      if (++bad_packets_ > 1000) in_.fail("too many undecodable packets", ret);
+      return;  // a damaged packet: the decoder conceals, keep going
+    }
+    while (!done() || opt_.sampling == FrameSampling::all) {
+      ret = avcodec_receive_frame(ctx_.get(), frame_.get());
+      if (ret == AVERROR(EAGAIN) || ret == AVERROR_EOF) break;
+      if (ret < 0) {
+        if (++bad_packets_ > 1000) in_.fail("too many undecodable frames", ret);
+        break;
+      }
+      on_decoded(frame_.get());
+      av_frame_unref(frame_.get());
+    }
+  }
+
+  void on_decoded(AVFrame* f) {
+    ++stats_.frames_decoded;
+    if (f->width <= 0 || f->height <= 0 || f->width > opt_.max_side || f->height > opt_.max_side) {
+      in_.fail("decoded frame size " + std::to_string(f->width) + "x" + std::to_string(f->height) +
+               " is outside the limit of " + std::to_string(opt_.max_side) + " per side");
+    }
+    const int bytes = av_image_get_buffer_size(static_cast<AVPixelFormat>(f->format), f->width, f->height, 1);
+    decoded_bytes_ += std::max(bytes, 0);
+    if (decoded_bytes_ > opt_.max_decoded_bytes) {
+      in_.fail("decoded more than max_decoded_bytes (" + std::to_string(opt_.max_decoded_bytes) + ")");
+    }
+    int64_t pts = f->best_effort_timestamp;
+    if (pts == AV_NOPTS_VALUE) pts = last_pts_ == AV_NOPTS_VALUE ? start_ : last_pts_ + frame_dur_;
+    const int64_t dur = f->pkt_duration > 0 ? f->pkt_duration : frame_dur_;
+    if (opt_.sampling == FrameSampling::all) {
+      emit(f, pts);
+    } else {
+      while (next_ < targets_.size() && targets_[next_] < pts + dur) emit(f, pts);
+    }
+    av_frame_unref(last_.get());
+    if (av_frame_ref(last_.get(), f) < 0) in_.fail("out of memory while keeping a frame");
+    last_pts_ = pts;
+  }
+
+  void emit(AVFrame* f, int64_t pts) {
+    convert(f);
+    FrameView view{stats_.frames_returned, static_cast<double>(pts - start_) * av_q2d(tb_), out_h_, out_w_,
+                   rgb_.data()};
+    ++stats_.frames_returned;
+    if (opt_.sampling != FrameSampling::all) ++next_;
+    (*on_frame_)(view);
+  }
+
+  void convert(AVFrame* f) {
+    if (out_h_ == 0) {
+      out_h_ = opt_.resize == ResizePolicy::none ? f->height : opt_.height;
+      out_w_ = opt_.resize == ResizePolicy::none ? f->width : opt_.width;
+      rgb_.resize(static_cast<size_t>(out_h_) * out_w_ * 3);
+    }
+    // Cropping moves the plane pointers of a second reference; the decoder's frame stays as it is.
+    auto view = ffmpeg::make_frame();
+    if (av_frame_ref(view.get(), f) < 0) in_.fail("out of memory while converting a frame");
+    if (opt_.resize == ResizePolicy::shorter_center_crop) {
+      const double src_aspect = static_cast<double>(f->width) / f->height;
+      const double dst_aspect = static_cast<double>(out_w_) / out_h_;
+      if (src_aspect > dst_aspect) {
+        const int keep = std::max(1, static_cast<int>(std::lround(f->height * dst_aspect)));
+        view->crop_left = static_cast<size_t>((f->width - keep) / 2);
+        view->crop_right = static_cast<size_t>(f->width - keep) - view->crop_left;
+      } else {
+        const int keep = std::max(1, static_cast<int>(std::lround(f->width / dst_aspect)));
+        view->crop_top = static_cast<size_t>((f->height - keep) / 2);
+        view->crop_bottom = static_cast<size_t>(f->height - keep) - view->crop_top;
+      }
+      if (av_frame_apply_cropping(view.get(), AV_FRAME_CROP_UNALIGNED) < 0) in_.fail("cannot crop a frame");
+    }
+    const auto src_fmt = static_cast<AVPixelFormat>(view->format);
+    SwsContext* sws = sws_getCachedContext(sws_.release(), view->width, view->height, src_fmt, out_w_, out_h_,
+                                           AV_PIX_FMT_RGB24, SWS_BILINEAR, nullptr, nullptr, nullptr);
+    sws_.reset(sws);
+    if (!sws) {
+      const char* name = av_get_pix_fmt_name(src_fmt);
+      in_.fail(std::string("cannot convert pixel format ") + (name ? name : "unknown") + " to RGB");
+    }
+    uint8_t* dst[4] = {rgb_.data(), nullptr, nullptr, nullptr};
+    const int dst_stride[4] = {out_w_ * 3, 0, 0, 0};
+    sws_scale(sws, view->data, view->linesize, 0, view->height, dst, dst_stride);
+  }
+
+  Input& in_;
+  const VideoOptions& opt_;
+  AVFormatContext* fmt_ = nullptr;
+  AVStream* st_ = nullptr;
+  int stream_ = -1;
+  ffmpeg::CodecContextPtr ctx_;
+  ffmpeg::PacketPtr pkt_;
+  ffmpeg::FramePtr frame_, last_;
+  std::unique_ptr<SwsContext, SwsFree> sws_;
+  AVRational tb_{1, 1};
+  int64_t start_ = 0, duration_ = 0, frame_dur_ = 1;
+  bool has_index_ = false;
+  int64_t position_ = 0;  // largest decode timestamp given to the decoder since the last seek
+  int64_t last_pts_ = AV_NOPTS_VALUE;
+  std::vector<int64_t> targets_;
+  size_t next_ = 0, checked_ = std::numeric_limits<size_t>::max();
+  int64_t decoded_bytes_ = 0;
+  int bad_packets_ = 0;
+  int out_h_ = 0, out_w_ = 0;
+  std::vector<uint8_t> rgb_;
+  const FrameCallback* on_frame_ = nullptr;
+  VideoInfo info_;
+  VideoDecodeStats stats_;
+};
+
+VideoFrames collect(Input& in, const VideoOptions& options) {
+  options.validate();
+  VideoDecoder decoder(in, options);
+  VideoFrames out;
+  const FrameCallback keep = [&](const FrameView& f) {
+    const size_t bytes = static_cast<size_t>(f.height) * f.width * 3;
+    if (static_cast<int64_t>(out.pixels.size() + bytes) > options.max_output_bytes) {
+      in.fail("sampled frames exceed max_output_bytes (" + std::to_string(options.max_output_bytes) + ")");
+    }
+    out.height = f.height;
+    out.width = f.width;
+    out.pixels.insert(out.pixels.end(), f.rgb, f.rgb + bytes);
+    out.timestamps_s.push_back(f.timestamp_s);
+    ++out.frames;
+  };
+  out.stats = decoder.run(keep);
+  out.info = decoder.info();
+  return out;
+}
+
+}  // namespace
+
+FrameSampling parse_frame_sampling(std::string_view name) {
+  if (name == "all") return FrameSampling::all;
+  if (name == "fps") return FrameSampling::fps;
+  if (name == "uniform") return FrameSampling::uniform;
+  throw ConfigError("frame sampling '" + std::string(name) + "': expected all | fps | uniform");
+}
+
+void VideoOptions::validate() const {
+  if (sampling == FrameSampling::fps && !(fps > 0.0 && std::isfinite(fps))) {
+    throw ConfigError("video options: fps must be positive");
+  }
+  if (sampling == FrameSampling::uniform && num_frames <= 0) {
+    throw ConfigError("video options: num_frames must be positive");
+  }
+  if (resize != ResizePolicy::none && (height <= 0 || width <= 0 || height > max_side || width > max_side)) {
+    throw ConfigError("video options: height and width must be in 1.." + std::to_string(max_side));
+  }
+  if (threads < 0) throw ConfigError("video options: threads must be >= 0");
+  if (max_side <= 0 || max_output_bytes <= 0 || max_decoded_bytes <= 0 || !(timeout_s > 0.0)) {
+    throw ConfigError("video options: limits must be positive");
+  }
+}
+
+VideoFrames decode_video_file(const std::filesystem::path& path, const VideoOptions& options) {
+  options.validate();
+  Input in(path, options.timeout_s);
+  return collect(in, options);
+}
+
+VideoFrames decode_video_bytes(std::span<const uint8_t> bytes, const std::string& name, const VideoOptions& options) {
+  options.validate();
+  if (static_cast<int64_t>(bytes.size()) > options.max_file_bytes) {
+    throw DataError(name + ": " + std::to_string(bytes.size()) + " bytes, more than max_file_bytes");
+  }
+  Input in(bytes, name, options.timeout_s);
+  return collect(in, options);
+}
+
+VideoDecodeStats for_each_video_frame(const std::filesystem::path& path, const VideoOptions& options,
+                                      const FrameCallback& on_frame, VideoInfo* info) {
+  options.validate();
+  Input in(path, options.timeout_s);
+  VideoDecoder decoder(in, options);
+  const VideoDecodeStats stats = decoder.run(on_frame);
+  if (info) *info = decoder.info();
+  return stats;
+}
+
+Patches patchify_video(const VideoFrames& video, const std::array<float, 3>& mean, const std::array<float, 3>& std,
+                       int patch, int tubelet) {
+  const size_t frame = static_cast<size_t>(video.height) * video.width * 3;
+  if (video.frames <= 0 || video.pixels.size() != frame * static_cast<size_t>(video.frames)) {
+    throw DataError("patchify_video: pixel buffer does not match the frame dimensions");
+  }
+  std::vector<float> values(video.pixels.size());
+  for (int t = 0; t < video.frames; ++t) {
+    ImageU8 img{video.height, video.width, 3, {}};
+    img.pixels.assign(video.pixels.begin() + static_cast<std::ptrdiff_t>(t * frame),
+                      video.pixels.begin() + static_cast<std::ptrdiff_t>((t + 1) * frame));
+    const ImageF32 norm = normalize_image(img, mean, std);
+    std::copy(norm.pixels.begin(), norm.pixels.end(), values.begin() + static_cast<std::ptrdiff_t>(t * frame));
+  }
+  return patchify_frames(values.data(), video.frames, video.height, video.width, 3, patch, tubelet);
+}
+
+}  // namespace longnet::modalities

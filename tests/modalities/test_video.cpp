@@ -1,0 +1,241 @@
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "modalities/video.h"
+#include "tests/modalities/media_fixtures.h"
+#include "tests/support/temp_dir.h"
+
+#include <catch2/catch.hpp>
+
+using namespace longnet::modalities;
+using longnet::test::counter_clip;
+using longnet::test::lavfi;
+using longnet::test::TempDir;
+
+namespace {
+
+// Centre pixel (green channel; the clip is grey) of each returned frame.
+std::vector<int> centre_values(const VideoFrames& v) {
+  std::vector<int> out;
+  for (int t = 0; t < v.frames; ++t) {
+    const size_t centre = (static_cast<size_t>(t) * v.height * v.width + (v.height / 2) * v.width + v.width / 2) * 3;
+    out.push_back(v.pixels[centre + 1]);
+  }
+  return out;
+}
+
+// The counter_clip frame number of returned frame t, by looking its centre value up in the table of all frames.
+int frame_number(const VideoFrames& v, int t, const std::vector<int>& table) {
+  const int value = centre_values(v)[static_cast<size_t>(t)];
+  const auto it = std::find(table.begin(), table.end(), value);
+  return it == table.end() ? -1 : static_cast<int>(it - table.begin());
+}
+
+VideoOptions small(FrameSampling sampling) {
+  VideoOptions o;
+  o.sampling = sampling;
+  o.height = 48;
+  o.width = 64;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("video: every frame, in order, converted to RGB", "[video]") {
+  TempDir dir;
+  const auto clip = counter_clip(dir.path() / "c.mp4", 4.0, 30);
+  const VideoFrames v = decode_video_file(clip, small(FrameSampling::all));
+  REQUIRE(v.frames == 120);
+  CHECK(v.height == 48);
+  CHECK(v.width == 64);
+  CHECK(v.pixels.size() == 120u * 48u * 64u * 3u);
+  CHECK(v.info.codec == "h264");
+  CHECK(v.info.duration_s == Approx(4.0).margin(0.05));
+  CHECK(v.info.frame_rate == Approx(30.0));
+  const std::vector<int> values = centre_values(v);
+  for (int t = 0; t < 120; ++t) {
+    INFO("frame " << t);
+    // Limited-range luma y becomes RGB (y - 16)·255/219.
+    CHECK(values[t] == Approx((std::floor(16 + 1.8 * t) - 16) * 255.0 / 219.0).margin(1.5));
+    if (t > 0) CHECK(values[t] > values[t - 1]);  // every frame distinct, in order
+    CHECK(v.timestamps_s[t] == Approx(t / 30.0).margin(1e-6));
+  }
+}
+
+TEST_CASE("video: fps and uniform sampling pick the frames showing the target times", "[video]") {
+  TempDir dir;
+  const auto clip = counter_clip(dir.path() / "c.mp4", 4.0, 30);
+  const std::vector<int> table = centre_values(decode_video_file(clip, small(FrameSampling::all)));
+  REQUIRE(table.size() == 120);
+  SECTION("1 fps: t = 0, 1, 2, 3") {
+    VideoOptions o = small(FrameSampling::fps);
+    const VideoFrames v = decode_video_file(clip, o);
+    REQUIRE(v.frames == 4);
+    for (int t = 0; t < 4; ++t) CHECK(frame_number(v, t, table) == 30 * t);
+  }
+  SECTION("3 fps") {
+    VideoOptions o = small(FrameSampling::fps);
+    o.fps = 3.0;
+    const VideoFrames v = decode_video_file(clip, o);
+    REQUIRE(v.frames == 12);
+    for (int t = 0; t < 12; ++t) CHECK(frame_number(v, t, table) == 10 * t);
+  }
+  SECTION("uniform: t = (i + 0.5)·4/5") {
+    VideoOptions o = small(FrameSampling::uniform);
+    o.num_frames = 5;
+    const VideoFrames v = decode_video_file(clip, o);
+    REQUIRE(v.frames == 5);
+    // 0.4 s → frame 12, 1.2 s → 36, 2.0 s → 60, 2.8 s → 84, 3.6 s → 108 (frame N shows [N/30, (N+1)/30)).
+    const std::vector<int> expect{12, 36, 60, 84, 108};
+    for (int t = 0; t < 5; ++t) {
+      CHECK(frame_number(v, t, table) == expect[t]);
+      CHECK(v.timestamps_s[t] == Approx(expect[t] / 30.0).margin(1e-6));
+    }
+  }
+  SECTION("more samples than frames repeat frames") {
+    VideoOptions o = small(FrameSampling::fps);
+    o.fps = 60.0;
+    const VideoFrames v = decode_video_file(clip, o);
+    REQUIRE(v.frames == 240);
+    CHECK(frame_number(v, 0, table) == 0);
+    CHECK(frame_number(v, 1, table) == 0);
+    CHECK(frame_number(v, 239, table) == 119);
+  }
+}
+
+TEST_CASE("video: seeking and skipping unreferenced frames return the same frames as decoding everything", "[video]") {
+  TempDir dir;
+  // Keyframes every 15 frames; 1 fps sampling skips from each target to the keyframe before the next one.
+  const auto mp4 = counter_clip(dir.path() / "c.mp4", 4.0, 15);
+  const auto ts = counter_clip(dir.path() / "c.ts", 4.0, 15);  // MPEG-TS: no keyframe index, seeks by gap
+  for (const auto& clip : {mp4, ts}) {
+    INFO(clip.string());
+    const std::vector<int> table = centre_values(decode_video_file(clip, small(FrameSampling::all)));
+    REQUIRE(table.size() == 120);
+    for (const double fps : {1.0, 7.0}) {
+      INFO("fps " << fps);
+      VideoOptions plain = small(FrameSampling::fps);
+      plain.fps = fps;
+      plain.seek = false;
+      plain.skip_nonref = false;
+      VideoOptions fast = plain;
+      fast.seek = true;
+      fast.skip_nonref = true;
+      fast.seek_gap_s = 0.5;
+      const VideoFrames a = decode_video_file(clip, plain);
+      const VideoFrames b = decode_video_file(clip, fast);
+      REQUIRE(a.frames == b.frames);
+      CHECK(a.timestamps_s == b.timestamps_s);
+      CHECK(a.pixels == b.pixels);
+      CHECK(a.stats.seeks == 0);
+      if (fps == 1.0) {
+        CHECK(b.stats.seeks >= 2);
+        CHECK(b.stats.frames_decoded < a.stats.frames_decoded / 2);
+        for (int t = 0; t < b.frames; ++t) CHECK(frame_number(b, t, table) == 30 * t);
+      } else {
+        CHECK(b.stats.frames_decoded < a.stats.frames_decoded);  // unreferenced B-frames were dropped
+      }
+    }
+  }
+}
+
+TEST_CASE("video: decoder threads do not change the output", "[video]") {
+  TempDir dir;
+  const auto clip = counter_clip(dir.path() / "c.mp4", 2.0, 30);
+  VideoOptions one = small(FrameSampling::all);
+  one.threads = 1;
+  VideoOptions three = one;
+  three.threads = 3;
+  const VideoFrames a = decode_video_file(clip, one);
+  const VideoFrames b = decode_video_file(clip, three);
+  CHECK(a.frames == 60);
+  CHECK(a.pixels == b.pixels);
+}
+
+TEST_CASE("video: bytes in memory decode like the file", "[video]") {
+  TempDir dir;
+  const auto clip = counter_clip(dir.path() / "c.mkv", 2.0, 30);
+  VideoOptions o = small(FrameSampling::uniform);
+  o.num_frames = 3;
+  const auto bytes = longnet::test::read_bytes(clip);
+  const VideoFrames a = decode_video_file(clip, o);
+  const VideoFrames b = decode_video_bytes(bytes, "memory.mkv", o);
+  REQUIRE(a.frames == 3);
+  CHECK(a.pixels == b.pixels);
+  CHECK(a.timestamps_s == b.timestamps_s);
+}
+
+TEST_CASE("video: conversion to RGB at the target size, with exact and centre-crop resizing", "[video]") {
+  TempDir dir;
+  // 80×40: left half red, right half blue.
+  const auto clip = lavfi(dir.path() / "rb.mp4", "color=c=red:size=80x40:rate=10:duration=1",
+                          "-vf drawbox=x=40:y=0:w=40:h=40:color=blue:t=fill -c:v libx264 -qp 1 -pix_fmt yuv444p");
+  auto at = [](const VideoFrames& v, int y, int x) {
+    const size_t i = (static_cast<size_t>(y) * v.width + x) * 3;
+    return std::array<int, 3>{v.pixels[i], v.pixels[i + 1], v.pixels[i + 2]};
+  };
+  VideoOptions o;
+  o.sampling = FrameSampling::uniform;
+  o.num_frames = 1;
+  o.height = 16;
+  o.width = 32;
+  o.resize = ResizePolicy::exact;
+  const VideoFrames exact = decode_video_file(clip, o);
+  REQUIRE(exact.frames == 1);
+  CHECK(exact.height == 16);
+  CHECK(exact.width == 32);
+  const auto red = at(exact, 8, 4), blue = at(exact, 8, 28);
+  CHECK(red[0] >= 245);
+  CHECK(red[2] <= 10);
+  CHECK(blue[2] >= 245);
+  CHECK(blue[0] <= 10);
+
+  o.resize = ResizePolicy::shorter_center_crop;
+  o.height = 20;
+  o.width = 20;
+  const VideoFrames crop = decode_video_file(clip, o);
+  // The centre 40×40 of the source: columns 20..59, red on the left half, blue on the right.
+  CHECK(at(crop, 10, 2)[0] >= 245);
+  CHECK(at(crop, 10, 17)[2] >= 245);
+
+  o.resize = ResizePolicy::none;
+  const VideoFrames native = decode_video_file(clip, o);
+  CHECK(native.height == 40);
+  CHECK(native.width == 80);
+}
+
+TEST_CASE("video: streaming callback and tubelet patches", "[video][patchify]") {
+  TempDir dir;
+  const auto clip = counter_clip(dir.path() / "c.mp4", 2.0, 30);
+  VideoOptions o = small(FrameSampling::uniform);
+  o.num_frames = 5;
+  o.height = 32;
+  o.width = 32;
+  std::vector<double> seen;
+  VideoInfo info;
+  const VideoDecodeStats stats =
+      for_each_video_frame(clip, o, [&](const FrameView& f) { seen.push_back(f.timestamp_s); }, &info);
+  CHECK(seen.size() == 5);
+  CHECK(stats.frames_returned == 5);
+  CHECK(info.width == 64);
+
+  const VideoFrames v = decode_video_file(clip, o);
+  const Patches p = patchify_video(v, {0.5F, 0.5F, 0.5F}, {0.5F, 0.5F, 0.5F}, 16, 2);
+  CHECK(p.grid == std::array<int64_t, 3>{3, 2, 2});  // 5 frames → 3 tubelets, the last repeating frame 4
+  CHECK(p.count == 12);
+  CHECK(p.dim == 2 * 16 * 16 * 3);
+  REQUIRE(p.values.size() == static_cast<size_t>(p.count * p.dim));
+  // Last patch: tubelet 2, y 1, x 1.
+  CHECK(std::vector<int64_t>(p.positions.end() - 3, p.positions.end()) == std::vector<int64_t>{2, 1, 1});
+  // Its two time slices are both frame 4 (repeated).
+  const auto last = p.values.end() - p.dim;
+  CHECK(std::vector<float>(last, last + p.dim / 2) == std::vector<float>(last + p.dim / 2, p.values.end()));
+  // First value of patch 0 = normalised pixel (0, 0, 0) of frame 0.
+  CHECK(p.values[0] == Approx((v.pixels[0] / 255.0 - 0.5) / 0.5));
+  CHECK(parse_frame_sampling("fps") == FrameSampling::fps);
+  CHECK_THROWS_AS(parse_frame_sampling("every"), longnet::ConfigError);
+}
