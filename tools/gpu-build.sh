@@ -9,7 +9,7 @@
 # nlohmann-json). Those travel as Debian packages in .deps/ (git-ignored via .git/info/exclude), downloaded on the
 # development machine (Debian 12) with
 #   mkdir -p .deps && cd .deps && apt-get download catch2 libtomlplusplus-dev libcli11-dev libspdlog-dev \
-#       libfmt-dev nlohmann-json3-dev libspdlog1.10 libfmt9 libtomlplusplus3
+#       libfmt-dev nlohmann-json3-dev libspdlog1.10 libfmt9 libtomlplusplus3 zlib1g-dev zlib1g
 # and carried with the working tree; here they are unpacked with `dpkg -x` into a private prefix (never into /) that
 # goes on CMAKE_PREFIX_PATH, with its shared libraries (spdlog, fmt, toml++) on LD_LIBRARY_PATH. Packages the
 # machine already has are used as they are.

@@ -30,7 +30,8 @@ step() { printf '\n== %s\n' "$*"; }
 # ---- system packages ------------------------------------------------------------------------------------------
 packages=(build-essential cmake ninja-build ccache pkg-config python3-venv
           libopencv-dev libavformat-dev libavcodec-dev libswscale-dev libswresample-dev libavutil-dev
-          libsentencepiece-dev libtomlplusplus-dev catch2 libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev)
+          libsentencepiece-dev libtomlplusplus-dev catch2 libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
+          zlib1g-dev ffmpeg espeak-ng)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -50,10 +51,11 @@ if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
   "$venv/bin/pip" install -q --upgrade pip
   "$venv/bin/pip" install -q "torch==$torch_version" numpy
 fi
-# Python packages the tests read our files back with (TensorBoard event files, safetensors/npy outputs).
-if ! "$venv/bin/python" -c "import tensorboard, numpy" 2>/dev/null; then
-  step "tensorboard into $venv"
-  "$venv/bin/pip" install -q tensorboard
+# Independent implementations the tests check our files and numbers against: tensorboard reads our event files,
+# librosa computes the reference log-mel spectrogram.
+if ! "$venv/bin/python" -c "import tensorboard, librosa, numpy" 2>/dev/null; then
+  step "tensorboard and librosa into $venv"
+  "$venv/bin/pip" install -q tensorboard librosa
 fi
 torch_prefix=$("$venv/bin/python" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)' 2>/dev/null)
 
