@@ -37,7 +37,7 @@ RunConfig parse_run(const Section& s) {
   if (c.name.empty() || c.name == "." || c.name == ".." || c.name.find_first_of("/\\") != std::string::npos) {
     s.fail("name", "must be a folder name (not empty, '.' or '..', no '/' or '\\'), got \"" + c.name + "\"");
   }
-  c.task = s.choice("task", c.task, {"lm"});
+  c.task = s.choice("task", c.task, {"lm", "multimodal"});
   c.seed = s.integer("seed", c.seed);
   at_least(s, "seed", c.seed, 0);
   c.device = s.choice("device", c.device, {"auto", "cpu", "cuda"});
@@ -207,6 +207,7 @@ ExperimentConfig parse(const config::Document& doc) {
   c.data = parse_data(root.section("data"));
   c.train = parse_train(root.section("train"));
   c.eval = parse_eval(root.section("eval"));
+  c.multimodal = fusion::parse_multimodal(root.section("fusion"), root.section("modalities"));
   root.finish();
 
   // Relations across tables.
@@ -240,7 +241,26 @@ ExperimentConfig parse(const config::Document& doc) {
     root.section("attention").fail("position", "\"relative_bias\" is supported by the reference backend only, and "
                                                "attention.backend is \"flash\"");
   }
+  if (c.run.task == "multimodal" && !c.multimodal.any_enabled()) {
+    root.section("run").fail("task", "\"multimodal\" needs at least one enabled modality ([modalities.text|image|"
+                                     "video|audio] with enabled = true)");
+  }
   if (c.attention.dilated.mix == attention::Mix::head_split) {
+    // The per-modality stacks and the cross-modality layers use their own patterns with the same heads.
+    auto check_branches = [&](const Section& s, size_t branches) {
+      if (c.model.heads < static_cast<int64_t>(branches)) {
+        s.fail("segment_lengths", "has " + std::to_string(branches) + " branches, more than model.heads = " +
+                                      std::to_string(c.model.heads) + " (attention.mix = \"head_split\" needs a head "
+                                      "per branch)");
+      }
+    };
+    if (c.multimodal.any_enabled()) check_branches(root.section("fusion"), c.multimodal.fusion.segment_lengths.size());
+    for (auto m : modalities::kAllModalities) {
+      if (c.multimodal[m].enabled) {
+        check_branches(root.section("modalities").section(modalities::to_string(m)),
+                       c.multimodal[m].segment_lengths.size());
+      }
+    }
     // head_split gives every branch its own group of at least one head.
     const auto branches = static_cast<int64_t>(c.attention.dilated.segment_lengths.size());
     if (c.model.heads < branches) {
@@ -368,6 +388,39 @@ std::string to_toml(const ExperimentConfig& c) {
   w.table("eval");
   w.put("every", c.eval.every);
   w.put("batches", c.eval.batches);
+
+  // The multimodal tables only when they say something: a text LM config prints as it always did.
+  const auto& mm = c.multimodal;
+  if (mm.any_enabled() || mm.fusion != fusion::FusionConfig{}) {
+    const auto& f = mm.fusion;
+    w.table("fusion");
+    w.put("strategy", f.strategy);
+    w.put("depth", f.depth);
+    w.put("segment_lengths", f.segment_lengths);
+    w.put("dilation_rates", f.dilation_rates);
+    w.put("bottleneck_tokens", f.bottleneck_tokens);
+    w.put("pooled_length", f.pooled_length);
+    w.put("embed_dim", f.embed_dim);
+    w.put("parallel_stacks", f.parallel_stacks);
+    w.put("batch_invariant", f.batch_invariant);
+  }
+  for (auto mod : modalities::kAllModalities) {
+    const auto& mc = mm[mod];
+    if (mc == fusion::default_modality_config(mod)) continue;
+    const std::string table = "modalities." + modalities::to_string(mod);
+    w.table(table.c_str());
+    w.put("enabled", mc.enabled);
+    w.put("depth", mc.depth);
+    w.put("segment_lengths", mc.segment_lengths);
+    w.put("dilation_rates", mc.dilation_rates);
+    if (mod == modalities::Modality::text) {
+      w.put("vocab_size", mc.input_dim);
+    } else if (mc.input_dim > 0) {
+      w.put("patch_dim", mc.input_dim);
+    }
+    w.put("positional", modalities::to_string(mc.positional));
+    w.put("max_positions", mc.max_positions);
+  }
   return w.str();
 }
 

@@ -4,7 +4,8 @@
 //   auto exp = pipelines::load_experiment("experiments/quickstart.toml", {"train.steps=20"});
 //   std::cout << pipelines::to_toml(exp);   // the fully resolved config, defaults filled in
 //
-// Tables: [run] [model] [attention] [data] [train] [eval]. Unknown keys, wrong types, out-of-range values and
+// Tables: [run] [model] [attention] [data] [train] [eval], and for the multimodal model [fusion] and
+// [modalities.text|image|video|audio] (fusion/fusion_config.h). Unknown keys, wrong types, out-of-range values and
 // inconsistent combinations are ConfigErrors that name file:line:col and the dotted key.
 #pragma once
 
@@ -15,13 +16,15 @@
 
 #include "attention/dilated_attention.h"
 #include "fusion/block.h"
+#include "fusion/fusion_config.h"
 #include "fusion/model_config.h"
 
 namespace longnet::pipelines {
 
 struct RunConfig {
   std::string name = "experiment";
-  std::string task = "lm";         // "lm": causal language modelling on a text corpus
+  std::string task = "lm";         // "lm": causal language modelling on a text corpus; "multimodal": the model of
+                                   // [fusion] and [modalities.*] (at least one modality enabled)
   int64_t seed = 0;
   std::string device = "auto";     // "auto" | "cpu" | "cuda"
   std::string output_dir = "runs"; // the run folder is <output_dir>/<name>
@@ -63,6 +66,7 @@ struct ExperimentConfig {
   DataConfig data;
   TrainConfig train;
   EvalConfig eval;
+  fusion::MultimodalConfig multimodal;  // [fusion] and [modalities.*]
 };
 
 ExperimentConfig load_experiment(const std::filesystem::path& file, const std::vector<std::string>& overrides = {});

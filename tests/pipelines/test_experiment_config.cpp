@@ -98,6 +98,8 @@ void check_same(const ExperimentConfig& a, const ExperimentConfig& b) {
 
   CHECK(a.eval.every == b.eval.every);
   CHECK(a.eval.batches == b.eval.batches);
+
+  CHECK(a.multimodal == b.multimodal);
 }
 
 struct BadCase {
@@ -140,10 +142,10 @@ const std::vector<BadCase> kBadFiles = {
     {"unknown key in [eval]", "[eval]\nevery = 5\nbatch = 2\n", {},
      "bad.toml:3:1: unknown key 'eval.batch'; did you mean 'batches'? (valid keys: batches, every)"},
     {"unknown top-level table", "[trian]\nsteps = 5\n", {},
-     "bad.toml:1:2: unknown key 'trian'; did you mean 'train'? (valid keys: attention, data, eval, model, run, "
-     "train)"},
+     "bad.toml:1:2: unknown key 'trian'; did you mean 'train'? (valid keys: attention, data, eval, fusion, "
+     "modalities, model, run, train)"},
     {"unknown top-level key without a close match", "learning_rate = 0.1\n", {},
-     "bad.toml:1:1: unknown key 'learning_rate' (valid keys: attention, data, eval, model, run, train)"},
+     "bad.toml:1:1: unknown key 'learning_rate' (valid keys: attention, data, eval, fusion, modalities, model, run, train)"},
     {"first unknown key in file order", "[train]\nzzz = 1\nstpes = 1\n", {},
      "bad.toml:2:1: unknown key 'train.zzz' (valid keys: batch_size, beta1, beta2, checkpoint_every, "
      "grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, min_lr_ratio, precision, steps, warmup_steps, "
@@ -232,6 +234,42 @@ const std::vector<BadCase> kBadFiles = {
      {},
      "bad.toml:3:12: 'attention.position' \"relative_bias\" is supported by the reference backend only, and "
      "attention.backend is \"flash\""},
+
+    // ---- [fusion] and [modalities.*] -----------------------------------------------------------------------------
+    {"fusion strategy typo", "[fusion]\nstrategy = \"concatseq\"\n", {},
+     "bad.toml:2:12: 'fusion.strategy' must be one of \"concat_seq\", \"concat_feature\", \"multiway\", \"late\", "
+     "\"bottleneck\", got \"concatseq\"; did you mean \"concat_seq\"?"},
+    {"unknown key in [fusion]", "[fusion]\nbottleneck = 4\n", {},
+     "bad.toml:2:1: unknown key 'fusion.bottleneck'; did you mean 'bottleneck_tokens'? (valid keys: batch_invariant, "
+     "bottleneck_tokens, depth, dilation_rates, embed_dim, parallel_stacks, pooled_length, segment_lengths, strategy)"},
+    {"cross-modality layers need a depth", "[fusion]\ndepth = 0\n", {},
+     "bad.toml:2:9: 'fusion.depth' must be >= 1, got 0"},
+    {"fusion rate not dividing its segment", "[fusion]\nsegment_lengths = [64, 100]\ndilation_rates = [1, 8]\n", {},
+     "bad.toml:3:22: 'fusion.dilation_rates[1]' must divide its segment length 100, got 8"},
+    {"unknown modality", "[modalities.smell]\nenabled = true\n", {},
+     "bad.toml:1:13: unknown key 'modalities.smell' (valid keys: audio, image, text, video)"},
+    {"patch modality without patch_dim", "[modalities.image]\nenabled = true\n", {},
+     "bad.toml:1:1: 'modalities.image.patch_dim' is required for an enabled modality (values per patch)"},
+    {"patch_dim for text", "[modalities.text]\npatch_dim = 3\n", {},
+     "bad.toml:2:1: unknown key 'modalities.text.patch_dim' (valid keys: depth, dilation_rates, enabled, "
+     "max_positions, positional, segment_lengths, vocab_size)"},
+    {"positional typo", "[modalities.audio]\npositional = \"sinusoid\"\n", {},
+     "bad.toml:2:14: 'modalities.audio.positional' must be one of \"learned\", \"sinusoidal\", got \"sinusoid\"; did "
+     "you mean \"sinusoidal\"?"},
+    {"negative stack depth", "[modalities.video]\ndepth = -1\n", {},
+     "bad.toml:2:9: 'modalities.video.depth' must be >= 0, got -1"},
+    {"text vocabulary of one", "[modalities.text]\nvocab_size = 1\n", {},
+     "bad.toml:2:14: 'modalities.text.vocab_size' must be >= 2, got 1"},
+    {"multimodal task without a modality", "[run]\ntask = \"multimodal\"\n", {},
+     "bad.toml:2:8: 'run.task' \"multimodal\" needs at least one enabled modality ([modalities.text|image|video|audio] "
+     "with enabled = true)"},
+    {"head_split with more branches in a stack than heads",
+     "[run]\ntask = \"multimodal\"\n[model]\nwidth = 64\nheads = 2\nkv_heads = 2\n[attention]\nmix = \"head_split\"\n"
+     "segment_lengths = [64]\ndilation_rates = [1]\n[modalities.image]\nenabled = true\npatch_dim = 4\n"
+     "segment_lengths = [4, 8, 16]\ndilation_rates = [1, 2, 4]\n",
+     {},
+     "bad.toml:14:19: 'modalities.image.segment_lengths' has 3 branches, more than model.heads = 2 "
+     "(attention.mix = \"head_split\" needs a head per branch)"},
     {"head_split with fewer heads than branches",
      "[model]\nwidth = 64\nheads = 2\nkv_heads = 2\n[attention]\ncausal = true\nsegment_lengths = [64, 128, 256]\n"
      "dilation_rates = [1, 2, 4]\nmix = \"head_split\"\n[data]\ncorpus = [\"c.txt\"]\n",
@@ -256,8 +294,8 @@ const std::vector<BadCase> kBadOverrides = {
      "checkpoint_every, grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, min_lr_ratio, precision, "
      "steps, warmup_steps, weight_decay)"},
     {"unknown table via --set", kMinimal, {"trian.steps=5"},
-     "--set trian.steps=5: unknown key 'trian'; did you mean 'train'? (valid keys: attention, data, eval, model, "
-     "run, train)"},
+     "--set trian.steps=5: unknown key 'trian'; did you mean 'train'? (valid keys: attention, data, eval, fusion, "
+     "modalities, model, run, train)"},
     {"word for an integer via --set", kMinimal, {"train.steps=many"},
      "--set train.steps=many: 'train.steps' must be an integer, got a string"},
     {"float for an integer via --set", kMinimal, {"train.steps=7.5"},
@@ -277,6 +315,8 @@ const std::vector<BadCase> kBadOverrides = {
     {"--set with no key", kMinimal, {"=1"}, "--set =1: expected key.path=value with a dotted key such as train.steps"},
     {"--set below a value", kMinimal, {"data.corpus.x=1"}, "--set data.corpus.x=1: 'data.corpus' is not a table"},
     {"--set of base", kMinimal, {"base=other.toml"}, "--set base=other.toml: 'base' cannot be overridden"},
+    {"embedding width 0 via --set", kMinimal, {"fusion.embed_dim=0"},
+     "--set fusion.embed_dim=0: 'fusion.embed_dim' must be >= 1, got 0"},
     {"the later of two --set wins, and is the one blamed", kMinimal, {"train.steps=5", "train.steps=0"},
      "--set train.steps=0: 'train.steps' must be >= 1, got 0"},
 };
@@ -395,6 +435,86 @@ batches = 1
   // The defaults round-trip too.
   const ExperimentConfig defaults = parse_experiment(kMinimal, "min.toml");
   check_same(parse_experiment(to_toml(defaults), "printed.toml"), defaults);
+}
+
+TEST_CASE("[fusion] and [modalities.*]: parsed, defaulted and round-tripped", "[pipelines][config][cpu]") {
+  const std::string text = R"([run]
+task = "multimodal"
+
+[fusion]
+strategy = "bottleneck"
+depth = 3
+segment_lengths = [128, 512]
+dilation_rates = [1, 4]
+bottleneck_tokens = 8
+pooled_length = 32
+embed_dim = 64
+parallel_stacks = true
+batch_invariant = true
+
+[modalities.text]
+enabled = true
+depth = 4
+vocab_size = 32000
+max_positions = 8192
+
+[modalities.image]
+enabled = true
+depth = 0
+segment_lengths = [196]
+dilation_rates = [1]
+patch_dim = 768
+positional = "sinusoidal"
+max_positions = 32
+
+[modalities.audio]
+patch_dim = 128
+)";
+  const ExperimentConfig c = parse_experiment(text, "mm.toml");
+  using longnet::modalities::Modality;
+  const auto& mm = c.multimodal;
+  CHECK(c.run.task == "multimodal");
+  CHECK(mm.fusion.strategy == "bottleneck");
+  CHECK(mm.fusion.depth == 3);
+  CHECK(mm.fusion.segment_lengths == std::vector<int64_t>{128, 512});
+  CHECK(mm.fusion.dilation_rates == std::vector<int64_t>{1, 4});
+  CHECK(mm.fusion.bottleneck_tokens == 8);
+  CHECK(mm.fusion.pooled_length == 32);
+  CHECK(mm.fusion.embed_dim == 64);
+  CHECK(mm.fusion.parallel_stacks);
+  CHECK(mm.fusion.batch_invariant);
+  CHECK(mm[Modality::text].enabled);
+  CHECK(mm[Modality::text].depth == 4);
+  CHECK(mm[Modality::text].input_dim == 32000);
+  CHECK(mm[Modality::text].segment_lengths == std::vector<int64_t>{256});  // default
+  CHECK(mm[Modality::text].positional == longnet::modalities::PositionalKind::learned);
+  CHECK(mm[Modality::text].max_positions == 8192);
+  CHECK(mm[Modality::image].depth == 0);
+  CHECK(mm[Modality::image].input_dim == 768);
+  CHECK(mm[Modality::image].positional == longnet::modalities::PositionalKind::sinusoidal);
+  CHECK_FALSE(mm[Modality::video].enabled);
+  CHECK_FALSE(mm[Modality::audio].enabled);  // configured but disabled
+  CHECK(mm[Modality::audio].input_dim == 128);
+
+  const std::string printed = to_toml(c);
+  CAPTURE(printed);
+  CHECK(printed.find("[modalities.audio]") != std::string::npos);
+  CHECK(printed.find("[modalities.video]") == std::string::npos);  // all defaults: left out
+  const ExperimentConfig again = parse_experiment(printed, "printed.toml");
+  check_same(again, c);
+  CHECK(to_toml(again) == printed);
+
+  // An LM config has no modality and prints no multimodal table.
+  const ExperimentConfig lm = parse_experiment(kMinimal, "min.toml");
+  CHECK_FALSE(lm.multimodal.any_enabled());
+  CHECK(lm.multimodal == longnet::fusion::MultimodalConfig{});
+  CHECK(to_toml(lm).find("[fusion]") == std::string::npos);
+  // Fusion settings alone are kept.
+  const ExperimentConfig fusion_only = parse_experiment(kMinimal, "min.toml", {"fusion.strategy=late"});
+  check_same(parse_experiment(to_toml(fusion_only), "printed.toml"), fusion_only);
+  // The example experiment is valid.
+  const ExperimentConfig example = load_experiment("experiments/multimodal_tiny.toml");
+  CHECK(example.multimodal[Modality::video].positional == longnet::modalities::PositionalKind::sinusoidal);
 }
 
 TEST_CASE("to_toml reads like the schema: tables in order, floats in their shortest form", "[pipelines][config][cpu]") {

@@ -1,0 +1,179 @@
+#include "modalities/encoders.h"
+
+#include <string>
+
+#include <ATen/ATen.h>
+#include <torch/nn/init.h>
+
+#include "core/error.h"
+
+namespace longnet::modalities {
+
+std::string to_string(Modality modality) {
+  switch (modality) {
+    case Modality::text: return "text";
+    case Modality::image: return "image";
+    case Modality::video: return "video";
+    case Modality::audio: return "audio";
+  }
+  return "unknown";
+}
+
+std::optional<Modality> parse_modality(std::string_view name) {
+  for (Modality m : kAllModalities) {
+    if (to_string(m) == name) return m;
+  }
+  return std::nullopt;
+}
+
+int64_t position_axes(Modality modality) {
+  switch (modality) {
+    case Modality::image: return 2;
+    case Modality::video: return 3;
+    case Modality::text:
+    case Modality::audio: return 1;
+  }
+  return 1;
+}
+
+PositionalKind parse_positional_kind(const std::string& name) {
+  if (name == "learned") return PositionalKind::learned;
+  if (name == "sinusoidal") return PositionalKind::sinusoidal;
+  throw ConfigError("positional encoding must be \"learned\" or \"sinusoidal\", got \"" + name + "\"");
+}
+
+std::string to_string(PositionalKind kind) { return kind == PositionalKind::learned ? "learned" : "sinusoidal"; }
+
+at::Tensor sinusoidal_encoding(const at::Tensor& positions, int64_t dim, double base) {
+  if (dim < 1) throw Error("sinusoidal_encoding: dim must be >= 1, got " + std::to_string(dim));
+  const auto f64 = positions.options().dtype(at::kDouble);
+  // Channel j uses frequency base^(-2·floor(j/2)/dim): pairs (sin, cos) share one frequency.
+  const at::Tensor pair = at::arange(dim, f64).div(2).floor();
+  const at::Tensor freq = at::pow(base, pair.mul(-2.0 / static_cast<double>(dim)));  // (dim)
+  const at::Tensor angle = positions.to(at::kDouble).unsqueeze(-1) * freq;          // (..., dim)
+  const at::Tensor even = at::arange(dim, positions.options().dtype(at::kLong)).remainder(2).eq(0);
+  return at::where(even, at::sin(angle), at::cos(angle));
+}
+
+void EncoderOptions::validate() const {
+  const std::string name = to_string(modality);
+  if (width < 1) throw ConfigError(name + " encoder: width must be >= 1, got " + std::to_string(width));
+  if (input_dim < 1) {
+    throw ConfigError(name + " encoder: " + (modality == Modality::text ? "vocab_size" : "patch_dim") +
+                      " must be >= 1, got " + std::to_string(input_dim));
+  }
+  if (max_positions < 1) {
+    throw ConfigError(name + " encoder: max_positions must be >= 1, got " + std::to_string(max_positions));
+  }
+}
+
+ModalityEncoderImpl::ModalityEncoderImpl(const EncoderOptions& options) : options_(options) {
+  options_.validate();
+  const int64_t c = options_.width;
+  if (options_.modality == Modality::text) {
+    tokens_ = register_module("tokens", torch::nn::Embedding(options_.input_dim, c));
+    // GPT-2's N(0, 0.02): the table doubles as a tied LM head, whose logits should start near uniform.
+    torch::nn::init::normal_(tokens_->weight, 0.0, 0.02);
+  } else {
+    if (options_.modality == Modality::audio) {
+      patch_norm_ = register_module(
+          "patch_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options_.input_dim}).elementwise_affine(false)));
+    }
+    patches_ = register_module("patches", torch::nn::Linear(options_.input_dim, c));
+  }
+  modality_embedding_ = register_parameter("modality_embedding", torch::randn({c}) * 0.02);
+  if (options_.positional == PositionalKind::learned) {
+    for (int64_t axis = 0; axis < position_axes(options_.modality); ++axis) {
+      auto table = register_module("position" + std::to_string(axis), torch::nn::Embedding(options_.max_positions, c));
+      torch::nn::init::normal_(table->weight, 0.0, 0.02);
+      position_tables_.push_back(table);
+    }
+  }
+}
+
+at::Tensor ModalityEncoderImpl::positional(const at::Tensor& axis_positions, at::ScalarType dtype) {
+  const int64_t axes = axis_positions.size(-1), c = options_.width;
+  at::Tensor out;
+  if (options_.positional == PositionalKind::learned) {
+    for (int64_t a = 0; a < axes; ++a) {
+      at::Tensor e = position_tables_[static_cast<size_t>(a)](axis_positions.select(-1, a));
+      out = out.defined() ? out + e : e;
+    }
+    return out;
+  }
+  // Channel blocks per axis; the first takes the remainder so that every channel is used.
+  std::vector<at::Tensor> blocks;
+  const int64_t share = c / axes;
+  for (int64_t a = 0; a < axes; ++a) {
+    const int64_t dim = a == 0 ? c - share * (axes - 1) : share;
+    if (dim > 0) blocks.push_back(sinusoidal_encoding(axis_positions.select(-1, a), dim));
+  }
+  return at::cat(blocks, -1).to(dtype);
+}
+
+at::Tensor ModalityEncoderImpl::forward(const at::Tensor& input, const at::Tensor& positions) {
+  const std::string name = to_string(options_.modality) + " encoder";
+  const int64_t max_pos = options_.max_positions;
+  at::Tensor h, axis_positions;  // (B, N, C), (B, N, axes)
+  if (options_.modality == Modality::text) {
+    if (input.dim() != 2 || input.scalar_type() != at::kLong) {
+      throw DataError(name + ": ids must be (B, L) int64, got " + std::to_string(input.dim()) + " dims of " +
+                      std::string(c10::toString(input.scalar_type())));
+    }
+    if (input.numel() > 0) {
+      const int64_t lo = input.min().item<int64_t>(), hi = input.max().item<int64_t>();
+      if (lo < 0 || hi >= options_.input_dim) {
+        throw DataError(name + ": token id " + std::to_string(lo < 0 ? lo : hi) + " outside the vocabulary [0, " +
+                        std::to_string(options_.input_dim) + ")");
+      }
+    }
+    if (input.size(1) > max_pos) {
+      throw DataError(name + ": " + std::to_string(input.size(1)) + " tokens exceed max_positions = " +
+                      std::to_string(max_pos));
+    }
+    h = tokens_(input);
+    axis_positions = at::arange(input.size(1), input.options()).view({1, -1, 1}).expand({input.size(0), -1, 1});
+  } else {
+    if (input.dim() != 3 || input.size(2) != options_.input_dim || !at::isFloatingType(input.scalar_type())) {
+      throw DataError(name + ": patches must be (B, N, " + std::to_string(options_.input_dim) + ") float, got shape " +
+                      c10::str(input.sizes()) + " of " + std::string(c10::toString(input.scalar_type())));
+    }
+    if (!positions.defined() || positions.dim() != 3 || positions.size(0) != input.size(0) ||
+        positions.size(1) != input.size(1) || positions.size(2) != 3 || positions.scalar_type() != at::kLong) {
+      throw DataError(name + ": positions must be (B, N, 3) int64 (t, y, x) matching the patches " +
+                      c10::str(input.sizes()));
+    }
+    switch (options_.modality) {
+      case Modality::image: axis_positions = positions.narrow(2, 1, 2); break;  // (y, x)
+      case Modality::video: axis_positions = positions; break;                   // (t, y, x)
+      default: axis_positions = positions.narrow(2, 0, 1); break;               // t
+    }
+    if (axis_positions.numel() > 0) {
+      const int64_t lo = axis_positions.min().item<int64_t>(), hi = axis_positions.max().item<int64_t>();
+      if (lo < 0 || hi >= max_pos) {
+        throw DataError(name + ": position " + std::to_string(lo < 0 ? lo : hi) + " outside [0, " +
+                        std::to_string(max_pos) + ") (max_positions)");
+      }
+    }
+    const at::Tensor values = input.to(patches_->weight.scalar_type());
+    h = patches_(patch_norm_ ? patch_norm_(values) : values);
+  }
+  return h + modality_embedding_ + positional(axis_positions, h.scalar_type());
+}
+
+const at::Tensor& ModalityEncoderImpl::embedding_weight() const {
+  return options_.modality == Modality::text ? tokens_->weight : patches_->weight;
+}
+
+int64_t ModalityEncoderImpl::num_parameters() const {
+  int64_t total = 0;
+  for (const auto& p : parameters()) total += p.numel();
+  return total;
+}
+
+double ModalityEncoderImpl::forward_flops(int64_t n) const {
+  if (options_.modality == Modality::text) return 0.0;
+  return 2.0 * static_cast<double>(n) * static_cast<double>(options_.input_dim) * static_cast<double>(options_.width);
+}
+
+}  // namespace longnet::modalities
