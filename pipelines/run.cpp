@@ -14,6 +14,8 @@
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "distributed/data_parallel.h"
+#include "distributed/process_group.h"
 #include "fusion/longnet_lm.h"
 #include "pipelines/text_corpus.h"
 
@@ -60,12 +62,16 @@ double learning_rate(const TrainConfig& t, int64_t step) {
   return floor + 0.5 * (t.lr - floor) * (1.0 + std::cos(M_PI * progress));
 }
 
+// An empty path: a rank other than 0 of a distributed run, which writes nothing.
 class MetricsLog {
  public:
-  explicit MetricsLog(const fs::path& path) : out_(path, std::ios::app) {
+  explicit MetricsLog(const fs::path& path) {
+    if (path.empty()) return;
+    out_.open(path, std::ios::app);
     if (!out_) throw IoError("cannot open '" + path.string() + "' for writing");
   }
   void write(const json& record) {
+    if (!out_.is_open()) return;
     out_ << record.dump() << "\n";
     out_.flush();
     if (!out_) throw IoError("cannot write metrics (disk full?)");
@@ -123,7 +129,15 @@ void save_checkpoint(fusion::LongNetLM& model, torch::optim::Optimizer& optimize
 }
 
 fs::path train_language_model(const ExperimentConfig& c) {
-  const torch::Device device = choose_device(c.run);
+  // A distributed launch (`longnet run --nproc N`, or a launcher's RANK/WORLD_SIZE): data parallelism over every
+  // rank; each rank samples its own batches, rank 0 alone evaluates and writes the run folder.
+  const auto launch = distributed::launch_env_from_environment();
+  const int rank = launch ? launch->rank : 0, world = launch ? launch->world_size : 1;
+  torch::Device device = choose_device(c.run);
+  if (world > 1 && device.is_cuda()) {
+    device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(launch->local_rank %
+                                                                       static_cast<int>(torch::cuda::device_count())));
+  }
   if (c.train.precision == "bf16" && !device.is_cuda()) {
     throw ConfigError("train.precision = \"bf16\" needs a CUDA device; this run uses the CPU");
   }
@@ -131,7 +145,7 @@ fs::path train_language_model(const ExperimentConfig& c) {
   const TextCorpus corpus(c.data.corpus, c.data.validation_fraction, c.data.sequence_length + 1);
 
   torch::manual_seed(static_cast<uint64_t>(c.run.seed));
-  std::mt19937_64 rng(static_cast<uint64_t>(c.run.seed));
+  std::mt19937_64 rng(static_cast<uint64_t>(c.run.seed) + static_cast<uint64_t>(rank));
   fusion::LongNetLM model(c.model, c.attention);
   model->to(device);
 
@@ -147,9 +161,16 @@ fs::path train_language_model(const ExperimentConfig& c) {
                                                            .betas({c.train.beta1, c.train.beta2})
                                                            .weight_decay(0.0)))});
 
-  const fs::path run_dir = fresh_run_dir(c.run);
-  write_file_atomic(run_dir / "config.toml", to_toml(c));
-  MetricsLog metrics(run_dir / "metrics.jsonl");
+  distributed::ProcessGroups groups;
+  std::unique_ptr<distributed::GradientAllReduce> grad_sync;
+  if (world > 1) {
+    groups = distributed::make_process_groups(*launch, /*sequence_size=*/1, device.type());
+    grad_sync = std::make_unique<distributed::GradientAllReduce>(model->parameters(), groups.world);
+  }
+
+  const fs::path run_dir = rank == 0 ? fresh_run_dir(c.run) : fs::path();
+  if (rank == 0) write_file_atomic(run_dir / "config.toml", to_toml(c));
+  MetricsLog metrics(rank == 0 ? run_dir / "metrics.jsonl" : fs::path());
   const auto validation = corpus.validation_windows(c.eval.batches * c.train.batch_size);
   const double unigram_bpb = corpus.unigram_bits_per_byte();
   const int64_t params = model->num_parameters();
@@ -159,12 +180,12 @@ fs::path train_language_model(const ExperimentConfig& c) {
             attention::to_string(c.attention.dilated.backend));
   for (const auto& w : c.attention.dilated.coverage_warnings(c.model.heads)) log::warn("attention: " + w);
 
-  const double initial_val = evaluate(model, validation, c.train.batch_size, device);
-  log::info("step 0: validation loss " + std::to_string(initial_val) + " nats/byte (unigram baseline " +
+  const double initial_val = rank == 0 ? evaluate(model, validation, c.train.batch_size, device) : 0.0;
+  if (rank == 0) log::info("step 0: validation loss " + std::to_string(initial_val) + " nats/byte (unigram baseline " +
             std::to_string(unigram_bpb) + " bits/byte)");
   metrics.write({{"step", 0}, {"val_loss", initial_val}, {"val_bits_per_byte", initial_val / std::log(2.0)}});
 
-  const int64_t tokens_per_step = c.train.batch_size * c.train.grad_accumulation * c.data.sequence_length;
+  const int64_t tokens_per_step = c.train.batch_size * c.train.grad_accumulation * c.data.sequence_length * world;
   const auto start = std::chrono::steady_clock::now();
   auto window_start = start;
   double train_loss = 0, val_loss = initial_val, window_loss = 0;
@@ -186,8 +207,15 @@ fs::path train_language_model(const ExperimentConfig& c) {
       } else {
         loss = lm_loss(model, batch);
       }
+      if (grad_sync && micro + 1 == c.train.grad_accumulation) grad_sync->arm();  // the last backward all-reduces
       (loss / static_cast<double>(c.train.grad_accumulation)).backward();
       step_loss += loss.item<double>() / static_cast<double>(c.train.grad_accumulation);
+    }
+    if (grad_sync) {  // gradients averaged over the ranks; the logged loss too
+      grad_sync->finish();
+      auto total = torch::tensor({step_loss}, torch::dtype(torch::kDouble).device(device));
+      groups.world.all_reduce(total);
+      step_loss = total.item<double>() / static_cast<double>(world);
     }
     if (!std::isfinite(step_loss)) {
       throw Error("training diverged: loss is " + std::to_string(step_loss) + " at step " + std::to_string(step + 1));
@@ -219,13 +247,13 @@ fs::path train_language_model(const ExperimentConfig& c) {
       window_steps = 0;
     }
     const bool last = done == c.train.steps;
-    if ((c.eval.every > 0 && done % c.eval.every == 0) || last) {
+    if (rank == 0 && ((c.eval.every > 0 && done % c.eval.every == 0) || last)) {
       val_loss = evaluate(model, validation, c.train.batch_size, device);
       log::info("step " + std::to_string(done) + ": validation loss " + std::to_string(val_loss) + " nats/byte = " +
                 std::to_string(val_loss / std::log(2.0)) + " bits/byte");
       metrics.write({{"step", done}, {"val_loss", val_loss}, {"val_bits_per_byte", val_loss / std::log(2.0)}});
     }
-    if ((c.train.checkpoint_every > 0 && done % c.train.checkpoint_every == 0) || last) {
+    if (rank == 0 && ((c.train.checkpoint_every > 0 && done % c.train.checkpoint_every == 0) || last)) {
       save_checkpoint(model, optimizer, done, run_dir / "checkpoints", c.train.keep_checkpoints);
     }
   }
@@ -243,6 +271,7 @@ fs::path train_language_model(const ExperimentConfig& c) {
       {"unigram_bits_per_byte", unigram_bpb},
       {"device", device.str()},
   };
+  if (rank != 0) return run_dir;
   write_file_atomic(run_dir / "summary.json", summary.dump(2) + "\n");
   log::info("done in " + format_duration(seconds) + ": validation " + std::to_string(val_loss / std::log(2.0)) +
             " bits/byte (started at " + std::to_string(initial_val / std::log(2.0)) +
