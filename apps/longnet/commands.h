@@ -13,5 +13,7 @@ class App;
 namespace longnet::app {
 
 // One line per area; main.cpp calls each (and only those compiled in).
+void add_tokenizer_commands(CLI::App& app);  // commands_tokenizer.cpp (media build)
+void add_model_commands(CLI::App& app);  // commands_model.cpp
 
 }  // namespace longnet::app

@@ -12,6 +12,8 @@
 #include "apps/longnet/commands.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "distributed/launch.h"
+#include "distributed/process_group.h"
 #include "pipelines/experiment_config.h"
 #include "pipelines/run.h"
 #ifdef LONGNET_WITH_BENCH
@@ -62,6 +64,10 @@ int main(int argc, char** argv) {
   std::vector<std::string> run_sets;
   run->add_option("config", run_config, "Experiment file (TOML)")->required();
   run->add_option("--set", run_sets, "Override a key, e.g. --set train.steps=50 (repeatable)");
+  int run_nproc = 0;
+  run->add_option("--nproc", run_nproc,
+                  "Ranks to spawn on this host (data parallel; one per GPU with CUDA); without it, RANK/WORLD_SIZE/"
+                  "MASTER_ADDR/MASTER_PORT from a launcher are honoured");
 
   // longnet config check|print CONFIG [--set key=value]...
   CLI::App* cfg = app.add_subcommand("config", "Validate or print experiment files");
@@ -87,6 +93,10 @@ int main(int argc, char** argv) {
   // ---- end bench ------------------------------------------------------------------------------------------------
 
   // Areas that register their own subcommands (apps/longnet/commands.h); their callbacks run inside app.parse().
+#ifdef LONGNET_WITH_MEDIA
+  app::add_tokenizer_commands(app);
+#endif
+  app::add_model_commands(app);
   // The log level must be set before any callback runs.
   app.parse_complete_callback([&] { log::set_level(log::parse_level(log_level)); });
 
@@ -106,6 +116,12 @@ int main(int argc, char** argv) {
 
     if (*run) {
       const auto experiment = pipelines::load_experiment(run_config, run_sets);
+      if (run_nproc > 1 && !distributed::launch_env_from_environment()) {  // config errors surface before spawning
+        distributed::SpawnOptions spawn;
+        spawn.nproc = run_nproc;
+        spawn.drop_arguments = {"--nproc"};
+        return distributed::spawn_local_ranks(spawn, argc, argv);
+      }
       pipelines::run_experiment(experiment);
     } else if (*check) {
       const auto experiment = pipelines::load_experiment(cfg_file, cfg_sets);

@@ -1,0 +1,279 @@
+#include "pipelines/loader.h"
+
+#include <algorithm>
+#include <chrono>
+#include <numeric>
+#include <random>
+#include <utility>
+
+#include <torch/torch.h>
+
+#include "core/error.h"
+
+namespace longnet::pipelines {
+namespace {
+
+using modalities::Modality;
+
+std::string field_of(Modality m) { return m == Modality::text ? "text_ids" : modalities::to_string(m) + "_patches"; }
+
+// Fisher–Yates with the engine's raw output, so that the order depends on the seed only (std::shuffle's algorithm
+// is the standard library's choice).
+template <typename T>
+void shuffle(std::vector<T>& v, std::mt19937_64& rng) {
+  for (size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[rng() % i]);
+}
+
+const ShardField* find_field(const std::vector<ShardField>& fields, const std::string& name) {
+  for (const auto& f : fields) {
+    if (f.name == name) return &f;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+Loader::Loader(const ShardReader& reader, LoaderOptions options, std::vector<int64_t> subset)
+    : reader_(reader), options_(std::move(options)) {
+  if (options_.batch_size < 1) throw ConfigError("loader: batch_size must be >= 1");
+  if (options_.workers < 1) throw ConfigError("loader: workers must be >= 1");
+  if (options_.prefetch < 1) throw ConfigError("loader: prefetch must be >= 1");
+  if (options_.epochs < 0 || options_.bucket_batches < 0) {
+    throw ConfigError("loader: epochs and bucket_batches must be >= 0");
+  }
+  if (subset.empty()) {
+    subset.resize(static_cast<size_t>(reader_.size()));
+    std::iota(subset.begin(), subset.end(), int64_t{0});
+  }
+  // Samples that hold none of the wanted modalities cannot form an input; they are left out here, once.
+  for (const int64_t index : subset) {
+    if (index < 0 || index >= reader_.size()) {
+      throw ConfigError("loader: sample index " + std::to_string(index) + " outside the " +
+                        std::to_string(reader_.size()) + " prepared samples");
+    }
+    int64_t length = 0;
+    bool any = false;
+    for (const Modality m : modalities::kAllModalities) {
+      if (!options_.modalities[static_cast<size_t>(m)]) continue;
+      if (const ShardField* f = find_field(reader_.fields(index), field_of(m)); f != nullptr && !f->shape.empty()) {
+        any = true;
+        length += f->shape[0];
+      }
+    }
+    if (any) {
+      subset_.push_back(index);
+      lengths_.push_back(length);
+    }
+  }
+  const auto n = static_cast<int64_t>(subset_.size());
+  batches_per_epoch_ = options_.drop_last ? n / options_.batch_size : (n + options_.batch_size - 1) / options_.batch_size;
+  if (batches_per_epoch_ == 0) {
+    throw DataError("loader: " + std::to_string(n) + " usable samples cannot fill a batch of " +
+                    std::to_string(options_.batch_size));
+  }
+  start();
+}
+
+Loader::~Loader() { stop(); }
+
+std::vector<int64_t> Loader::epoch_order(int64_t epoch) const {
+  {
+    const std::lock_guard lock(mutex_);
+    if (auto it = order_cache_.find(epoch); it != order_cache_.end()) return it->second;
+  }
+  std::vector<int64_t> order(subset_.size());  // positions into subset_
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::seed_seq seq{static_cast<uint32_t>(options_.seed), static_cast<uint32_t>(options_.seed >> 32),
+                    static_cast<uint32_t>(epoch)};
+  std::mt19937_64 rng(seq);
+  if (options_.shuffle) shuffle(order, rng);
+  if (options_.bucket_batches > 0) {
+    const auto window = static_cast<size_t>(options_.bucket_batches * options_.batch_size);
+    const auto bs = static_cast<size_t>(options_.batch_size);
+    std::vector<int64_t> bucketed;
+    bucketed.reserve(order.size());
+    for (size_t begin = 0; begin < order.size(); begin += window) {
+      const size_t end = std::min(order.size(), begin + window);
+      std::stable_sort(order.begin() + static_cast<std::ptrdiff_t>(begin),
+                       order.begin() + static_cast<std::ptrdiff_t>(end),
+                       [this](int64_t a, int64_t b) { return lengths_[a] < lengths_[b]; });
+      std::vector<size_t> starts;
+      for (size_t s = begin; s < end; s += bs) starts.push_back(s);
+      if (options_.shuffle) shuffle(starts, rng);
+      for (const size_t s : starts) {
+        for (size_t i = s; i < std::min(end, s + bs); ++i) bucketed.push_back(order[i]);
+      }
+    }
+    order = std::move(bucketed);
+  }
+  for (auto& position : order) position = subset_[static_cast<size_t>(position)];
+  const std::lock_guard lock(mutex_);
+  if (order_cache_.size() > 4) order_cache_.erase(order_cache_.begin());  // workers only look one epoch ahead
+  return order_cache_.emplace(epoch, std::move(order)).first->second;
+}
+
+std::vector<int64_t> Loader::batch_samples(int64_t epoch, int64_t index) const {
+  const auto order = epoch_order(epoch);
+  const auto begin = static_cast<size_t>(index * options_.batch_size);
+  const size_t end = std::min(order.size(), begin + static_cast<size_t>(options_.batch_size));
+  return {order.begin() + static_cast<std::ptrdiff_t>(begin), order.begin() + static_cast<std::ptrdiff_t>(end)};
+}
+
+Batch Loader::collate(const std::vector<int64_t>& samples) const {
+  Batch batch;
+  batch.samples = samples;
+  const auto B = static_cast<int64_t>(samples.size());
+  std::vector<std::map<std::string, at::Tensor>> fields;
+  fields.reserve(samples.size());
+  for (const int64_t s : samples) {
+    batch.ids.push_back(reader_.id(s));
+    fields.push_back(reader_.read(s));
+  }
+  auto present = torch::zeros({B, modalities::kModalityCount}, torch::kBool);
+  for (const Modality m : modalities::kAllModalities) {
+    const auto mi = static_cast<size_t>(m);
+    if (!options_.modalities[mi]) continue;
+    const std::string name = field_of(m);
+    const int64_t limit = options_.max_tokens[mi];
+    int64_t longest = 0, dim = -1;
+    for (size_t b = 0; b < samples.size(); ++b) {
+      auto it = fields[b].find(name);
+      if (it == fields[b].end()) continue;
+      const at::Tensor& t = it->second;
+      const bool ok = m == Modality::text ? t.dim() == 1 : t.dim() == 2;
+      if (!ok) {
+        throw DataError("sample '" + batch.ids[b] + "': field " + name + " has " + std::to_string(t.dim()) +
+                        " dimensions, expected " + (m == Modality::text ? "1 (L)" : "2 (N, dim)"));
+      }
+      if (m != Modality::text) {
+        if (dim >= 0 && t.size(1) != dim) {
+          throw DataError("sample '" + batch.ids[b] + "': " + name + " has patch size " + std::to_string(t.size(1)) +
+                          ", other samples " + std::to_string(dim) + " (prepare them with the same settings)");
+        }
+        dim = t.size(1);
+      }
+      longest = std::max(longest, limit > 0 ? std::min(limit, t.size(0)) : t.size(0));
+    }
+    if (longest == 0) continue;  // no sample of the batch has it
+    fusion::ModalityInput in;
+    in.padding = torch::ones({B, longest}, torch::kBool);
+    if (m == Modality::text) {
+      in.data = torch::full({B, longest}, options_.pad_id, torch::kLong);
+    } else {
+      in.data = torch::zeros({B, longest, dim}, torch::kFloat);
+      in.positions = torch::zeros({B, longest, 3}, torch::kLong);
+    }
+    for (size_t b = 0; b < samples.size(); ++b) {
+      auto it = fields[b].find(name);
+      if (it == fields[b].end() || it->second.size(0) == 0) continue;
+      const auto row = static_cast<int64_t>(b);
+      const int64_t n = std::min(longest, it->second.size(0));
+      present[row][static_cast<int64_t>(mi)] = true;
+      in.padding[row].narrow(0, 0, n).fill_(false);
+      const at::Tensor values = it->second.narrow(0, 0, n);
+      if (m == Modality::text) {
+        in.data[row].narrow(0, 0, n).copy_(values.to(torch::kLong));
+        continue;
+      }
+      in.data[row].narrow(0, 0, n).copy_(values.scalar_type() == torch::kUInt8 ? values.to(torch::kFloat) / 127.5 - 1.0
+                                                                               : values.to(torch::kFloat));
+      auto pos = fields[b].find(modalities::to_string(m) + "_positions");
+      if (pos == fields[b].end() || pos->second.dim() != 2 || pos->second.size(1) != 3 ||
+          pos->second.size(0) != it->second.size(0)) {
+        throw DataError("sample '" + batch.ids[b] + "': " + name + " needs " + modalities::to_string(m) +
+                        "_positions of shape (" + std::to_string(it->second.size(0)) + ", 3)");
+      }
+      in.positions[row].narrow(0, 0, n).copy_(pos->second.narrow(0, 0, n).to(torch::kLong));
+    }
+    batch.input.modalities[mi] = std::move(in);
+  }
+  batch.input.present = present;
+  return batch;
+}
+
+void Loader::start() {
+  stopping_ = false;
+  for (int64_t i = 0; i < options_.workers; ++i) threads_.emplace_back([this] { work(); });
+}
+
+void Loader::stop() {
+  {
+    const std::lock_guard lock(mutex_);
+    stopping_ = true;
+  }
+  space_cv_.notify_all();
+  ready_cv_.notify_all();
+  for (auto& t : threads_) t.join();
+  threads_.clear();
+}
+
+void Loader::work() {
+  // A worker claims the next batch number when fewer than `prefetch` batches are ahead of the consumer.
+  const int64_t total = options_.epochs > 0 ? options_.epochs * batches_per_epoch_ : -1;
+  for (;;) {
+    int64_t claim;
+    {
+      std::unique_lock lock(mutex_);
+      space_cv_.wait(lock, [&] {
+        return stopping_ || error_ || (next_to_claim_ - next_to_deliver_ < options_.prefetch &&
+                                       (total < 0 || next_to_claim_ < total));
+      });
+      if (stopping_ || error_) return;
+      claim = next_to_claim_++;
+    }
+    const int64_t epoch = claim / batches_per_epoch_, index = claim % batches_per_epoch_;
+    try {
+      Batch batch = collate(batch_samples(epoch, index));
+      batch.epoch = epoch;
+      batch.index = index;
+      const std::lock_guard lock(mutex_);
+      ready_.emplace(claim, std::move(batch));
+    } catch (...) {
+      const std::lock_guard lock(mutex_);
+      if (!error_) error_ = std::current_exception();
+    }
+    ready_cv_.notify_all();
+  }
+}
+
+std::optional<Batch> Loader::next() {
+  std::unique_lock lock(mutex_);
+  const int64_t wanted = next_to_deliver_;
+  if (options_.epochs > 0 && wanted >= options_.epochs * batches_per_epoch_) return std::nullopt;
+  const int64_t key = wanted;
+  if (ready_.find(key) == ready_.end() && !error_) {
+    const auto t0 = std::chrono::steady_clock::now();
+    ready_cv_.wait(lock, [&] { return error_ || ready_.find(key) != ready_.end(); });
+    wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  if (ready_.find(key) == ready_.end()) std::rethrow_exception(error_);
+  Batch batch = std::move(ready_.at(key));
+  ready_.erase(key);
+  ++next_to_deliver_;
+  lock.unlock();
+  space_cv_.notify_all();
+  return batch;
+}
+
+LoaderState Loader::state() const {
+  const std::lock_guard lock(mutex_);
+  return {next_to_deliver_ / batches_per_epoch_, next_to_deliver_ % batches_per_epoch_};
+}
+
+void Loader::restore(const LoaderState& state) {
+  if (state.epoch < 0 || state.batch < 0 || state.batch >= batches_per_epoch_) {
+    throw DataError("loader: cannot resume at epoch " + std::to_string(state.epoch) + ", batch " +
+                    std::to_string(state.batch) + " (an epoch has " + std::to_string(batches_per_epoch_) +
+                    " batches; was the data prepared differently?)");
+  }
+  stop();
+  {
+    const std::lock_guard lock(mutex_);
+    ready_.clear();
+    error_ = nullptr;
+    next_to_claim_ = next_to_deliver_ = state.epoch * batches_per_epoch_ + state.batch;
+  }
+  start();
+}
+
+}  // namespace longnet::pipelines

@@ -1,0 +1,117 @@
+// Batches of prepared samples (pipelines/shards.h) for training and evaluation: worker threads read and collate
+// ahead of the consumer, in an order fixed by the seed, so that a resumed run sees exactly the batches it would have.
+//
+//   pipelines::ShardReader shards("data/demo/shards/train");
+//   pipelines::Loader loader(shards, {.batch_size = 16, .seed = 7, .workers = 2});
+//   loader.restore(checkpoint_state);          // optional: continue mid-epoch
+//   while (auto batch = loader.next()) {        // forever when options.epochs == 0
+//     auto out = model(batch->input);           // fusion::MultimodalInput, CPU tensors
+//     save(loader.state());                     // the position after this batch
+//   }
+//
+// Fields a sample may hold (written by `longnet prepare`; any subset, a missing one means the modality is absent):
+//   text_ids            int32 (L)                 SentencePiece ids
+//   <m>_patches         uint8 | float16 | float32 (N, dim) for m in image, video, audio; uint8 maps to x/127.5 - 1
+//   <m>_positions       int16 | int32 | int64 (N, 3)  (t, y, x) of each patch
+// A batch pads each modality to the longest present sample (text with pad_id), gives padding masks (true = padding)
+// and presence flags (B, 4) in modalities::Modality order. Modalities not in `modalities` are left out.
+//
+// Order: epoch e visits a permutation drawn from (seed, e); with bucket_batches > 0, windows of that many batches
+// are sorted by sample length before being cut into batches (batches of similar lengths pad less), and the batches
+// of a window are shuffled again. Batch k of epoch e is the same whatever the number of workers or where the run
+// was resumed.
+#pragma once
+
+#include <array>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "fusion/multimodal_model.h"
+#include "modalities/encoders.h"
+#include "pipelines/shards.h"
+
+namespace longnet::pipelines {
+
+struct LoaderOptions {
+  int64_t batch_size = 8;
+  uint64_t seed = 0;
+  bool shuffle = true;
+  int64_t epochs = 0;           // 0: endless; else next() returns nullopt after this many epochs
+  bool drop_last = true;        // an incomplete last batch of an epoch is skipped
+  int64_t bucket_batches = 0;   // 0: no length bucketing
+  int64_t workers = 2;          // threads reading and collating
+  int64_t prefetch = 4;         // batches ready ahead of the consumer
+  int64_t pad_id = 0;           // text padding id
+  std::array<bool, modalities::kModalityCount> modalities{true, true, true, true};
+  std::array<int64_t, modalities::kModalityCount> max_tokens{0, 0, 0, 0};  // 0: no limit; longer samples truncated
+};
+
+struct Batch {
+  int64_t epoch = 0, index = 0;        // index of the batch in its epoch
+  std::vector<int64_t> samples;        // indices into the ShardReader
+  std::vector<std::string> ids;
+  fusion::MultimodalInput input;       // CPU tensors
+};
+
+struct LoaderState {
+  int64_t epoch = 0;
+  int64_t batch = 0;  // next batch of that epoch
+};
+
+class Loader {
+ public:
+  // `subset`: the sample indices to draw from (empty: all of the reader). ConfigError for bad options, DataError
+  // when no batch can be formed.
+  Loader(const ShardReader& reader, LoaderOptions options, std::vector<int64_t> subset = {});
+  ~Loader();
+  Loader(const Loader&) = delete;
+  Loader& operator=(const Loader&) = delete;
+
+  // The next batch; nullopt once `epochs` epochs are done. Errors from a worker (a corrupt shard) are rethrown here.
+  std::optional<Batch> next();
+
+  // Where the next call to next() continues; restore() moves there (and discards what was prefetched).
+  LoaderState state() const;
+  void restore(const LoaderState& state);
+
+  int64_t batches_per_epoch() const { return batches_per_epoch_; }
+  // Seconds next() spent waiting for a batch that was not ready yet (the consumer idled on data).
+  double wait_seconds() const { return wait_seconds_; }
+
+  // The sample indices of batch `index` of `epoch` (what a worker reads; exposed for tests).
+  std::vector<int64_t> batch_samples(int64_t epoch, int64_t index) const;
+  // Collates samples into a batch (exposed for tests and evaluation without threads).
+  Batch collate(const std::vector<int64_t>& samples) const;
+
+ private:
+  void start();
+  void stop();
+  void work();
+  std::vector<int64_t> epoch_order(int64_t epoch) const;
+
+  const ShardReader& reader_;
+  LoaderOptions options_;
+  std::vector<int64_t> subset_;
+  std::vector<int64_t> lengths_;  // per subset entry: total tokens, for bucketing
+  int64_t batches_per_epoch_ = 0;
+
+  mutable std::mutex mutex_;
+  std::condition_variable ready_cv_, space_cv_;
+  // Batches are numbered linearly: epoch · batches_per_epoch + index.
+  std::map<int64_t, Batch> ready_;
+  int64_t next_to_claim_ = 0;    // next batch a worker takes
+  int64_t next_to_deliver_ = 0;  // next batch next() returns
+  std::exception_ptr error_;
+  bool stopping_ = false;
+  std::vector<std::thread> threads_;
+  mutable std::map<int64_t, std::vector<int64_t>> order_cache_;  // epoch -> order (guarded by mutex_)
+  double wait_seconds_ = 0;
+};
+
+}  // namespace longnet::pipelines

@@ -1,0 +1,71 @@
+// `longnet prepare`: a manifest's media and captions → tensor shards that training reads (pipelines/shards.h), one
+// shard folder per split (<output>/train, <output>/val, <output>/test). Runs where the media libraries are
+// (LONGNET_MEDIA); GPU machines only read the result.
+//
+// Per sample, in parallel over `workers` threads, the fields pipelines/loader.h documents:
+//   text   the first caption → SentencePiece ids (int32, BOS/EOS added, at most text_max_tokens)
+//   image  decode + resize/crop + normalise → P×P patches (float16) and positions (int32 (N, 3))
+//   video  frames sampled with seeking → patches or tubelets (float16) and positions
+//   audio  the manifest's `audio` file (which may be the video itself) → 16 kHz mono → log-mel → patches of k frames
+// Every caption is kept in the shard as well (`captions`, the UTF-8 bytes of all captions joined by '\n', uint8), for
+// retrieval evaluation with several captions per item.
+//
+// Bad samples: a sample whose media fail to decode (missing, unreadable, corrupt, truncated, no such stream, ...) is
+// skipped whole; its id and the decoder's error go to <output>/bad_samples.jsonl and the log, and are counted in
+// <output>/prepare_summary.json. With on_bad = fail the first one stops the run instead (exit 1; the shards written
+// so far stay and a rerun resumes). Original files are never modified.
+//
+// Resuming: an interrupted run leaves complete shards and a partial index; running again skips the samples already
+// stored and prepares the rest.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "modalities/audio.h"
+#include "modalities/image.h"
+#include "modalities/mel.h"
+#include "modalities/video.h"
+
+namespace longnet::pipelines {
+
+struct PrepareOptions {
+  std::filesystem::path manifest;
+  std::filesystem::path output;     // shard folders and the summary go here
+  std::filesystem::path tokenizer;  // SentencePiece model; required when a sample has text
+  int64_t text_max_tokens = 256;
+
+  modalities::ImageOptions image{.height = 224, .width = 224};
+  int image_patch = 16;
+  modalities::VideoOptions video{};
+  int video_patch = 16;
+  int video_tubelet = 1;
+  modalities::AudioOptions audio{};
+  modalities::MelOptions mel{};
+  int mel_frames_per_patch = 16;
+  double audio_max_seconds = 30.0;  // longer audio is cut
+
+  int workers = 0;                   // 0: one per hardware thread
+  std::string on_bad = "skip";       // "skip" | "fail"
+  int64_t max_shard_bytes = int64_t{256} << 20;
+  bool progress = true;              // a progress line on stderr
+
+  // ConfigError naming the field.
+  void validate() const;
+};
+
+struct PrepareSummary {
+  int64_t samples = 0;   // in the manifest
+  int64_t prepared = 0;  // written by this run
+  int64_t kept = 0;      // already stored by an earlier run
+  int64_t skipped = 0;   // bad samples
+  std::vector<std::pair<std::string, std::string>> bad;  // (id, reason)
+  double seconds = 0;
+};
+
+PrepareSummary prepare_dataset(const PrepareOptions& options);
+
+}  // namespace longnet::pipelines
