@@ -326,6 +326,81 @@ std::pair<at::Tensor, at::Tensor> forward_impl(const Problem& pb, const at::Tens
   return {out, lse};
 }
 
+// Exact gradients of the branches of `pb` given the merged output and LSE of the whole mix they belong to (see the
+// file comment): one fused backward per call, accumulated in float32 a chunk of heads at a time.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const Problem& pb, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& out, const at::Tensor& lse,
+                                                             const at::Tensor& dout,
+                                                             const std::optional<at::Tensor>& mask) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Geometry& g = pb.g;
+  const int64_t group = g.H / g.Hkv;
+
+  // Gradients accumulate in float32 (an element receives one term per branch), a chunk of query heads at a time so
+  // that the float32 accumulators stay within kBackwardAccumulatorBytes whatever N is; each chunk is then rounded
+  // into the gradients. Chunks hold whole grouped-query groups: dk and dv accumulate per query head and are summed
+  // over each group at the end of the chunk. Every element sees the same calls in the same order with or without
+  // chunking, so the result does not depend on the chunk size.
+  const int64_t per_head_bytes = 3 * g.B * g.N * g.D * static_cast<int64_t>(sizeof(float));
+  const int64_t chunk_groups = std::clamp<int64_t>(kBackwardAccumulatorBytes / (per_head_bytes * group), 1, g.Hkv);
+  const int64_t chunk = chunk_groups * group;
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  const auto f32 = q.options().dtype(at::kFloat);
+  // A row without keys has lse = -inf and out = 0: with lse = +inf instead, exp(s - lse) = 0 and its gradient
+  // vanishes, where -inf would give exp(-inf + inf) = NaN.
+  const auto lse_bwd = lse.masked_fill(lse == -std::numeric_limits<double>::infinity(),
+                                       std::numeric_limits<double>::infinity());
+  const auto no_rng = at::zeros({}, q.options().dtype(at::kLong));
+  for (int64_t h0 = 0; h0 < g.H; h0 += chunk) {
+    const int64_t hc = std::min(chunk, g.H - h0);
+    auto dq_acc = at::zeros({g.B, g.N, hc, g.D}, f32);
+    auto dk_acc = at::zeros({g.B, g.N, hc, g.D}, f32);  // per query head
+    auto dv_acc = at::zeros({g.B, g.N, hc, g.D}, f32);
+    for (const Call& full_call : pb.calls) {
+      const auto sub = restrict_heads(full_call, h0, h0 + hc);
+      if (!sub) continue;
+      const Call& c = *sub;
+      const auto qc = sparsify_heads(q, c), kc = sparsify_kv(k, c, g.H), vc = sparsify_kv(v, c, g.H);
+      const auto oc = sparsify_heads(out, c), doc = sparsify_heads(dout, c);
+      // The merged LSE, gathered into the dense layout the fused backward reads.
+      const auto lc = sparsify_lse(lse_bwd, c).reshape({c.batch(), c.heads, c.rows}).contiguous();
+      std::tuple<at::Tensor, at::Tensor, at::Tensor> grad;
+      const Engine engine = engine_for(pb.engine, c);
+      require_mask_support(engine, mask, c);
+      if (engine == Engine::cudnn) {
+        const auto bias = key_bias(mask, c, q.scalar_type());
+        grad = at::_scaled_dot_product_cudnn_attention_backward(
+            doc, qc, kc, vc, oc, lc.unsqueeze(-1), no_rng, no_rng, bias ? *bias : at::Tensor(), at::Tensor(),
+            at::Tensor(), c.rows, c.rows, /*dropout_p=*/0.0, pb.causal, pb.scale);
+      } else {
+        grad = at::_scaled_dot_product_flash_attention_backward(doc, qc, kc, vc, oc, lc, at::Tensor(), at::Tensor(),
+                                                                c.rows, c.rows, /*dropout_p=*/0.0, pb.causal,
+                                                                no_rng, no_rng, pb.scale);
+        if (mask) {  // one row: a removed key took no part in the forward, so its row gets no gradient
+          const auto removed = removed_keys(*mask, c);
+          for (at::Tensor* t : {&std::get<0>(grad), &std::get<1>(grad), &std::get<2>(grad)}) {
+            *t = t->masked_fill(removed, 0.0);
+          }
+        }
+      }
+      // scatter
+      sparsify_heads(dq_acc, c, h0).add_(std::get<0>(grad));
+      sparsify_heads(dk_acc, c, h0).add_(std::get<1>(grad));
+      sparsify_heads(dv_acc, c, h0).add_(std::get<2>(grad));
+    }
+    dq.narrow(2, h0, hc).copy_(dq_acc);
+    if (group > 1) {
+      dk.narrow(2, h0 / group, hc / group).copy_(dk_acc.view({g.B, g.N, hc / group, group, g.D}).sum(3));
+      dv.narrow(2, h0 / group, hc / group).copy_(dv_acc.view({g.B, g.N, hc / group, group, g.D}).sum(3));
+    } else {
+      dk.narrow(2, h0, hc).copy_(dk_acc);
+      dv.narrow(2, h0, hc).copy_(dv_acc);
+    }
+  }
+  return {dq, dk, dv};
+}
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -363,71 +438,7 @@ class FlashDilatedFunction : public torch::autograd::Function<FlashDilatedFuncti
                                     ctx->saved_data["dilation_rates"].toIntVector(),
                                     ctx->saved_data["head_split"].toBool() ? Mix::head_split : Mix::lse,
                                     ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble());
-    const c10::cuda::CUDAGuard guard(q.device());
-    const Geometry& g = pb.g;
-    const int64_t group = g.H / g.Hkv;
-
-    // Gradients accumulate in float32 (an element receives one term per branch), a chunk of query heads at a time so
-    // that the float32 accumulators stay within kBackwardAccumulatorBytes whatever N is; each chunk is then rounded
-    // into the gradients. Chunks hold whole grouped-query groups: dk and dv accumulate per query head and are summed
-    // over each group at the end of the chunk. Every element sees the same calls in the same order with or without
-    // chunking, so the result does not depend on the chunk size.
-    const int64_t per_head_bytes = 3 * g.B * g.N * g.D * static_cast<int64_t>(sizeof(float));
-    const int64_t chunk_groups = std::clamp<int64_t>(kBackwardAccumulatorBytes / (per_head_bytes * group), 1, g.Hkv);
-    const int64_t chunk = chunk_groups * group;
-    auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-    const auto f32 = q.options().dtype(at::kFloat);
-    // A row without keys has lse = -inf and out = 0: with lse = +inf instead, exp(s - lse) = 0 and its gradient
-    // vanishes, where -inf would give exp(-inf + inf) = NaN.
-    const auto lse_bwd = lse.masked_fill(lse == -std::numeric_limits<double>::infinity(),
-                                         std::numeric_limits<double>::infinity());
-    const auto no_rng = at::zeros({}, q.options().dtype(at::kLong));
-    for (int64_t h0 = 0; h0 < g.H; h0 += chunk) {
-      const int64_t hc = std::min(chunk, g.H - h0);
-      auto dq_acc = at::zeros({g.B, g.N, hc, g.D}, f32);
-      auto dk_acc = at::zeros({g.B, g.N, hc, g.D}, f32);  // per query head
-      auto dv_acc = at::zeros({g.B, g.N, hc, g.D}, f32);
-      for (const Call& full_call : pb.calls) {
-        const auto sub = restrict_heads(full_call, h0, h0 + hc);
-        if (!sub) continue;
-        const Call& c = *sub;
-        const auto qc = sparsify_heads(q, c), kc = sparsify_kv(k, c, g.H), vc = sparsify_kv(v, c, g.H);
-        const auto oc = sparsify_heads(out, c), doc = sparsify_heads(dout, c);
-        // The merged LSE, gathered into the dense layout the fused backward reads.
-        const auto lc = sparsify_lse(lse_bwd, c).reshape({c.batch(), c.heads, c.rows}).contiguous();
-        std::tuple<at::Tensor, at::Tensor, at::Tensor> grad;
-        const Engine engine = engine_for(pb.engine, c);
-        require_mask_support(engine, mask, c);
-        if (engine == Engine::cudnn) {
-          const auto bias = key_bias(mask, c, q.scalar_type());
-          grad = at::_scaled_dot_product_cudnn_attention_backward(
-              doc, qc, kc, vc, oc, lc.unsqueeze(-1), no_rng, no_rng, bias ? *bias : at::Tensor(), at::Tensor(),
-              at::Tensor(), c.rows, c.rows, /*dropout_p=*/0.0, pb.causal, pb.scale);
-        } else {
-          grad = at::_scaled_dot_product_flash_attention_backward(doc, qc, kc, vc, oc, lc, at::Tensor(), at::Tensor(),
-                                                                  c.rows, c.rows, /*dropout_p=*/0.0, pb.causal,
-                                                                  no_rng, no_rng, pb.scale);
-          if (mask) {  // one row: a removed key took no part in the forward, so its row gets no gradient
-            const auto removed = removed_keys(*mask, c);
-            for (at::Tensor* t : {&std::get<0>(grad), &std::get<1>(grad), &std::get<2>(grad)}) {
-              *t = t->masked_fill(removed, 0.0);
-            }
-          }
-        }
-        // scatter
-        sparsify_heads(dq_acc, c, h0).add_(std::get<0>(grad));
-        sparsify_heads(dk_acc, c, h0).add_(std::get<1>(grad));
-        sparsify_heads(dv_acc, c, h0).add_(std::get<2>(grad));
-      }
-      dq.narrow(2, h0, hc).copy_(dq_acc);
-      if (group > 1) {
-        dk.narrow(2, h0 / group, hc / group).copy_(dk_acc.view({g.B, g.N, hc / group, group, g.D}).sum(3));
-        dv.narrow(2, h0 / group, hc / group).copy_(dv_acc.view({g.B, g.N, hc / group, group, g.D}).sum(3));
-      } else {
-        dk.narrow(2, h0, hc).copy_(dk_acc);
-        dv.narrow(2, h0, hc).copy_(dv_acc);
-      }
-    }
+    auto [dq, dk, dv] = backward_impl(pb, q, k, v, out, lse, dout, mask);
     grads[0] = dq;
     grads[1] = dk;
     grads[2] = dv;
@@ -525,6 +536,40 @@ AttentionResult flash_dilated_attention(const at::Tensor& q, const at::Tensor& k
                                             config.segment_lengths, config.dilation_rates,
                                             config.mix == Mix::head_split, config.causal, scale);
   return {result[0], result[1]};
+#endif
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_dilated_attention_backward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& dout, const DilatedAttentionConfig& config, const AttentionOptions& options) {
+  config.validate();
+  std::string why;
+  if (!flash_backend_supports(q, options, &why)) throw Error("flash attention backend: " + why);
+#ifndef LONGNET_WITH_CUDA
+  (void)k;
+  (void)v;
+  (void)out;
+  (void)lse;
+  (void)dout;
+  throw Error("flash attention backend: " + why);
+#else
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2);
+  auto expect = [](bool ok, const std::string& message) {
+    if (!ok) throw Error("flash attention backward: " + message);
+  };
+  expect(k.dim() == 4 && v.sizes() == k.sizes() && k.size(0) == B && k.size(1) == N && H % k.size(2) == 0,
+         "k and v must be (B, N, Hkv, D) for q " + sizes_of(q));
+  expect(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), "out and dout must have q's shape " + sizes_of(q));
+  expect(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == N &&
+             lse.scalar_type() == at::kFloat,
+         "lse must be (B, H, N) float32");
+  std::optional<at::Tensor> mask;
+  if (options.key_padding_mask) mask = options.key_padding_mask->contiguous();
+  const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(3))));
+  const Problem pb = make_problem(q, k, config.segment_lengths, config.dilation_rates, config.mix, config.causal, scale);
+  const auto dtype = q.scalar_type();
+  return backward_impl(pb, q.contiguous(), k.contiguous(), v.contiguous(), out.to(dtype).contiguous(),
+                       lse.contiguous(), dout.to(dtype).contiguous(), mask);
 #endif
 }
 

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <string>
+#include <tuple>
 
 #include <ATen/core/Tensor.h>
 
@@ -22,6 +23,15 @@ namespace longnet::attention {
 // D <= 128, flash above; one-row calls always run on flash, whose backward cuDNN lacks).
 AttentionResult flash_dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                         const DilatedAttentionConfig& config, const AttentionOptions& options);
+
+// The gradients w.r.t. q, k, v that the branches of `config` contribute when they are part of a larger mix (other
+// branches, other ranks' keys) whose merged output is `out` (B, N, H, D) and merged LSE `lse` (B, H, N) float32, for
+// an upstream gradient `dout` of the merged output. Exact for that mix: each fused backward sees the softmax over the
+// whole key multiset through the merged LSE. The gradient through the merged LSE itself is not included. Same inputs
+// and errors as flash_dilated_attention; dq, dk, dv come back in q's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_dilated_attention_backward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& dout, const DilatedAttentionConfig& config, const AttentionOptions& options);
 
 // Whether flash_dilated_attention can run these inputs: a build with LONGNET_WITH_CUDA, q on a CUDA device,
 // bf16/fp16, D ≤ 256 and a multiple of 8, no relative position bias. When false and `why` is given, *why says what is

@@ -9,6 +9,7 @@
 
 #include <torch/torch.h>
 
+#include "attention/flash_backend.h"
 #include "attention/reference.h"
 #include "core/error.h"
 
@@ -269,7 +270,17 @@ class SequenceParallelFunction : public torch::autograd::Function<SequenceParall
     };
     torch::AutoGradMode enable_grad(true);
 
-    if (!local.segment_lengths.empty()) {
+    // The local branches on the flash backend, when nothing flows into the returned LSE (training losses read the
+    // output only): each fused backward run with the merged output and LSE of the whole mix gives these branches'
+    // exact share of the gradient directly (attention/flash_backend.h), without recomputing them.
+    const bool fast_local = !local.segment_lengths.empty() && !grads[1].defined() &&
+                            attention::resolve_backend(q, local, options) == attention::Backend::flash;
+    if (fast_local) {
+      const auto [lq, lk, lv] = attention::flash_dilated_attention_backward(q, k, v, out, lse, d_out, local, options);
+      add(dq, lq);
+      add(dk, lk);
+      add(dv, lv);
+    } else if (!local.segment_lengths.empty()) {
       const auto qg = q.detach().requires_grad_(), kg = k.detach().requires_grad_(), vg = v.detach().requires_grad_();
       const auto part = attention::dilated_attention(qg, kg, vg, local, options);
       const auto w = mix_weight(part.lse.detach().to(acc), lse);
