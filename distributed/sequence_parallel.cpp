@@ -213,6 +213,9 @@ class SequenceParallelFunction : public torch::autograd::Function<SequenceParall
     std::vector<at::Tensor> to_save{q, k, v, out, lse};
     to_save.insert(to_save.end(), gathered.begin(), gathered.end());
     ctx->save_for_backward(to_save);
+    // An output nobody differentiates reaches the backward undefined (not as zeros), so that the backward can tell
+    // when no gradient flows into the LSE.
+    ctx->set_materialize_grads(false);
     std::vector<int64_t> spanning_lengths, spanning_rates;
     for (const SpanningBranch& b : plan.spanning) {
       spanning_lengths.push_back(b.segment_length);
