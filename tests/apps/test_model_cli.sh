@@ -12,39 +12,10 @@ if [ $# -ne 2 ] || [ ! -x "$1" ] || [ ! -f "$2" ]; then
   exit 2
 fi
 longnet=$1
+# shellcheck source=cli_harness.sh
+source "$(dirname "${BASH_SOURCE[0]}")/cli_harness.sh"
 example=$2
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failures=0
 
-run() {
-  last=$1
-  shift
-  "$longnet" "$@" >"$tmp/out" 2>"$tmp/err"
-  status=$?
-}
-fail() {
-  echo "FAIL [$last]: $*"
-  echo "  --- stdout:"; sed 's/^/  | /' "$tmp/out"
-  echo "  --- stderr:"; sed 's/^/  | /' "$tmp/err"
-  failures=$((failures + 1))
-}
-pass() { echo "PASS [$last]: $*"; }
-expect_status() {
-  if [ "$status" -eq "$1" ]; then pass "exit status $1"; else fail "exit status $status, expected $1"; fi
-}
-expect_stdout_match() {
-  if grep -qE -- "$1" "$tmp/out"; then pass "stdout matches /$1/"; else fail "stdout does not match /$1/"; fi
-}
-expect_one_error_line() {
-  local lines
-  lines=$(wc -l <"$tmp/err")
-  if [ "$lines" -eq 1 ] && grep -qE -- "$1" "$tmp/err"; then
-    pass "one line on stderr matching /$1/"
-  else
-    fail "expected exactly one line on stderr matching /$1/, got $lines line(s)"
-  fi
-}
 # The value in column $2 of the line whose first field is $1.
 field() { awk -v name="$1" -v col="$2" '$1 == name { print $col }' "$tmp/out"; }
 

@@ -12,45 +12,8 @@ if [ $# -ne 1 ] || [ ! -x "$1" ]; then
   exit 2
 fi
 longnet=$1
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failures=0
-
-run() {
-  local name=$1
-  shift
-  last="$name"
-  "$longnet" "$@" >"$tmp/out" 2>"$tmp/err"
-  status=$?
-}
-fail() {
-  echo "FAIL [$last]: $*"
-  echo "  --- stdout:"; sed 's/^/  | /' "$tmp/out"
-  echo "  --- stderr:"; sed 's/^/  | /' "$tmp/err"
-  failures=$((failures + 1))
-}
-pass() { echo "PASS [$last]: $*"; }
-expect_status() {
-  if [ "$status" -eq "$1" ]; then pass "exit status $1"; else fail "exit status $status, expected $1"; fi
-}
-expect_stdout_line() {
-  if grep -qxF -- "$1" "$tmp/out"; then pass "stdout has the line '$1'"; else fail "stdout lacks the line '$1'"; fi
-}
-expect_one_error_line() {
-  local lines
-  lines=$(wc -l <"$tmp/err")
-  if [ "$lines" -eq 1 ] && grep -qE -- "$1" "$tmp/err"; then
-    pass "one line on stderr matching /$1/"
-  else
-    fail "expected exactly one line on stderr matching /$1/, got $lines line(s)"
-  fi
-}
-expect_file() {
-  if [ -s "$1" ]; then pass "$1 exists"; else fail "$1 is missing or empty"; fi
-}
-expect_absent() {
-  if [ ! -e "$1" ]; then pass "$1 was not created"; else fail "$1 exists but nothing should have been written"; fi
-}
+# shellcheck source=cli_harness.sh
+source "$(dirname "${BASH_SOURCE[0]}")/cli_harness.sh"
 
 # ---- fixtures: captions in the demo dataset's style -------------------------------------------------------------
 for count in one two three; do
