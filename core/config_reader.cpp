@@ -405,4 +405,27 @@ std::optional<std::string> closest_match(std::string_view word, const std::vecto
   return best;
 }
 
+void at_least(const Section& s, std::string_view key, int64_t value, int64_t min) {
+  if (value < min) s.fail(key, "must be >= " + std::to_string(min) + ", got " + std::to_string(value));
+}
+
+void read_dilated_pattern(const Section& s, std::vector<int64_t>& lengths, std::vector<int64_t>& rates) {
+  lengths = s.integer_list("segment_lengths", lengths);
+  rates = s.integer_list("dilation_rates", rates);
+  if (lengths.empty()) s.fail("segment_lengths", "must list at least one segment length");
+  if (lengths.size() != rates.size()) {
+    s.fail("dilation_rates", "must have one entry per segment length (" + std::to_string(lengths.size()) +
+                                 " segment lengths, " + std::to_string(rates.size()) + " dilation rates)");
+  }
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    if (lengths[i] < 1) s.fail_element("segment_lengths", i, "must be >= 1, got " + std::to_string(lengths[i]));
+    if (rates[i] < 1) s.fail_element("dilation_rates", i, "must be >= 1, got " + std::to_string(rates[i]));
+    if (lengths[i] % rates[i] != 0) {
+      s.fail_element("dilation_rates", i,
+                     "must divide its segment length " + std::to_string(lengths[i]) + ", got " +
+                         std::to_string(rates[i]));
+    }
+  }
+}
+
 }  // namespace longnet::config

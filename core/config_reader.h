@@ -102,4 +102,11 @@ size_t edit_distance(std::string_view a, std::string_view b);
 // contains `word` (a shortened name such as "warmup" for "warmup_steps").
 std::optional<std::string> closest_match(std::string_view word, const std::vector<std::string>& candidates);
 
+// Checks shared by every table: ConfigError at `key` unless value >= min ("must be >= min, got value").
+void at_least(const Section& s, std::string_view key, int64_t value, int64_t min);
+// A dilated-attention pattern ([attention], [fusion], [modalities.*]): reads segment_lengths and dilation_rates
+// (defaults: the values passed in) and requires one rate per length, each >= 1, and every rate dividing its length.
+void read_dilated_pattern(const Section& s, std::vector<int64_t>& segment_lengths,
+                          std::vector<int64_t>& dilation_rates);
+
 }  // namespace longnet::config

@@ -12,35 +12,14 @@ namespace {
 using config::Section;
 using modalities::Modality;
 
-void at_least(const Section& s, std::string_view key, int64_t value, int64_t min) {
-  if (value < min) s.fail(key, "must be >= " + std::to_string(min) + ", got " + std::to_string(value));
-}
-
-// segment_lengths / dilation_rates: the same rules as [attention] (one rate per length, w % r == 0).
-void dilated_pattern(const Section& s, std::vector<int64_t>& lengths, std::vector<int64_t>& rates) {
-  lengths = s.integer_list("segment_lengths", lengths);
-  rates = s.integer_list("dilation_rates", rates);
-  if (lengths.empty()) s.fail("segment_lengths", "must list at least one segment length");
-  if (lengths.size() != rates.size()) {
-    s.fail("dilation_rates", "must have one entry per segment length (" + std::to_string(lengths.size()) +
-                                 " segment lengths, " + std::to_string(rates.size()) + " dilation rates)");
-  }
-  for (size_t i = 0; i < lengths.size(); ++i) {
-    if (lengths[i] < 1) s.fail_element("segment_lengths", i, "must be >= 1, got " + std::to_string(lengths[i]));
-    if (rates[i] < 1) s.fail_element("dilation_rates", i, "must be >= 1, got " + std::to_string(rates[i]));
-    if (lengths[i] % rates[i] != 0) {
-      s.fail_element("dilation_rates", i,
-                     "must divide its segment length " + std::to_string(lengths[i]) + ", got " + std::to_string(rates[i]));
-    }
-  }
-}
+using config::at_least;
 
 ModalityConfig parse_modality(const Section& s, Modality m) {
   ModalityConfig c = default_modality_config(m);
   c.enabled = s.boolean("enabled", c.enabled);
   c.depth = s.integer("depth", c.depth);
   at_least(s, "depth", c.depth, 0);
-  dilated_pattern(s, c.segment_lengths, c.dilation_rates);
+  config::read_dilated_pattern(s, c.segment_lengths, c.dilation_rates);
   if (m == Modality::text) {
     c.input_dim = s.integer("vocab_size", c.input_dim);
     at_least(s, "vocab_size", c.input_dim, 2);
@@ -84,7 +63,7 @@ MultimodalConfig parse_multimodal(const config::Section& fusion, const config::S
   // Strategies built on cross-modality layers need at least one; concat_feature and late may have none.
   const bool needs_layers = f.strategy == "concat_seq" || f.strategy == "multiway" || f.strategy == "bottleneck";
   at_least(fusion, "depth", f.depth, needs_layers ? 1 : 0);
-  dilated_pattern(fusion, f.segment_lengths, f.dilation_rates);
+  config::read_dilated_pattern(fusion, f.segment_lengths, f.dilation_rates);
   f.bottleneck_tokens = fusion.integer("bottleneck_tokens", f.bottleneck_tokens);
   at_least(fusion, "bottleneck_tokens", f.bottleneck_tokens, 1);
   f.pooled_length = fusion.integer("pooled_length", f.pooled_length);

@@ -18,9 +18,7 @@ std::string fmt_number(double x) {
   return ss.str();
 }
 
-void at_least(const Section& s, std::string_view key, int64_t value, int64_t min) {
-  if (value < min) s.fail(key, "must be >= " + std::to_string(min) + ", got " + std::to_string(value));
-}
+using config::at_least;
 
 void in_unit_interval(const Section& s, std::string_view key, double value, bool include_zero, bool include_one) {
   const bool ok = (include_zero ? value >= 0 : value > 0) && (include_one ? value <= 1 : value < 1);
@@ -80,26 +78,7 @@ fusion::ModelConfig parse_model(const Section& s) {
 fusion::AttentionConfig parse_attention(const Section& s) {
   fusion::AttentionConfig c;
   auto& d = c.dilated;
-  d.segment_lengths = s.integer_list("segment_lengths", d.segment_lengths);
-  d.dilation_rates = s.integer_list("dilation_rates", d.dilation_rates);
-  if (d.segment_lengths.empty()) s.fail("segment_lengths", "must list at least one segment length");
-  if (d.segment_lengths.size() != d.dilation_rates.size()) {
-    s.fail("dilation_rates", "must have one entry per segment length (" + std::to_string(d.segment_lengths.size()) +
-                                 " segment lengths, " + std::to_string(d.dilation_rates.size()) + " dilation rates)");
-  }
-  for (size_t i = 0; i < d.segment_lengths.size(); ++i) {
-    if (d.segment_lengths[i] < 1) {
-      s.fail_element("segment_lengths", i, "must be >= 1, got " + std::to_string(d.segment_lengths[i]));
-    }
-    if (d.dilation_rates[i] < 1) {
-      s.fail_element("dilation_rates", i, "must be >= 1, got " + std::to_string(d.dilation_rates[i]));
-    }
-    if (d.segment_lengths[i] % d.dilation_rates[i] != 0) {
-      s.fail_element("dilation_rates", i,
-                     "must divide its segment length " + std::to_string(d.segment_lengths[i]) + ", got " +
-                         std::to_string(d.dilation_rates[i]));
-    }
-  }
+  config::read_dilated_pattern(s, d.segment_lengths, d.dilation_rates);
   d.causal = s.boolean("causal", d.causal);
   d.backend = attention::parse_backend(s.choice("backend", "auto", {"auto", "reference", "flash"}));
   d.mix = attention::parse_mix(s.choice("mix", "lse", {"lse", "head_split"}));
