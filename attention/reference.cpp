@@ -86,7 +86,7 @@ at::Tensor sparse_bias(const RelativePositionBias& bias, int64_t rows, int64_t r
   return table.index_select(1, index).view({table.size(0), rows, rows});
 }
 
-// Masked softmax attention inside every sparse segment.
+// Masked softmax attention inside every sparse segment (masked_softmax_attention in reference.h).
 // q_s, k_s, v_s: (B, S, H_o, M, D) in the input dtype; keep: broadcastable to (B, S, H_o, M, M) bool or undefined;
 // bias: (H_o, M, M) or undefined. Returns out (B, S, H_o, M, D) and lse (B, S, H_o, M), both in dtype `acc`.
 AttentionResult attend(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& v_s, const at::Tensor& keep,
@@ -173,6 +173,12 @@ int64_t relative_position_bucket(int64_t distance, int64_t num_buckets, int64_t 
                            std::log(static_cast<double>(max_distance) / static_cast<double>(max_exact));
   const auto large = max_exact + static_cast<int64_t>(log_ratio * static_cast<double>(num_buckets - max_exact));
   return bucket + std::min(large, num_buckets - 1);
+}
+
+AttentionResult masked_softmax_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& keep, const at::Tensor& bias, double scale,
+                                         at::ScalarType acc) {
+  return attend(q, k, v, keep, bias, scale, acc);
 }
 
 AttentionResult combine_by_lse(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,

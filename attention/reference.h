@@ -25,6 +25,14 @@ namespace longnet::attention {
 AttentionResult reference_dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             const DilatedAttentionConfig& config, const AttentionOptions& options);
 
+// Softmax attention of q (..., M, D) over k, v (..., K, D) with keys removed where `keep` (broadcastable to
+// (..., M, K) bool; undefined: none) is false and an additive `bias` (undefined: none), scores in dtype `acc`.
+// Returns out (..., M, D) and lse (..., M) in `acc`; a query without keys gets out = 0 and lse = -inf with finite
+// gradients. The building block of the reference backend, shared by the sequence-parallel spanning branches.
+AttentionResult masked_softmax_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& keep, const at::Tensor& bias, double scale,
+                                         at::ScalarType acc);
+
 // Merges two partial attention results over disjoint key multisets into the result over their union:
 // lse = log(e^lse_a + e^lse_b), out = (e^lse_a · out_a + e^lse_b · out_b) / e^lse. A side with lse = -inf contributes
 // nothing; both -inf gives out = 0, lse = -inf with finite gradients.

@@ -154,18 +154,8 @@ AttentionResult spanning_branch(const at::Tensor& q, const at::Tensor& k, const 
     if (causal) allowed = allowed.logical_and(key_pos.le(query_pos));
     allowed = allowed.view({1, 1, count, R * rows_max}).logical_and(key_ok);
 
-    // Masked softmax as in the reference backend: the row max shift carries no gradient, and rows without keys get
-    // out = 0 and lse = -inf with finite gradients.
-    auto scores = at::matmul(q_o, k_o.transpose(-1, -2)).to(acc) * scale;  // (B, H_o, c, R·rows_max)
-    scores = scores.masked_fill(allowed.logical_not(), kNegInf);
-    auto shift = at::amax(scores, {-1}, /*keepdim=*/true).detach();
-    shift = shift.masked_fill(shift == kNegInf, 0.0);
-    const auto weights = at::exp(scores - shift);
-    const auto denom = weights.sum(-1, /*keepdim=*/true);
-    const auto has_key = denom > 0;
-    const auto denom_safe = at::where(has_key, denom, 1.0);
-    const auto out = at::matmul((weights / denom_safe).to(v_o.scalar_type()), v_o).to(acc);  // (B, H_o, c, D)
-    const auto lse = at::where(has_key, at::log(denom_safe) + shift, kNegInf).squeeze(-1);    // (B, H_o, c)
+    // Masked softmax as in the reference backend: rows without keys get out = 0 and lse = -inf with finite gradients.
+    const auto [out, lse] = attention::masked_softmax_attention(q_o, k_o, v_o, allowed, at::Tensor(), scale, acc);
 
     strided_rows(out_full, f, count, r).slice(2, o, H, r).copy_(out.permute({0, 2, 1, 3}));
     lse_full.slice(1, o, H, r).narrow(2, f, (count - 1) * r + 1).slice(2, 0, std::nullopt, r).copy_(lse);
