@@ -108,6 +108,14 @@ void TensorBoardWriter::add_scalar(std::string_view tag, double value, int64_t s
   write_record(event(step, 5, summary));
 }
 
+void TensorBoardWriter::add_session_start(int64_t step) {
+  // SessionLog { SessionStatus status = 1; }, START = 1: TensorBoard drops earlier events at steps >= `step`.
+  std::string log;
+  put_tag(log, 1, 0);
+  put_varint(log, 1);
+  write_record(event(step, 6, log));
+}
+
 void TensorBoardWriter::write_record(const std::string& data) {
   std::string header;
   put_fixed(header, static_cast<uint64_t>(data.size()));

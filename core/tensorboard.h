@@ -29,6 +29,9 @@ class TensorBoardWriter {
   TensorBoardWriter& operator=(const TensorBoardWriter&) = delete;
 
   void add_scalar(std::string_view tag, double value, int64_t step);
+  // Marks a restart at `step` (a resumed run): TensorBoard discards events of earlier files at steps >= `step`, the
+  // ones the interrupted run wrote after its last checkpoint.
+  void add_session_start(int64_t step);
   // Pushes buffered records to the file (IoError when the disk is full or the file went away).
   void flush();
 

@@ -1,11 +1,13 @@
 #include "pipelines/experiment_config.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <sstream>
 
 #include "core/config_reader.h"
 #include "core/error.h"
+#include "fusion/strategies.h"
 
 namespace longnet::pipelines {
 namespace {
@@ -125,6 +127,95 @@ DataConfig parse_data(const Section& s) {
   if (!(c.validation_fraction > 0 && c.validation_fraction <= 0.5)) {
     s.fail("validation_fraction", "must be in (0, 0.5], got " + fmt_number(c.validation_fraction));
   }
+  c.manifest = s.string("manifest", c.manifest);
+  c.shards = s.string("shards", c.shards);
+  c.tokenizer = s.string("tokenizer", c.tokenizer);
+  c.loader_workers = s.integer("loader_workers", c.loader_workers);
+  at_least(s, "loader_workers", c.loader_workers, 1);
+  c.prefetch = s.integer("prefetch", c.prefetch);
+  at_least(s, "prefetch", c.prefetch, 1);
+  c.bucket_batches = s.integer("bucket_batches", c.bucket_batches);
+  at_least(s, "bucket_batches", c.bucket_batches, 0);
+  c.missing_rate = s.number("missing_rate", c.missing_rate);
+  in_unit_interval(s, "missing_rate", c.missing_rate, true, false);
+  s.finish();
+  return c;
+}
+
+PrepareConfig parse_prepare(const Section& s) {
+  PrepareConfig c;
+  c.workers = s.integer("workers", c.workers);
+  at_least(s, "workers", c.workers, 0);
+  c.on_bad = s.choice("on_bad", c.on_bad, {"skip", "fail"});
+  c.text_max_tokens = s.integer("text_max_tokens", c.text_max_tokens);
+  at_least(s, "text_max_tokens", c.text_max_tokens, 2);
+  c.tokenizer_vocab_size = s.integer("tokenizer_vocab_size", c.tokenizer_vocab_size);
+  at_least(s, "tokenizer_vocab_size", c.tokenizer_vocab_size, 16);
+  for (auto [key, value] : {std::pair{"image_size", &c.image_size}, {"image_patch", &c.image_patch},
+                            {"video_size", &c.video_size}, {"video_frames", &c.video_frames},
+                            {"video_patch", &c.video_patch}, {"video_tubelet", &c.video_tubelet},
+                            {"mel_bins", &c.mel_bins}, {"mel_frames_per_patch", &c.mel_frames_per_patch},
+                            {"max_shard_mb", &c.max_shard_mb}}) {
+    *value = s.integer(key, *value);
+    at_least(s, key, *value, 1);
+  }
+  if (c.image_size % c.image_patch != 0) {
+    s.fail("image_patch", "must divide prepare.image_size (" + std::to_string(c.image_size) + "), got " +
+                              std::to_string(c.image_patch));
+  }
+  if (c.video_size % c.video_patch != 0) {
+    s.fail("video_patch", "must divide prepare.video_size (" + std::to_string(c.video_size) + "), got " +
+                              std::to_string(c.video_patch));
+  }
+  c.video_fps = s.number("video_fps", c.video_fps);
+  if (!(c.video_fps >= 0)) s.fail("video_fps", "must be >= 0 (0: prepare.video_frames uniformly), got " +
+                                               fmt_number(c.video_fps));
+  c.audio_max_seconds = s.number("audio_max_seconds", c.audio_max_seconds);
+  if (!(c.audio_max_seconds > 0)) s.fail("audio_max_seconds", "must be > 0, got " + fmt_number(c.audio_max_seconds));
+  s.finish();
+  return c;
+}
+
+ObjectivesConfig parse_objectives(const Section& s) {
+  ObjectivesConfig c;
+  for (auto [key, value] : {std::pair{"video_text", &c.video_text}, {"audio_text", &c.audio_text},
+                            {"image_text", &c.image_text}, {"media_text", &c.media_text}, {"lm", &c.lm}}) {
+    *value = s.number(key, *value);
+    if (!(*value >= 0)) s.fail(key, "must be >= 0 (0 turns the loss off), got " + fmt_number(*value));
+  }
+  c.temperature = s.number("temperature", c.temperature);
+  if (!(c.temperature > 0.01 && c.temperature <= 10)) {
+    s.fail("temperature", "must be in (0.01, 10], got " + fmt_number(c.temperature));
+  }
+  c.learn_temperature = s.boolean("learn_temperature", c.learn_temperature);
+  s.finish();
+  return c;
+}
+
+AblateConfig parse_ablate(const Section& s) {
+  AblateConfig c;
+  c.strategies = s.string_list("strategies", c.strategies);
+  if (c.strategies.empty()) s.fail("strategies", "must list at least one fusion strategy");
+  const auto known = fusion::registered_strategies();
+  for (size_t i = 0; i < c.strategies.size(); ++i) {
+    if (std::find(known.begin(), known.end(), c.strategies[i]) == known.end()) {
+      std::string list;
+      for (const auto& k : known) list += (list.empty() ? "" : ", ") + k;
+      s.fail_element("strategies", i, "unknown fusion strategy \"" + c.strategies[i] + "\" (known: " + list + ")");
+    }
+  }
+  c.missing_rates = s.number_list("missing_rates", c.missing_rates);
+  if (c.missing_rates.empty()) s.fail("missing_rates", "must list at least one rate");
+  for (size_t i = 0; i < c.missing_rates.size(); ++i) {
+    if (!(c.missing_rates[i] >= 0 && c.missing_rates[i] < 1)) {
+      s.fail_element("missing_rates", i, "must be in [0, 1), got " + fmt_number(c.missing_rates[i]));
+    }
+  }
+  c.seeds = s.integer_list("seeds", c.seeds);
+  if (c.seeds.empty()) s.fail("seeds", "must list at least one seed");
+  for (size_t i = 0; i < c.seeds.size(); ++i) {
+    if (c.seeds[i] < 0) s.fail_element("seeds", i, "must be >= 0, got " + std::to_string(c.seeds[i]));
+  }
   s.finish();
   return c;
 }
@@ -171,9 +262,52 @@ EvalConfig parse_eval(const Section& s) {
   c.every = s.integer("every", c.every);
   at_least(s, "every", c.every, 0);
   c.batches = s.integer("batches", c.batches);
-  at_least(s, "batches", c.batches, 1);
+  at_least(s, "batches", c.batches, 0);
+  c.split = s.choice("split", c.split, {"val", "test"});
   s.finish();
   return c;
+}
+
+// Relations between the multimodal tables: patch sizes that match the model, a loss to train.
+void check_multimodal(const ExperimentConfig& c, const Section& root) {
+  using modalities::Modality;
+  const Section mods = root.section("modalities");
+  auto check_dim = [&](Modality m, int64_t prepared, const std::string& from) {
+    const auto& mc = c.multimodal[m];
+    if (mc.enabled && mc.input_dim != prepared) {
+      mods.section(modalities::to_string(m))
+          .fail("patch_dim", "must be " + std::to_string(prepared) + ", the values per patch that " + from +
+                                 " give, got " + std::to_string(mc.input_dim));
+    }
+  };
+  const auto& p = c.prepare;
+  check_dim(Modality::image, p.image_patch_dim(), "prepare.image_patch = " + std::to_string(p.image_patch));
+  check_dim(Modality::video, p.video_patch_dim(),
+            "prepare.video_patch = " + std::to_string(p.video_patch) + " and video_tubelet = " +
+                std::to_string(p.video_tubelet));
+  check_dim(Modality::audio, p.audio_patch_dim(),
+            "prepare.mel_bins = " + std::to_string(p.mel_bins) + " and mel_frames_per_patch = " +
+                std::to_string(p.mel_frames_per_patch));
+  const auto& text = c.multimodal[Modality::text];
+  if (text.enabled && text.input_dim < p.tokenizer_vocab_size) {
+    mods.section("text").fail("vocab_size", "must be at least prepare.tokenizer_vocab_size (" +
+                                                std::to_string(p.tokenizer_vocab_size) + "), got " +
+                                                std::to_string(text.input_dim));
+  }
+  // At least one loss that the enabled modalities can compute.
+  const auto& o = c.objectives;
+  const bool has_text = text.enabled;
+  const bool any_media = c.multimodal[Modality::image].enabled || c.multimodal[Modality::video].enabled ||
+                         c.multimodal[Modality::audio].enabled;
+  const double usable = (has_text ? o.lm : 0.0) +
+                        (has_text && c.multimodal[Modality::video].enabled ? o.video_text : 0.0) +
+                        (has_text && c.multimodal[Modality::audio].enabled ? o.audio_text : 0.0) +
+                        (has_text && c.multimodal[Modality::image].enabled ? o.image_text : 0.0) +
+                        (has_text && any_media ? o.media_text : 0.0);
+  if (!(usable > 0)) {
+    root.section("objectives").fail("media_text", "no objective has a positive weight with the enabled modalities "
+                                                  "(the contrastive losses pair a medium with text; lm needs text)");
+  }
 }
 
 ExperimentConfig parse(const config::Document& doc) {
@@ -187,6 +321,9 @@ ExperimentConfig parse(const config::Document& doc) {
   c.train = parse_train(root.section("train"));
   c.eval = parse_eval(root.section("eval"));
   c.multimodal = fusion::parse_multimodal(root.section("fusion"), root.section("modalities"));
+  c.prepare = parse_prepare(root.section("prepare"));
+  c.objectives = parse_objectives(root.section("objectives"));
+  c.ablate = parse_ablate(root.section("ablate"));
   root.finish();
 
   // Relations across tables.
@@ -224,6 +361,10 @@ ExperimentConfig parse(const config::Document& doc) {
     root.section("run").fail("task", "\"multimodal\" needs at least one enabled modality ([modalities.text|image|"
                                      "video|audio] with enabled = true)");
   }
+  if (c.run.task == "lm" && c.eval.batches == 0) {
+    root.section("eval").fail("batches", "must be >= 1 for run.task = \"lm\" (0, the whole split, is for "
+                                         "\"multimodal\")");
+  }
   if (c.attention.dilated.mix == attention::Mix::head_split) {
     // The per-modality stacks and the cross-modality layers use their own patterns with the same heads.
     auto check_branches = [&](const Section& s, size_t branches) {
@@ -248,6 +389,7 @@ ExperimentConfig parse(const config::Document& doc) {
                                                 std::to_string(branches) + " branches");
     }
   }
+  if (c.run.task == "multimodal") check_multimodal(c, root);
   return c;
 }
 
@@ -283,6 +425,16 @@ class TomlWriter {
   void put(const char* key, const std::vector<int64_t>& v) {
     std::string text;
     for (int64_t x : v) text += (text.empty() ? "" : ", ") + std::to_string(x);
+    line(key, "[" + text + "]");
+  }
+  void put(const char* key, const std::vector<double>& v) {
+    std::string text;
+    for (double x : v) {
+      char buf[64];
+      std::string item(buf, std::to_chars(buf, buf + sizeof buf, x).ptr);
+      if (item.find_first_of(".en") == std::string::npos) item += ".0";
+      text += (text.empty() ? "" : ", ") + item;
+    }
     line(key, "[" + text + "]");
   }
   void put(const char* key, const std::vector<std::string>& v) {  // one entry a line: these are file paths
@@ -346,6 +498,20 @@ std::string to_toml(const ExperimentConfig& c) {
   w.put("corpus", c.data.corpus);
   w.put("sequence_length", c.data.sequence_length);
   w.put("validation_fraction", c.data.validation_fraction);
+  const DataConfig data_defaults;
+  const bool multimodal = c.run.task == "multimodal";
+  if (multimodal || c.data.manifest != data_defaults.manifest || c.data.shards != data_defaults.shards ||
+      c.data.tokenizer != data_defaults.tokenizer || c.data.loader_workers != data_defaults.loader_workers ||
+      c.data.prefetch != data_defaults.prefetch || c.data.bucket_batches != data_defaults.bucket_batches ||
+      c.data.missing_rate != data_defaults.missing_rate) {
+    w.put("manifest", c.data.manifest);
+    w.put("shards", c.data.shards);
+    w.put("tokenizer", c.data.tokenizer);
+    w.put("loader_workers", c.data.loader_workers);
+    w.put("prefetch", c.data.prefetch);
+    w.put("bucket_batches", c.data.bucket_batches);
+    w.put("missing_rate", c.data.missing_rate);
+  }
 
   const auto& t = c.train;
   w.table("train");
@@ -367,6 +533,7 @@ std::string to_toml(const ExperimentConfig& c) {
   w.table("eval");
   w.put("every", c.eval.every);
   w.put("batches", c.eval.batches);
+  w.put("split", c.eval.split);
 
   // The multimodal tables only when they say something: a text LM config prints as it always did.
   const auto& mm = c.multimodal;
@@ -399,6 +566,42 @@ std::string to_toml(const ExperimentConfig& c) {
     }
     w.put("positional", modalities::to_string(mc.positional));
     w.put("max_positions", mc.max_positions);
+  }
+  if (multimodal || c.prepare != PrepareConfig{}) {
+    const auto& p = c.prepare;
+    w.table("prepare");
+    w.put("workers", p.workers);
+    w.put("on_bad", p.on_bad);
+    w.put("text_max_tokens", p.text_max_tokens);
+    w.put("tokenizer_vocab_size", p.tokenizer_vocab_size);
+    w.put("image_size", p.image_size);
+    w.put("image_patch", p.image_patch);
+    w.put("video_size", p.video_size);
+    w.put("video_frames", p.video_frames);
+    w.put("video_fps", p.video_fps);
+    w.put("video_patch", p.video_patch);
+    w.put("video_tubelet", p.video_tubelet);
+    w.put("audio_max_seconds", p.audio_max_seconds);
+    w.put("mel_bins", p.mel_bins);
+    w.put("mel_frames_per_patch", p.mel_frames_per_patch);
+    w.put("max_shard_mb", p.max_shard_mb);
+  }
+  if (multimodal || c.objectives != ObjectivesConfig{}) {
+    const auto& o = c.objectives;
+    w.table("objectives");
+    w.put("video_text", o.video_text);
+    w.put("audio_text", o.audio_text);
+    w.put("image_text", o.image_text);
+    w.put("media_text", o.media_text);
+    w.put("lm", o.lm);
+    w.put("temperature", o.temperature);
+    w.put("learn_temperature", o.learn_temperature);
+  }
+  if (c.ablate != AblateConfig{}) {
+    w.table("ablate");
+    w.put("strategies", c.ablate.strategies);
+    w.put("missing_rates", c.ablate.missing_rates);
+    w.put("seeds", c.ablate.seeds);
   }
   return w.str();
 }

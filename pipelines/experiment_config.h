@@ -4,9 +4,11 @@
 //   auto exp = pipelines::load_experiment("experiments/quickstart.toml", {"train.steps=20"});
 //   std::cout << pipelines::to_toml(exp);   // the fully resolved config, defaults filled in
 //
-// Tables: [run] [model] [attention] [data] [train] [eval], and for the multimodal model [fusion] and
-// [modalities.text|image|video|audio] (fusion/fusion_config.h). Unknown keys, wrong types, out-of-range values and
-// inconsistent combinations are ConfigErrors that name file:line:col and the dotted key.
+// Tables: [run] [model] [attention] [data] [train] [eval], and for the multimodal model [fusion],
+// [modalities.text|image|video|audio] (fusion/fusion_config.h), [prepare] (how `longnet prepare` turns the manifest's
+// media into shards), [objectives] (loss weights) and [ablate] (the sweep of `longnet ablate`). Unknown keys, wrong
+// types, out-of-range values and inconsistent combinations are ConfigErrors that name file:line:col and the dotted
+// key. Relative paths are taken from the working directory.
 #pragma once
 
 #include <cstdint>
@@ -31,9 +33,72 @@ struct RunConfig {
 };
 
 struct DataConfig {
+  // run.task = "lm"
   std::vector<std::string> corpus;     // text files (UTF-8, read as bytes)
   int64_t sequence_length = 1024;      // N, tokens per training sample
   double validation_fraction = 0.1;    // tail of the corpus held out, in (0, 0.5]
+  // run.task = "multimodal": the manifest (pipelines/manifest.h) that `longnet prepare` reads, the shard folder it
+  // writes (<shards>/train, <shards>/val, <shards>/test) and training reads, and the SentencePiece model of the
+  // captions (`longnet prepare` trains it from the train split's captions when the file does not exist).
+  std::string manifest;
+  std::string shards;
+  std::string tokenizer;
+  int64_t loader_workers = 2;          // threads reading and collating batches
+  int64_t prefetch = 4;                // batches ready ahead of the training step
+  int64_t bucket_batches = 0;          // length bucketing window in batches; 0: off
+  // Each media modality (image, video, audio) of a sample is dropped with this probability, in training batches and
+  // in the fused media embedding of evaluation; a sample keeps at least one of the media it has. Drops are a function
+  // of (run.seed, epoch, batch, sample): a resumed run drops the same ones.
+  double missing_rate = 0.0;
+};
+
+// [prepare]: options of `longnet prepare` (pipelines/prepare.h). The patch sizes here fix the patch_dim of
+// [modalities.*]: image and video P·P·3 (video times the tubelet), audio mel_bins · mel_frames_per_patch.
+struct PrepareConfig {
+  int64_t workers = 0;                 // 0: one per hardware thread
+  std::string on_bad = "skip";         // "skip" | "fail"
+  int64_t text_max_tokens = 64;        // caption ids kept, BOS and EOS included
+  int64_t tokenizer_vocab_size = 512;  // of the tokenizer trained when data.tokenizer does not exist
+  int64_t image_size = 224;            // square, shorter side resized then centre-cropped
+  int64_t image_patch = 16;
+  int64_t video_size = 224;            // frames resized to this square
+  int64_t video_frames = 8;            // sampled uniformly over the clip (when video_fps = 0)
+  double video_fps = 0.0;              // > 0: sample at this rate instead
+  int64_t video_patch = 16;
+  int64_t video_tubelet = 1;           // frames per patch
+  double audio_max_seconds = 30.0;     // longer audio is cut
+  int64_t mel_bins = 80;
+  int64_t mel_frames_per_patch = 16;   // 10 ms frames
+  int64_t max_shard_mb = 256;
+
+  // Values per patch of the prepared image, video and audio patches.
+  int64_t image_patch_dim() const { return image_patch * image_patch * 3; }
+  int64_t video_patch_dim() const { return video_patch * video_patch * 3 * video_tubelet; }
+  int64_t audio_patch_dim() const { return mel_bins * mel_frames_per_patch; }
+  bool operator==(const PrepareConfig&) const = default;
+};
+
+// [objectives]: weights of the multimodal training losses (0 turns one off; pairs with a disabled modality are
+// ignored). <m>_text: InfoNCE between modality m's embedding and the caption's; media_text: InfoNCE between the fused
+// embedding of all media of a sample (the fusion strategy's output without the text) and the caption's; lm: causal
+// language modelling of the captions.
+struct ObjectivesConfig {
+  double video_text = 1.0;
+  double audio_text = 1.0;
+  double image_text = 1.0;
+  double media_text = 1.0;
+  double lm = 0.0;
+  double temperature = 0.07;           // initial InfoNCE temperature
+  bool learn_temperature = true;       // learned as log(1/temperature), clamped to at most 100 as in CLIP
+  bool operator==(const ObjectivesConfig&) const = default;
+};
+
+// [ablate]: `longnet ablate CONFIG` trains one run per (strategy, missing rate, seed) and tabulates the evaluation.
+struct AblateConfig {
+  std::vector<std::string> strategies{"concat_seq", "late"};
+  std::vector<double> missing_rates{0.0};
+  std::vector<int64_t> seeds{0};
+  bool operator==(const AblateConfig&) const = default;
 };
 
 struct TrainConfig {
@@ -55,7 +120,8 @@ struct TrainConfig {
 
 struct EvalConfig {
   int64_t every = 50;                  // steps between evaluations; 0: only at the end
-  int64_t batches = 8;
+  int64_t batches = 8;                 // lm: validation batches; multimodal: 0 evaluates the whole split
+  std::string split = "val";           // multimodal: the held-out split retrieval runs on ("val" | "test")
 };
 
 struct ExperimentConfig {
@@ -67,6 +133,9 @@ struct ExperimentConfig {
   TrainConfig train;
   EvalConfig eval;
   fusion::MultimodalConfig multimodal;  // [fusion] and [modalities.*]
+  PrepareConfig prepare;
+  ObjectivesConfig objectives;
+  AblateConfig ablate;
 };
 
 ExperimentConfig load_experiment(const std::filesystem::path& file, const std::vector<std::string>& overrides = {});

@@ -1,7 +1,12 @@
 // `longnet run`: executes an experiment and writes its run folder.
 //
 // Run folder (<run.output_dir>/<run.name>/): config.toml (the resolved config), metrics.jsonl (one JSON object per
-// logged step and evaluation), checkpoints/, summary.json (final metrics). Files are written atomically.
+// logged step and evaluation), tensorboard/ (the same scalars as TensorBoard event files), checkpoints/ (see
+// pipelines/training.h), summary.json (final metrics). Files are written atomically.
+//
+// Resuming (`longnet run --resume RUN_DIR`): the run continues in RUN_DIR from its newest checkpoint — model,
+// optimizer, schedule, data order and random state — so that on the CPU it ends with the same metrics as a run that
+// was never interrupted.
 #pragma once
 
 #include <filesystem>
@@ -10,8 +15,12 @@
 
 namespace longnet::pipelines {
 
+struct RunOptions {
+  std::filesystem::path resume;  // a run folder to continue; empty: a new run folder
+};
+
 // Runs the experiment's task to completion; returns the run folder. Throws ConfigError for settings the machine
 // cannot honour (e.g. device = "cuda" without a GPU), DataError/IoError for data and file problems.
-std::filesystem::path run_experiment(const ExperimentConfig& config);
+std::filesystem::path run_experiment(const ExperimentConfig& config, const RunOptions& options = {});
 
 }  // namespace longnet::pipelines

@@ -52,10 +52,10 @@ if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
   "$venv/bin/pip" install -q "torch==$torch_version" numpy
 fi
 # Independent implementations the tests check our files and numbers against: tensorboard reads our event files,
-# librosa computes the reference log-mel spectrogram.
-if ! "$venv/bin/python" -c "import tensorboard, librosa, numpy" 2>/dev/null; then
-  step "tensorboard and librosa into $venv"
-  "$venv/bin/pip" install -q tensorboard librosa
+# librosa computes the reference log-mel spectrogram, safetensors reads our embedding files.
+if ! "$venv/bin/python" -c "import tensorboard, librosa, safetensors, numpy" 2>/dev/null; then
+  step "tensorboard, librosa and safetensors into $venv"
+  "$venv/bin/pip" install -q tensorboard librosa safetensors
 fi
 torch_prefix=$("$venv/bin/python" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)' 2>/dev/null)
 
@@ -70,7 +70,12 @@ step "build ($jobs jobs)"
 cmake --build "$build" -j "$jobs"
 
 if [ "$mode" = run ]; then
-  step "longnet run experiments/quickstart.toml"
+  # The quickstart: the demo dataset made on this machine, its shards, then training with held-out retrieval.
   cd "$repo"
+  step "tools/make_demo_dataset.py --out data/demo"
+  "$venv/bin/python" tools/make_demo_dataset.py --out data/demo --jobs "$jobs" --progress-every 100
+  step "longnet prepare experiments/quickstart.toml"
+  "$build/bin/longnet" prepare experiments/quickstart.toml
+  step "longnet run experiments/quickstart.toml"
   "$build/bin/longnet" run experiments/quickstart.toml
 fi

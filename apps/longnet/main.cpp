@@ -1,6 +1,7 @@
 // The `longnet` command: one entry point for every job of the toolkit.
 //
 // Exit status: 0 success, 1 runtime failure (data, I/O, device), 2 configuration or usage error.
+#include <filesystem>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -58,11 +59,14 @@ int main(int argc, char** argv) {
   std::string log_level = "info";
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error or off")->capture_default_str();
 
-  // longnet run CONFIG [--set key=value]...
+  // longnet run CONFIG [--set key=value]...  |  longnet run --resume RUN_DIR [--set key=value]...
   CLI::App* run = app.add_subcommand("run", "Run an experiment described by a TOML file");
-  std::string run_config;
+  std::string run_config, run_resume;
   std::vector<std::string> run_sets;
-  run->add_option("config", run_config, "Experiment file (TOML)")->required();
+  run->add_option("config", run_config, "Experiment file (TOML)");
+  run->add_option("--resume", run_resume,
+                  "Continue the run in this folder from its newest checkpoint, with its config.toml (overrides "
+                  "with --set, e.g. more train.steps)");
   run->add_option("--set", run_sets, "Override a key, e.g. --set train.steps=50 (repeatable)");
   int run_nproc = 0;
   run->add_option("--nproc", run_nproc,
@@ -97,6 +101,7 @@ int main(int argc, char** argv) {
   app::add_tokenizer_commands(app);
 #endif
   app::add_model_commands(app);
+  app::add_data_commands(app);
   // The log level must be set before any callback runs.
   app.parse_complete_callback([&] { log::set_level(log::parse_level(log_level)); });
 
@@ -115,14 +120,22 @@ int main(int argc, char** argv) {
     }
 
     if (*run) {
-      const auto experiment = pipelines::load_experiment(run_config, run_sets);
+      if (run_config.empty() == run_resume.empty()) {
+        throw ConfigError("run: give an experiment file, or --resume RUN_DIR (not both)");
+      }
+      const std::string config_file =
+          run_resume.empty() ? run_config : (std::filesystem::path(run_resume) / "config.toml").string();
+      if (!run_resume.empty() && !std::filesystem::exists(config_file)) {
+        throw ConfigError("run --resume: '" + run_resume + "' is not a run folder (no config.toml)");
+      }
+      const auto experiment = pipelines::load_experiment(config_file, run_sets);
       if (run_nproc > 1 && !distributed::launch_env_from_environment()) {  // config errors surface before spawning
         distributed::SpawnOptions spawn;
         spawn.nproc = run_nproc;
         spawn.drop_arguments = {"--nproc"};
         return distributed::spawn_local_ranks(spawn, argc, argv);
       }
-      pipelines::run_experiment(experiment);
+      pipelines::run_experiment(experiment, {.resume = run_resume});
     } else if (*check) {
       const auto experiment = pipelines::load_experiment(cfg_file, cfg_sets);
       for (const auto& w : experiment.attention.dilated.coverage_warnings(experiment.model.heads)) {

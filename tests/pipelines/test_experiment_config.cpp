@@ -98,8 +98,19 @@ void check_same(const ExperimentConfig& a, const ExperimentConfig& b) {
 
   CHECK(a.eval.every == b.eval.every);
   CHECK(a.eval.batches == b.eval.batches);
+  CHECK(a.eval.split == b.eval.split);
 
+  CHECK(a.data.manifest == b.data.manifest);
+  CHECK(a.data.shards == b.data.shards);
+  CHECK(a.data.tokenizer == b.data.tokenizer);
+  CHECK(a.data.loader_workers == b.data.loader_workers);
+  CHECK(a.data.prefetch == b.data.prefetch);
+  CHECK(a.data.bucket_batches == b.data.bucket_batches);
+  CHECK(a.data.missing_rate == b.data.missing_rate);
   CHECK(a.multimodal == b.multimodal);
+  CHECK(a.prepare == b.prepare);
+  CHECK(a.objectives == b.objectives);
+  CHECK(a.ablate == b.ablate);
 }
 
 struct BadCase {
@@ -133,19 +144,20 @@ const std::vector<BadCase> kBadFiles = {
      "bias, causal, dilation_rates, dropout, mix, position, qk_layernorm, relative_max_distance, relative_num_buckets, "
      "rope_theta, segment_lengths, xpos_scale_base)"},
     {"unknown key in [data]", "[data]\ncopus = [\"a.txt\"]\n", {},
-     "bad.toml:2:1: unknown key 'data.copus'; did you mean 'corpus'? (valid keys: corpus, sequence_length, "
-     "validation_fraction)"},
+     "bad.toml:2:1: unknown key 'data.copus'; did you mean 'corpus'? (valid keys: bucket_batches, corpus, "
+     "loader_workers, manifest, missing_rate, prefetch, sequence_length, shards, tokenizer, validation_fraction)"},
     {"unknown key in [train]", "[train]\nsteps = 10\nwarmup = 2\n", {},
      "bad.toml:3:1: unknown key 'train.warmup'; did you mean 'warmup_steps'? (valid keys: batch_size, beta1, beta2, "
      "checkpoint_every, grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, min_lr_ratio, precision, "
      "steps, warmup_steps, weight_decay)"},
     {"unknown key in [eval]", "[eval]\nevery = 5\nbatch = 2\n", {},
-     "bad.toml:3:1: unknown key 'eval.batch'; did you mean 'batches'? (valid keys: batches, every)"},
+     "bad.toml:3:1: unknown key 'eval.batch'; did you mean 'batches'? (valid keys: batches, every, split)"},
     {"unknown top-level table", "[trian]\nsteps = 5\n", {},
-     "bad.toml:1:2: unknown key 'trian'; did you mean 'train'? (valid keys: attention, data, eval, fusion, "
-     "modalities, model, run, train)"},
+     "bad.toml:1:2: unknown key 'trian'; did you mean 'train'? (valid keys: ablate, attention, data, eval, "
+     "fusion, modalities, model, objectives, prepare, run, train)"},
     {"unknown top-level key without a close match", "learning_rate = 0.1\n", {},
-     "bad.toml:1:1: unknown key 'learning_rate' (valid keys: attention, data, eval, fusion, modalities, model, run, train)"},
+     "bad.toml:1:1: unknown key 'learning_rate' (valid keys: ablate, attention, data, eval, fusion, modalities, "
+     "model, objectives, prepare, run, train)"},
     {"first unknown key in file order", "[train]\nzzz = 1\nstpes = 1\n", {},
      "bad.toml:2:1: unknown key 'train.zzz' (valid keys: batch_size, beta1, beta2, checkpoint_every, "
      "grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, min_lr_ratio, precision, steps, warmup_steps, "
@@ -294,8 +306,8 @@ const std::vector<BadCase> kBadOverrides = {
      "checkpoint_every, grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, min_lr_ratio, precision, "
      "steps, warmup_steps, weight_decay)"},
     {"unknown table via --set", kMinimal, {"trian.steps=5"},
-     "--set trian.steps=5: unknown key 'trian'; did you mean 'train'? (valid keys: attention, data, eval, fusion, "
-     "modalities, model, run, train)"},
+     "--set trian.steps=5: unknown key 'trian'; did you mean 'train'? (valid keys: ablate, attention, data, eval, "
+     "fusion, modalities, model, objectives, prepare, run, train)"},
     {"word for an integer via --set", kMinimal, {"train.steps=many"},
      "--set train.steps=many: 'train.steps' must be an integer, got a string"},
     {"float for an integer via --set", kMinimal, {"train.steps=7.5"},
@@ -515,6 +527,92 @@ patch_dim = 128
   // The example experiment is valid.
   const ExperimentConfig example = load_experiment("experiments/multimodal_tiny.toml");
   CHECK(example.multimodal[Modality::video].positional == longnet::modalities::PositionalKind::sinusoidal);
+}
+
+TEST_CASE("[prepare], [objectives], [ablate] and the multimodal [data] keys", "[pipelines][config][cpu]") {
+  const std::string text = R"([run]
+task = "multimodal"
+
+[data]
+manifest = "data/demo/manifest.jsonl"
+shards = "data/demo/shards"
+tokenizer = "data/demo/tok.model"
+loader_workers = 3
+missing_rate = 0.25
+
+[prepare]
+video_size = 64
+video_patch = 8
+video_tubelet = 2
+mel_bins = 40
+mel_frames_per_patch = 8
+on_bad = "fail"
+
+[objectives]
+video_text = 0.5
+media_text = 2.0
+lm = 0.1
+learn_temperature = false
+
+[ablate]
+strategies = ["late", "bottleneck"]
+missing_rates = [0.0, 0.3]
+seeds = [1, 2, 3]
+
+[modalities.text]
+enabled = true
+vocab_size = 600
+
+[modalities.video]
+enabled = true
+patch_dim = 384
+
+[modalities.audio]
+enabled = true
+patch_dim = 320
+)";
+  const ExperimentConfig c = parse_experiment(text, "mm.toml");
+  CHECK(c.data.shards == "data/demo/shards");
+  CHECK(c.data.loader_workers == 3);
+  CHECK(c.data.missing_rate == 0.25);
+  CHECK(c.prepare.video_patch_dim() == 384);
+  CHECK(c.prepare.audio_patch_dim() == 320);
+  CHECK(c.prepare.on_bad == "fail");
+  CHECK(c.objectives.video_text == 0.5);
+  CHECK(c.objectives.audio_text == 1.0);  // default
+  CHECK_FALSE(c.objectives.learn_temperature);
+  CHECK(c.ablate.strategies == std::vector<std::string>{"late", "bottleneck"});
+  CHECK(c.ablate.missing_rates == std::vector<double>{0.0, 0.3});
+  CHECK(c.ablate.seeds == std::vector<int64_t>{1, 2, 3});
+  const std::string printed = to_toml(c);
+  CAPTURE(printed);
+  check_same(parse_experiment(printed, "printed.toml"), c);
+  CHECK(to_toml(parse_experiment(printed, "printed.toml")) == printed);
+
+  // Cross-table checks name the key to change and the values involved.
+  CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"prepare.video_tubelet=1"}); }) ==
+        "mm.toml:36:13: 'modalities.video.patch_dim' must be 192, the values per patch that prepare.video_patch = 8 "
+        "and video_tubelet = 1 give, got 384");
+  CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"prepare.tokenizer_vocab_size=1000"}); }) ==
+        "mm.toml:32:14: 'modalities.text.vocab_size' must be at least prepare.tokenizer_vocab_size (1000), got 600");
+  CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"prepare.video_patch=7"}); }) ==
+        "--set prepare.video_patch=7: 'prepare.video_patch' must divide prepare.video_size (64), got 7");
+  CHECK(config_error([&] {
+          parse_experiment(text, "mm.toml",
+                           {"objectives.video_text=0", "objectives.audio_text=0", "objectives.media_text=0",
+                            "objectives.lm=0"});
+        }).find("no objective has a positive weight") != std::string::npos);
+  CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"data.missing_rate=1.0"}); }) ==
+        "--set data.missing_rate=1.0: 'data.missing_rate' must be in [0, 1), got 1");
+  CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"ablate.seeds=[1,-2]"}); }) ==
+        "--set ablate.seeds=[1,-2]: 'ablate.seeds[1]' must be >= 0, got -2");
+  // An LM config prints none of these tables.
+  const std::string lm = to_toml(parse_experiment(kMinimal, "min.toml"));
+  CHECK(lm.find("[prepare]") == std::string::npos);
+  CHECK(lm.find("[objectives]") == std::string::npos);
+  CHECK(lm.find("manifest") == std::string::npos);
+  // The quickstart is valid.
+  CHECK(load_experiment("experiments/quickstart.toml").run.task == "multimodal");
 }
 
 TEST_CASE("to_toml reads like the schema: tables in order, floats in their shortest form", "[pipelines][config][cpu]") {

@@ -1,0 +1,625 @@
+#include "pipelines/multimodal_run.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <sstream>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <torch/torch.h>
+
+#include "core/atomic_file.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "distributed/process_group.h"
+#include "fusion/losses.h"
+#include "pipelines/loader.h"
+#include "pipelines/retrieval.h"
+#include "pipelines/training.h"
+
+namespace longnet::pipelines {
+namespace fs = std::filesystem;
+using modalities::Modality;
+using nlohmann::json;
+
+namespace {
+
+constexpr size_t kM = modalities::kModalityCount;
+constexpr std::array<Modality, 3> kMedia{Modality::image, Modality::video, Modality::audio};
+// <pad> of the toolkit's SentencePiece models (modalities/tokenizer.h); padded positions are masked anyway.
+constexpr int64_t kTextPadId = 3;
+
+size_t idx(Modality m) { return static_cast<size_t>(m); }
+
+// The InfoNCE temperature, learned as log(1/t) like CLIP's logit scale and clamped to 1/t <= 100.
+struct TemperatureImpl : torch::nn::Module {
+  TemperatureImpl(double initial, bool learn) {
+    log_scale = register_parameter("log_scale", torch::tensor(std::log(1.0 / initial), torch::kFloat), learn);
+  }
+  at::Tensor value() const { return log_scale.clamp_max(std::log(100.0)).neg().exp(); }
+  at::Tensor log_scale;
+};
+TORCH_MODULE(Temperature);
+
+// A uniform draw in [0, 1) fixed by its key (splitmix64 over the key's parts): the same sample drops the same media
+// whichever thread, batch composition or resumed process computes it.
+double keyed_uniform(uint64_t seed, int64_t epoch, int64_t sample, size_t modality) {
+  auto mix = [](uint64_t x) {
+    x += 0x9E3779B97F4A7C15ULL;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+  };
+  const uint64_t h = mix(mix(mix(mix(seed) ^ static_cast<uint64_t>(epoch)) ^ static_cast<uint64_t>(sample)) ^
+                         static_cast<uint64_t>(modality));
+  return static_cast<double>(h >> 11) * 0x1.0p-53;
+}
+
+// Drops each present medium of row r with probability `rate` (keyed by samples[r]); a row keeps at least one of its
+// media (the one with the largest draw). Modalities left in no row are removed from the input.
+void drop_media(fusion::MultimodalInput& input, const std::vector<int64_t>& samples, double rate, uint64_t seed,
+                int64_t epoch) {
+  if (rate <= 0 || !input.present.defined()) return;
+  auto present = input.present.accessor<bool, 2>();
+  for (int64_t r = 0; r < input.present.size(0); ++r) {
+    int kept = 0, best = -1;
+    double best_u = -1;
+    for (const Modality m : kMedia) {
+      const auto c = static_cast<int64_t>(idx(m));
+      if (!present[r][c]) continue;
+      const double u = keyed_uniform(seed, epoch, samples[static_cast<size_t>(r)], idx(m));
+      if (u > best_u) best_u = u, best = static_cast<int>(c);
+      if (u < rate) {
+        present[r][c] = false;
+      } else {
+        ++kept;
+      }
+    }
+    if (kept == 0 && best >= 0) present[r][best] = true;
+  }
+  for (const Modality m : kMedia) {
+    if (input.modalities[idx(m)] && !input.present.select(1, static_cast<int64_t>(idx(m))).any().item<bool>()) {
+      input.modalities[idx(m)].reset();
+    }
+  }
+}
+
+fusion::MultimodalInput to_device(const fusion::MultimodalInput& in, c10::Device device) {
+  fusion::MultimodalInput out;
+  for (size_t m = 0; m < kM; ++m) {
+    if (!in.modalities[m]) continue;
+    const auto& x = *in.modalities[m];
+    out.modalities[m] = fusion::ModalityInput{
+        .data = x.data.to(device, /*non_blocking=*/true),
+        .positions = x.positions.defined() ? x.positions.to(device, true) : at::Tensor(),
+        .padding = x.padding.defined() ? x.padding.to(device, true) : at::Tensor()};
+  }
+  out.present = in.present.to(device);
+  return out;
+}
+
+// The rows `rows` of `in`, with only the modalities in `keep`.
+fusion::MultimodalInput select(const fusion::MultimodalInput& in, const at::Tensor& rows,
+                               const std::vector<Modality>& keep) {
+  fusion::MultimodalInput out;
+  out.present = torch::zeros({rows.size(0), static_cast<int64_t>(kM)}, in.present.options());
+  for (const Modality m : keep) {
+    if (!in.modalities[idx(m)]) continue;
+    const auto& x = *in.modalities[idx(m)];
+    out.modalities[idx(m)] = fusion::ModalityInput{
+        .data = x.data.index_select(0, rows),
+        .positions = x.positions.defined() ? x.positions.index_select(0, rows) : at::Tensor(),
+        .padding = x.padding.defined() ? x.padding.index_select(0, rows) : at::Tensor()};
+    const auto c = static_cast<int64_t>(idx(m));
+    out.present.select(1, c).copy_(in.present.select(1, c).index_select(0, rows));
+  }
+  for (const Modality m : keep) {  // a modality no selected row has is left out
+    const auto c = static_cast<int64_t>(idx(m));
+    if (out.modalities[idx(m)] && !out.present.select(1, c).any().item<bool>()) out.modalities[idx(m)].reset();
+  }
+  return out;
+}
+
+// What the two passes over a batch give, scattered back to the batch's rows.
+struct Passes {
+  std::array<at::Tensor, kM> embeddings;  // (B, E) or undefined
+  at::Tensor present;                     // (B, M) bool
+  at::Tensor media;                       // (B, E) or undefined
+  at::Tensor media_present;               // (B) bool
+  at::Tensor lm_logits, text_ids, text_padding;  // the text rows only
+};
+
+at::Tensor scatter_rows(const at::Tensor& x, const at::Tensor& rows, int64_t batch) {
+  return x.new_zeros({batch, x.size(1)}).index_copy(0, rows, x);
+}
+
+Passes run_passes(fusion::MultimodalModel& model, const fusion::MultimodalInput& in) {
+  Passes p;
+  const int64_t B = in.present.size(0);
+  p.present = in.present;
+  const auto text_col = in.present.select(1, static_cast<int64_t>(idx(Modality::text)));
+  if (in.modalities[idx(Modality::text)] && text_col.any().item<bool>()) {
+    const auto rows = text_col.nonzero().squeeze(1);
+    const auto sub = select(in, rows, {Modality::text});
+    const auto out = model->forward(sub);
+    p.embeddings[idx(Modality::text)] = scatter_rows(out.embeddings[idx(Modality::text)], rows, B);
+    p.lm_logits = out.lm_logits;
+    p.text_ids = sub.modalities[idx(Modality::text)]->data;
+    p.text_padding = sub.modalities[idx(Modality::text)]->padding;
+  }
+  auto media_cols = torch::zeros({B}, in.present.options());
+  for (const Modality m : kMedia) {
+    if (in.modalities[idx(m)]) media_cols |= in.present.select(1, static_cast<int64_t>(idx(m)));
+  }
+  p.media_present = media_cols;
+  if (media_cols.any().item<bool>()) {
+    const auto rows = media_cols.nonzero().squeeze(1);
+    const auto out = model->forward(select(in, rows, {kMedia.begin(), kMedia.end()}));
+    for (const Modality m : kMedia) {
+      if (out.embeddings[idx(m)].defined()) p.embeddings[idx(m)] = scatter_rows(out.embeddings[idx(m)], rows, B);
+    }
+    p.media = scatter_rows(out.joint, rows, B);
+  }
+  return p;
+}
+
+// Next-token loss of the captions, padding ignored.
+at::Tensor caption_lm_loss(const Passes& p) {
+  const int64_t L = p.text_ids.size(1);
+  auto targets = p.text_ids.narrow(1, 1, L - 1).clone();
+  if (p.text_padding.defined()) targets.masked_fill_(p.text_padding.narrow(1, 1, L - 1), -100);
+  const auto logits = p.lm_logits.narrow(1, 0, L - 1);
+  return torch::nn::functional::cross_entropy(
+      logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), targets.reshape({-1}),
+      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
+}
+
+struct Losses {
+  at::Tensor total;
+  std::map<std::string, double> parts;  // unweighted
+};
+
+Losses compute_losses(const Passes& p, const ObjectivesConfig& o, const at::Tensor& temperature) {
+  Losses l;
+  const auto& text = p.embeddings[idx(Modality::text)];
+  auto add = [&](const std::string& name, double weight, const at::Tensor& loss) {
+    l.parts[name] = loss.item<double>();
+    const auto weighted = loss * weight;
+    l.total = l.total.defined() ? l.total + weighted : weighted;
+  };
+  if (text.defined()) {
+    const auto has_text = p.present.select(1, static_cast<int64_t>(idx(Modality::text)));
+    const std::pair<Modality, double> pairs[] = {
+        {Modality::video, o.video_text}, {Modality::audio, o.audio_text}, {Modality::image, o.image_text}};
+    for (const auto& [m, weight] : pairs) {
+      if (weight <= 0 || !p.embeddings[idx(m)].defined()) continue;
+      const auto both = has_text & p.present.select(1, static_cast<int64_t>(idx(m)));
+      add(modalities::to_string(m) + "_text", weight,
+          fusion::info_nce(p.embeddings[idx(m)].to(torch::kFloat), text.to(torch::kFloat), temperature, both));
+    }
+    if (o.media_text > 0 && p.media.defined()) {
+      add("media_text", o.media_text,
+          fusion::info_nce(p.media.to(torch::kFloat), text.to(torch::kFloat), temperature, has_text & p.media_present));
+    }
+    if (o.lm > 0 && p.lm_logits.defined() && p.text_ids.size(1) > 1) add("lm", o.lm, caption_lm_loss(p));
+  }
+  if (!l.total.defined()) throw DataError("a batch gave no loss (no sample has text and another modality)");
+  return l;
+}
+
+// Dense bf16 tensor-core peak of the card, for model FLOPs utilisation; 0 when unknown (no MFU is reported).
+double peak_flops(c10::Device device) {
+  if (!device.is_cuda()) return 0;
+  const std::string name = torch::cuda::device_count() > 0 ? at::cuda::getDeviceProperties(device.index())->name : "";
+  if (name.find("H100") != std::string::npos || name.find("H200") != std::string::npos) return 989.4e12;
+  if (name.find("A100") != std::string::npos) return 312e12;
+  return 0;
+}
+
+// Lengths of the modalities of each sample of a batch (non-padding tokens; 0 when absent).
+std::vector<std::array<int64_t, kM>> sample_lengths(const fusion::MultimodalInput& in) {
+  const int64_t B = in.present.size(0);
+  std::vector<std::array<int64_t, kM>> out(static_cast<size_t>(B), std::array<int64_t, kM>{});
+  for (size_t m = 0; m < kM; ++m) {
+    if (!in.modalities[m]) continue;
+    const auto& x = *in.modalities[m];
+    const auto n = x.padding.defined() ? (~x.padding).sum(1).cpu()
+                                       : torch::full({B}, x.data.size(1), torch::kLong);
+    const auto present = in.present.select(1, static_cast<int64_t>(m)).cpu();
+    for (int64_t b = 0; b < B; ++b) {
+      if (present[b].item<bool>()) out[static_cast<size_t>(b)][m] = n[b].item<int64_t>();
+    }
+  }
+  return out;
+}
+
+// Training FLOPs of one sample (forward + backward ≈ 3 × forward), for the two passes of run_passes.
+class FlopCounter {
+ public:
+  explicit FlopCounter(const fusion::MultimodalModel& model) : model_(model) {}
+  double training_flops(const std::array<int64_t, kM>& lengths) {
+    auto it = cache_.find(lengths);
+    if (it != cache_.end()) return it->second;
+    double flops = 0;
+    std::array<int64_t, kM> text{}, media = lengths;
+    text[idx(Modality::text)] = lengths[idx(Modality::text)];
+    media[idx(Modality::text)] = 0;
+    for (const auto& pass : {text, media}) {
+      if (std::all_of(pass.begin(), pass.end(), [](int64_t n) { return n == 0; })) continue;
+      for (const auto& c : model_->summary(pass)) flops += c.forward_flops;
+    }
+    return cache_[lengths] = 3 * flops;
+  }
+
+ private:
+  const fusion::MultimodalModel& model_;
+  std::map<std::array<int64_t, kM>, double> cache_;
+};
+
+std::array<bool, kM> enabled_modalities(const ExperimentConfig& c) {
+  std::array<bool, kM> on{};
+  for (const Modality m : modalities::kAllModalities) on[idx(m)] = c.multimodal[m].enabled;
+  return on;
+}
+
+fs::path split_dir(const ExperimentConfig& c, const std::string& split) {
+  if (c.data.shards.empty()) {
+    throw ConfigError(c.source.string() + ": data.shards must name the folder of prepared shards for run.task = "
+                      "\"multimodal\" (`longnet prepare` writes it from data.manifest)");
+  }
+  const fs::path dir = fs::path(c.data.shards) / split;
+  if (!fs::exists(dir / "index.json")) {
+    throw DataError("no prepared '" + split + "' split in " + c.data.shards + " (" + (dir / "index.json").string() +
+                    " is missing); run `longnet prepare " + c.source.string() + "` first");
+  }
+  return dir;
+}
+
+// The shards must hold what the model expects: patch sizes and token ids in range.
+void check_shards(const ExperimentConfig& c, const ShardReader& reader, const fs::path& dir) {
+  for (int64_t i = 0; i < std::min<int64_t>(reader.size(), 64); ++i) {
+    for (const auto& f : reader.fields(i)) {
+      for (const Modality m : kMedia) {
+        if (f.name != modalities::to_string(m) + "_patches" || !c.multimodal[m].enabled) continue;
+        if (f.shape.size() != 2 || f.shape[1] != c.multimodal[m].input_dim) {
+          throw DataError(dir.string() + ": sample '" + reader.id(i) + "' has " + f.name + " with " +
+                          std::to_string(f.shape.size() == 2 ? f.shape[1] : -1) + " values per patch, and modalities." +
+                          modalities::to_string(m) + ".patch_dim = " + std::to_string(c.multimodal[m].input_dim) +
+                          " (prepared with other [prepare] patch sizes? run `longnet prepare` into a new folder)");
+        }
+      }
+    }
+  }
+}
+
+void check_text_ids(const fusion::MultimodalInput& in, int64_t vocab, const fs::path& dir) {
+  const auto& text = in.modalities[idx(Modality::text)];
+  if (!text) return;
+  const int64_t top = text->data.max().item<int64_t>();
+  if (top >= vocab) {
+    throw DataError(dir.string() + ": a caption has token id " + std::to_string(top) + ", and modalities.text.vocab_size = " +
+                    std::to_string(vocab) + " (the shards were tokenised with a larger vocabulary)");
+  }
+}
+
+json evaluate(fusion::MultimodalModel& model, const ShardReader& reader, const ExperimentConfig& c,
+              c10::Device device) {
+  EmbedOptions options;
+  options.batch_size = c.train.batch_size;
+  options.max_samples = c.eval.batches * c.train.batch_size;
+  options.missing_rate = c.data.missing_rate;
+  options.seed = static_cast<uint64_t>(c.run.seed) + 1;
+  options.bf16 = c.train.precision == "bf16";
+  options.loader_workers = c.data.loader_workers;
+  return retrieval_report(embed_split(model, reader, device, options));
+}
+
+std::string retrieval_line(const json& report) {
+  std::ostringstream line;
+  line.precision(3);
+  for (const auto& [pair, r] : report.items()) {
+    line << (line.tellp() > 0 ? " | " : "") << pair << " R@1 " << r.at("r1").get<double>() << "% (chance "
+         << r.at("chance_r1").get<double>() << "%)";
+  }
+  return line.str();
+}
+
+json flatten_report(const json& report) {
+  json flat = json::object();
+  for (const auto& [pair, r] : report.items()) {
+    for (const char* k : {"r1", "r5", "r10", "median_rank"}) flat[pair + "_" + k] = r.at(k);
+  }
+  return flat;
+}
+
+}  // namespace
+
+SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& reader, c10::Device device,
+                            const EmbedOptions& options) {
+  std::vector<int64_t> subset;
+  const int64_t n = options.max_samples > 0 ? std::min(options.max_samples, reader.size()) : reader.size();
+  for (int64_t i = 0; i < n; ++i) subset.push_back(i);
+  LoaderOptions lo;
+  lo.batch_size = options.batch_size;
+  lo.shuffle = false;
+  lo.epochs = 1;
+  lo.drop_last = false;
+  lo.workers = options.loader_workers;
+  lo.pad_id = kTextPadId;
+  const auto& mc = model->config();
+  for (const Modality m : modalities::kAllModalities) lo.modalities[idx(m)] = mc[m].enabled;
+  Loader loader(reader, lo, subset);
+
+  torch::NoGradGuard no_grad;
+  const bool was_training = model->is_training();
+  model->eval();
+  const int64_t E = mc.fusion.embed_dim;
+  SplitEmbeddings out;
+  std::vector<at::Tensor> present, media, media_present;
+  std::array<std::vector<at::Tensor>, kM> per;
+  while (auto batch = loader.next()) {
+    out.ids.insert(out.ids.end(), batch->ids.begin(), batch->ids.end());
+    auto input = batch->input;
+    // The per-medium embeddings see every medium; the media fusion sees what is left after the drops.
+    const AutocastGuard autocast(options.bf16 && device.is_cuda());
+    const auto full = run_passes(model, to_device(input, device));
+    if (options.missing_rate > 0) {
+      input.present = input.present.clone();
+      drop_media(input, batch->samples, options.missing_rate, options.seed, 0);
+    }
+    const auto dropped = options.missing_rate > 0 ? run_passes(model, to_device(input, device)) : full;
+    const int64_t B = batch->input.present.size(0);
+    present.push_back(batch->input.present);
+    for (const Modality m : modalities::kAllModalities) {
+      if (!mc[m].enabled) continue;
+      const auto& e = full.embeddings[idx(m)];
+      per[idx(m)].push_back(e.defined() ? e.to(torch::kFloat).cpu() : torch::zeros({B, E}));
+    }
+    media.push_back(dropped.media.defined() ? dropped.media.to(torch::kFloat).cpu() : torch::zeros({B, E}));
+    media_present.push_back(dropped.media_present.cpu());
+  }
+  if (was_training) model->train();
+  out.present = torch::cat(present);
+  for (const Modality m : modalities::kAllModalities) {
+    if (!per[idx(m)].empty()) out.modality[idx(m)] = torch::cat(per[idx(m)]);
+  }
+  out.media = torch::cat(media);
+  out.media_present = torch::cat(media_present);
+  return out;
+}
+
+json retrieval_report(const SplitEmbeddings& e) {
+  json report = json::object();
+  const auto& text = e.modality[idx(Modality::text)];
+  if (!text.defined()) return report;
+  const auto has_text = e.present.select(1, static_cast<int64_t>(idx(Modality::text)));
+  const auto items = torch::arange(static_cast<int64_t>(e.ids.size()), torch::kLong);
+  auto add = [&](const std::string& name, const at::Tensor& other, const at::Tensor& has_other) {
+    const auto both = (has_text & has_other).nonzero().squeeze(1);
+    const auto other_rows = has_other.nonzero().squeeze(1);
+    const auto text_rows = has_text.nonzero().squeeze(1);
+    if (both.size(0) < 1 || other_rows.size(0) < 2 || text_rows.size(0) < 2) return;
+    auto one = [&](const std::string& key, const at::Tensor& q, const at::Tensor& g, const at::Tensor& g_rows) {
+      const auto r = retrieval_metrics(q.index_select(0, both), items.index_select(0, both), g.index_select(0, g_rows),
+                                       items.index_select(0, g_rows));
+      report[key] = {{"r1", r.r1}, {"r5", r.r5}, {"r10", r.r10}, {"median_rank", r.median_rank},
+                     {"mean_rank", r.mean_rank}, {"queries", r.queries}, {"gallery", r.gallery_items},
+                     {"chance_r1", 100.0 / static_cast<double>(r.gallery_items)}};
+    };
+    one("text_to_" + name, text, other, other_rows);
+    one(name + "_to_text", other, text, text_rows);
+  };
+  for (const Modality m : kMedia) {
+    if (e.modality[idx(m)].defined()) {
+      add(modalities::to_string(m), e.modality[idx(m)], e.present.select(1, static_cast<int64_t>(idx(m))));
+    }
+  }
+  if (e.media.defined()) add("media", e.media, e.media_present);
+  return report;
+}
+
+TrainedModel load_trained_model(const fs::path& run_dir, const fs::path& checkpoint, c10::Device device) {
+  const fs::path config_file = run_dir / "config.toml";
+  if (!fs::exists(config_file)) throw ConfigError("'" + run_dir.string() + "' is not a run folder (no config.toml)");
+  TrainedModel t;
+  t.config = load_experiment(config_file);
+  if (t.config.run.task != "multimodal") {
+    throw ConfigError(config_file.string() + ": run.task is \"" + t.config.run.task + "\", not \"multimodal\"");
+  }
+  t.checkpoint = checkpoint.empty() ? latest_checkpoint(run_dir).value_or(fs::path()) : checkpoint;
+  if (t.checkpoint.empty()) throw ConfigError("'" + run_dir.string() + "' has no checkpoint yet");
+  t.model = fusion::MultimodalModel(t.config.model, t.config.attention, t.config.multimodal);
+  Temperature temperature(t.config.objectives.temperature, t.config.objectives.learn_temperature);
+  const auto loaded = load_checkpoint(t.checkpoint, {.model = t.model.ptr().get(), .extras = {temperature.ptr().get()}},
+                                      nullptr);
+  t.step = loaded.step;
+  t.model->to(device);
+  t.model->eval();
+  return t;
+}
+
+fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) {
+  if (const auto launch = distributed::launch_env_from_environment(); launch && launch->world_size > 1) {
+    throw ConfigError("run.task = \"multimodal\" trains in one process; data-parallel ranks (--nproc) are for "
+                      "run.task = \"lm\"");
+  }
+  const c10::Device device = choose_device(c.run);
+  if (c.train.precision == "bf16" && !device.is_cuda()) {
+    throw ConfigError("train.precision = \"bf16\" needs a CUDA device; this run uses the CPU");
+  }
+  // Data problems surface before anything is written.
+  const fs::path train_dir = split_dir(c, "train"), eval_dir = split_dir(c, c.eval.split);
+  const ShardReader train_shards(train_dir), eval_shards(eval_dir);
+  check_shards(c, train_shards, train_dir);
+  check_shards(c, eval_shards, eval_dir);
+
+  torch::manual_seed(static_cast<uint64_t>(c.run.seed));
+  fusion::MultimodalModel model(c.model, c.attention, c.multimodal);
+  Temperature temperature(c.objectives.temperature, c.objectives.learn_temperature);
+  model->to(device);
+  temperature->to(device);
+  auto parameters = model->parameters();
+  if (c.objectives.learn_temperature) parameters.push_back(temperature->log_scale);
+  auto optimizer = make_adamw(parameters, c.train);
+  const CheckpointModules modules{.model = model.ptr().get(), .extras = {temperature.ptr().get()}};
+
+  LoaderOptions lo;
+  lo.batch_size = c.train.batch_size;
+  lo.seed = static_cast<uint64_t>(c.run.seed);
+  lo.bucket_batches = c.data.bucket_batches;
+  lo.workers = c.data.loader_workers;
+  lo.prefetch = c.data.prefetch;
+  lo.pad_id = kTextPadId;
+  lo.modalities = enabled_modalities(c);
+  Loader loader(train_shards, lo);
+
+  int64_t first_step = 0;
+  std::optional<int64_t> resume_step;
+  if (!options.resume.empty()) {
+    resume_step = -1;
+    if (const auto file = latest_checkpoint(options.resume)) {
+      const auto loaded = load_checkpoint(*file, modules, optimizer.get());
+      first_step = loaded.step;
+      resume_step = loaded.step;
+      loader.restore({.epoch = loaded.state.at("loader").at("epoch").get<int64_t>(),
+                      .batch = loaded.state.at("loader").at("batch").get<int64_t>()});
+      log::info("resuming " + options.resume.string() + " from " + file->filename().string());
+    } else {
+      log::warn("resume: " + options.resume.string() + " has no checkpoint; training starts over in it");
+    }
+  }
+  const fs::path run_dir = !options.resume.empty() ? options.resume : fresh_run_dir(c.run);
+  write_file_atomic(run_dir / "config.toml", to_toml(c));
+  RunLogger logger(run_dir, resume_step);
+  const int64_t params = model->num_parameters();
+  log::info("run folder " + run_dir.string() + " | device " + device.str() + " | " + std::to_string(params) +
+            " parameters | fusion " + c.multimodal.fusion.strategy + " | " + std::to_string(train_shards.size()) +
+            " train samples (" + std::to_string(loader.batches_per_epoch()) + " batches an epoch), " +
+            std::to_string(eval_shards.size()) + " " + c.eval.split + " samples");
+
+  const double peak = peak_flops(device);
+  FlopCounter flop_counter(model);
+  const ProgressLine progress(first_step, c.train.steps);
+  json last_report = json::object();
+  std::map<std::string, double> window_parts, last_parts;
+  double window_loss = 0, window_flops = 0, window_wait_start = loader.wait_seconds(), last_loss = 0;
+  int64_t window_steps = 0, window_samples = 0, window_tokens = 0, total_tokens = 0;
+  double total_flops = 0, total_wait = 0, total_train_seconds = 0;  // over the logged training windows
+  auto window_start = std::chrono::steady_clock::now();
+
+  for (int64_t step = first_step; step < c.train.steps; ++step) {
+    const double lr = learning_rate(c.train, step);
+    set_learning_rate(*optimizer, lr);
+    optimizer->zero_grad();
+    double step_loss = 0;
+    for (int64_t micro = 0; micro < c.train.grad_accumulation; ++micro) {
+      auto batch = loader.next();  // endless
+      auto& input = batch->input;
+      check_text_ids(input, c.multimodal[Modality::text].input_dim, train_dir);
+      if (c.data.missing_rate > 0) {
+        drop_media(input, batch->samples, c.data.missing_rate, static_cast<uint64_t>(c.run.seed), batch->epoch);
+      }
+      for (const auto& lengths : sample_lengths(input)) {
+        window_flops += flop_counter.training_flops(lengths);
+        for (int64_t n : lengths) window_tokens += n;
+      }
+      window_samples += input.present.size(0);
+      Losses losses;
+      {
+        const AutocastGuard autocast(c.train.precision == "bf16");
+        const auto passes = run_passes(model, to_device(input, device));
+        losses = compute_losses(passes, c.objectives, temperature->value());
+      }
+      (losses.total / static_cast<double>(c.train.grad_accumulation)).backward();
+      step_loss += losses.total.item<double>() / static_cast<double>(c.train.grad_accumulation);
+      for (const auto& [k, v] : losses.parts) window_parts[k] += v / static_cast<double>(c.train.grad_accumulation);
+    }
+    if (!std::isfinite(step_loss)) {
+      throw Error("training diverged: loss is " + std::to_string(step_loss) + " at step " + std::to_string(step + 1));
+    }
+    const double grad_norm = c.train.grad_clip > 0 ? torch::nn::utils::clip_grad_norm_(parameters, c.train.grad_clip)
+                                                   : 0.0;
+    optimizer->step();
+    last_loss = step_loss;
+    window_loss += step_loss;
+    ++window_steps;
+
+    const int64_t done = step + 1;
+    const bool last = done == c.train.steps;
+    if (done % c.train.log_every == 0 || last) {
+      if (device.is_cuda()) torch::cuda::synchronize();
+      const auto now = std::chrono::steady_clock::now();
+      const double seconds = std::chrono::duration<double>(now - window_start).count();
+      const double wait = loader.wait_seconds() - window_wait_start;
+      json fields = {{"loss", window_loss / static_cast<double>(window_steps)},
+                     {"lr", lr},
+                     {"grad_norm", grad_norm},
+                     {"temperature", temperature->value().item<double>()},
+                     {"samples_per_s", static_cast<double>(window_samples) / seconds},
+                     {"tokens_per_s", static_cast<double>(window_tokens) / seconds},
+                     {"data_wait_fraction", wait / seconds},
+                     {"elapsed_s", progress.elapsed_seconds()}};
+      for (const auto& [k, v] : window_parts) fields["loss_" + k] = v / static_cast<double>(window_steps);
+      if (peak > 0) fields["mfu"] = window_flops / seconds / peak;
+      std::ostringstream line;
+      line.precision(4);
+      line << "loss " << fields["loss"].get<double>();
+      for (const auto& [k, v] : window_parts) line << " (" << k << " " << v / static_cast<double>(window_steps) << ")";
+      line << " | lr " << lr << " | " << static_cast<int64_t>(fields["samples_per_s"].get<double>() * 10) / 10.0
+           << " samples/s | data wait " << static_cast<int>(100 * wait / seconds) << "%";
+      if (peak > 0) line << " | MFU " << static_cast<int>(1000 * fields["mfu"].get<double>()) / 10.0 << "%";
+      log::info(progress.format(done, line.str()));
+      logger.log("train", done, fields);
+      last_parts = window_parts;
+      for (auto& [k, v] : last_parts) v /= static_cast<double>(window_steps);
+      total_tokens += window_tokens;
+      total_flops += window_flops;
+      total_wait += wait;
+      total_train_seconds += seconds;
+      window_start = now;
+      window_wait_start = loader.wait_seconds();
+      window_loss = window_flops = 0;
+      window_steps = window_samples = window_tokens = 0;
+      window_parts.clear();
+    }
+    if ((c.eval.every > 0 && done % c.eval.every == 0) || last) {
+      const auto eval_start = std::chrono::steady_clock::now();
+      last_report = evaluate(model, eval_shards, c, device);
+      log::info("step " + std::to_string(done) + " " + c.eval.split + ": " + retrieval_line(last_report));
+      logger.log(c.eval.split, done, flatten_report(last_report));
+      window_start += std::chrono::steady_clock::now() - eval_start;  // evaluation time is not training throughput
+    }
+    if ((c.train.checkpoint_every > 0 && done % c.train.checkpoint_every == 0) || last) {
+      const auto save_start = std::chrono::steady_clock::now();
+      const auto position = loader.state();
+      save_checkpoint(run_dir, done, modules, *optimizer,
+                      {{"loader", {{"epoch", position.epoch}, {"batch", position.batch}}}}, c.train.keep_checkpoints);
+      window_start += std::chrono::steady_clock::now() - save_start;
+    }
+  }
+
+  const double seconds = progress.elapsed_seconds();
+  json summary = {{"task", "multimodal"},
+                  {"fusion", c.multimodal.fusion.strategy},
+                  {"missing_rate", c.data.missing_rate},
+                  {"seed", c.run.seed},
+                  {"steps", c.train.steps},
+                  {"parameters", params},
+                  {"train_seconds", seconds},
+                  {"final_train_loss", last_loss},
+                  {"final_train_losses", last_parts},
+                  {"eval_split", c.eval.split},
+                  {"retrieval", last_report},
+                  {"data_wait_fraction", total_wait / std::max(total_train_seconds, 1e-9)},
+                  {"tokens_per_s", static_cast<double>(total_tokens) / std::max(total_train_seconds, 1e-9)},
+                  {"device", device.str()}};
+  // Throughput figures count training steps only (evaluation and checkpoints excluded).
+  if (peak > 0) summary["mfu"] = total_flops / std::max(total_train_seconds, 1e-9) / peak;
+  if (resume_step) summary["resumed_from_step"] = first_step;
+  write_file_atomic(run_dir / "summary.json", summary.dump(2) + "\n");
+  log::info("done in " + format_duration(seconds) + ": " + retrieval_line(last_report));
+  log::info("wrote " + (run_dir / "summary.json").string());
+  return run_dir;
+}
+
+}  // namespace longnet::pipelines

@@ -1,0 +1,70 @@
+// The multimodal model on prepared shards: training (`longnet run` with run.task = "multimodal"), embeddings of a split
+// (`longnet embed`, evaluation) and retrieval metrics on them.
+//
+// A training step runs the model twice on a batch: once on the captions alone (text stack → the text embedding and the
+// LM logits) and once on the media alone (each medium's stack → its embedding; the fusion strategy over the media →
+// the "media" embedding). Every modality's stack runs once; only the fusion runs per pass. The losses of [objectives]
+// are then InfoNCE between each medium's embedding and the caption's, InfoNCE between the media embedding and the
+// caption's (the one that depends on the fusion strategy), and the captions' language-model loss, summed with their
+// weights. Samples lacking one side of a pair are left out of that pair's loss.
+//
+// Evaluation (every eval.every steps and at the end) embeds the eval.split shards and reports retrieval R@1/5/10 and
+// ranks (pipelines/retrieval.h) for text↔video, text↔audio, text↔image and text↔media, each next to its chance level.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <nlohmann/json.hpp>
+
+#include "fusion/multimodal_model.h"
+#include "pipelines/experiment_config.h"
+#include "pipelines/run.h"
+#include "pipelines/shards.h"
+
+namespace longnet::pipelines {
+
+// The runner behind run_experiment for run.task = "multimodal"; returns the run folder.
+std::filesystem::path train_multimodal(const ExperimentConfig& config, const RunOptions& options);
+
+// Embeddings of the samples of a shard folder, in its order (float32, CPU).
+struct SplitEmbeddings {
+  std::vector<std::string> ids;
+  std::array<at::Tensor, modalities::kModalityCount> modality;  // (N, E), zero rows where absent; undefined: disabled
+  at::Tensor present;        // (N, M) bool
+  at::Tensor media;          // (N, E) the fusion of the sample's media (text left out); zero rows without media
+  at::Tensor media_present;  // (N) bool
+};
+
+struct EmbedOptions {
+  int64_t batch_size = 16;
+  int64_t max_samples = 0;    // 0: all
+  double missing_rate = 0.0;  // media dropped before the media fusion, as in training (per-medium embeddings keep all)
+  uint64_t seed = 0;          // of those drops
+  bool bf16 = false;          // autocast on CUDA
+  int64_t loader_workers = 2;
+};
+
+SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& reader, c10::Device device,
+                            const EmbedOptions& options);
+
+// Retrieval metrics for every pair the embeddings support (both sides present in at least two samples):
+// {"text_to_video": {"r1", "r5", "r10", "median_rank", "mean_rank", "queries", "gallery", "chance_r1"}, ...}.
+nlohmann::json retrieval_report(const SplitEmbeddings& embeddings);
+
+// A trained model: the experiment of a run folder (its config.toml) with the weights of a checkpoint (the newest
+// when `checkpoint` is empty). ConfigError when the folder is not a multimodal run or has no checkpoint.
+struct TrainedModel {
+  ExperimentConfig config;
+  fusion::MultimodalModel model{nullptr};
+  std::filesystem::path checkpoint;
+  int64_t step = 0;
+};
+TrainedModel load_trained_model(const std::filesystem::path& run_dir, const std::filesystem::path& checkpoint,
+                                c10::Device device);
+
+}  // namespace longnet::pipelines

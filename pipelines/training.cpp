@@ -1,0 +1,235 @@
+#include "pipelines/training.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <sstream>
+
+#include <ATen/autocast_mode.h>
+#include <torch/torch.h>
+
+#include "core/atomic_file.h"
+#include "core/error.h"
+#include "core/log.h"
+
+namespace longnet::pipelines {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+c10::Device choose_device(const RunConfig& run) {
+  const bool cuda = torch::cuda::is_available();
+  if (run.device == "cuda" && !cuda) {
+    throw ConfigError("run.device = \"cuda\" but no CUDA device is visible to torch");
+  }
+  return (run.device == "cuda" || (run.device == "auto" && cuda)) ? c10::Device(c10::kCUDA) : c10::Device(c10::kCPU);
+}
+
+fs::path fresh_run_dir(const RunConfig& run) {
+  const fs::path base = fs::path(run.output_dir) / run.name;
+  fs::path dir = base;
+  for (int i = 2; fs::exists(dir); ++i) dir = base.string() + "-" + std::to_string(i);
+  std::error_code ec;
+  fs::create_directories(dir / "checkpoints", ec);
+  if (ec) throw IoError("cannot create run folder '" + dir.string() + "': " + ec.message());
+  return dir;
+}
+
+std::string format_duration(double seconds) {
+  const auto s = static_cast<int64_t>(std::llround(seconds));
+  std::ostringstream ss;
+  if (s >= 3600) ss << s / 3600 << "h";
+  if (s >= 60) ss << (s / 60) % 60 << "m";
+  ss << s % 60 << "s";
+  return ss.str();
+}
+
+double learning_rate(const TrainConfig& t, int64_t step) {
+  if (step < t.warmup_steps) return t.lr * static_cast<double>(step + 1) / static_cast<double>(t.warmup_steps);
+  const double span = std::max<int64_t>(1, t.steps - t.warmup_steps);
+  const double progress = std::min(1.0, static_cast<double>(step - t.warmup_steps) / span);
+  const double floor = t.lr * t.min_lr_ratio;
+  return floor + 0.5 * (t.lr - floor) * (1.0 + std::cos(M_PI * progress));
+}
+
+std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<at::Tensor>& parameters, const TrainConfig& t) {
+  std::vector<at::Tensor> decay, no_decay;
+  for (const auto& p : parameters) (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  auto options = [&](double weight_decay) {
+    return std::make_unique<torch::optim::AdamWOptions>(
+        torch::optim::AdamWOptions(t.lr).betas({t.beta1, t.beta2}).weight_decay(weight_decay));
+  };
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, options(t.weight_decay));
+  groups.emplace_back(no_decay, options(0.0));
+  return std::make_unique<torch::optim::AdamW>(std::move(groups));
+}
+
+void set_learning_rate(torch::optim::Optimizer& optimizer, double lr) {
+  for (auto& group : optimizer.param_groups()) static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+}
+
+namespace {
+
+std::string checkpoint_name(int64_t step) {
+  char name[40];
+  std::snprintf(name, sizeof(name), "step_%08lld.pt", static_cast<long long>(step));
+  return name;
+}
+
+std::vector<fs::path> checkpoints_of(const fs::path& run_dir) {
+  std::vector<fs::path> all;
+  const fs::path dir = run_dir / "checkpoints";
+  if (!fs::is_directory(dir)) return all;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const auto name = e.path().filename().string();
+    if (name.rfind("step_", 0) == 0 && e.path().extension() == ".pt") all.push_back(e.path());
+  }
+  std::sort(all.begin(), all.end());  // names sort by step
+  return all;
+}
+
+}  // namespace
+
+void save_checkpoint(const fs::path& run_dir, int64_t step, const CheckpointModules& modules,
+                     torch::optim::Optimizer& optimizer, const json& state, int64_t keep) {
+  torch::serialize::OutputArchive archive;
+  torch::serialize::OutputArchive model;
+  modules.model->save(model);
+  archive.write("model", model);
+  for (size_t i = 0; i < modules.extras.size(); ++i) {
+    torch::serialize::OutputArchive extra;
+    modules.extras[i]->save(extra);
+    archive.write("extra_" + std::to_string(i), extra);
+  }
+  torch::serialize::OutputArchive optim;
+  optimizer.save(optim);
+  archive.write("optimizer", optim);
+  archive.write("step", torch::tensor(step));
+  archive.write("rng", at::detail::getDefaultCPUGenerator().get_state());
+  const std::string text = state.dump();
+  archive.write("state", torch::tensor(std::vector<uint8_t>(text.begin(), text.end()), torch::kUInt8));
+  std::ostringstream bytes;
+  archive.save_to(bytes);
+  write_file_atomic(run_dir / "checkpoints" / checkpoint_name(step), bytes.str());
+  const auto all = checkpoints_of(run_dir);
+  for (size_t i = 0; i + static_cast<size_t>(keep) < all.size(); ++i) fs::remove(all[i]);
+}
+
+std::optional<fs::path> latest_checkpoint(const fs::path& run_dir) {
+  const auto all = checkpoints_of(run_dir);
+  if (all.empty()) return std::nullopt;
+  return all.back();
+}
+
+LoadedCheckpoint load_checkpoint(const fs::path& file, const CheckpointModules& modules,
+                                 torch::optim::Optimizer* optimizer) {
+  LoadedCheckpoint out;
+  out.file = file;
+  try {
+    torch::serialize::InputArchive archive;
+    archive.load_from(file.string());
+    torch::serialize::InputArchive model;
+    archive.read("model", model);
+    modules.model->load(model);
+    for (size_t i = 0; i < modules.extras.size(); ++i) {
+      torch::serialize::InputArchive extra;
+      archive.read("extra_" + std::to_string(i), extra);
+      modules.extras[i]->load(extra);
+    }
+    if (optimizer != nullptr) {
+      torch::serialize::InputArchive optim;
+      archive.read("optimizer", optim);
+      optimizer->load(optim);
+    }
+    at::Tensor step, rng, state;
+    archive.read("step", step);
+    archive.read("rng", rng);
+    archive.read("state", state);
+    out.step = step.item<int64_t>();
+    auto generator = at::detail::getDefaultCPUGenerator();
+    generator.set_state(rng);
+    const auto* p = state.data_ptr<uint8_t>();
+    out.state = json::parse(std::string(p, p + state.numel()));
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw DataError("checkpoint '" + file.string() + "' cannot be loaded into this model: " + e.what());
+  }
+  return out;
+}
+
+MetricsLog::MetricsLog(const fs::path& path, std::optional<int64_t> resume_step) {
+  if (path.empty()) return;
+  if (resume_step && fs::exists(path)) {
+    // Keep the records up to the checkpoint; a torn last line of a killed run is dropped too.
+    std::ifstream in(path);
+    std::string line, kept;
+    while (std::getline(in, line)) {
+      const auto record = json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (record.is_object() && record.value("step", int64_t{0}) <= *resume_step) kept += line + "\n";
+    }
+    write_file_atomic(path, kept);
+  }
+  out_.open(path, std::ios::app);
+  if (!out_) throw IoError("cannot open '" + path.string() + "' for writing");
+}
+
+void MetricsLog::write(const json& record) {
+  if (!out_.is_open()) return;
+  out_ << record.dump() << "\n";
+  out_.flush();
+  if (!out_) throw IoError("cannot write metrics (disk full?)");
+}
+
+RunLogger::RunLogger(const fs::path& run_dir, std::optional<int64_t> resume_step)
+    : metrics_(run_dir.empty() ? fs::path() : run_dir / "metrics.jsonl", resume_step) {
+  if (run_dir.empty()) return;
+  tensorboard_ = std::make_unique<TensorBoardWriter>(run_dir / "tensorboard");
+  if (resume_step) tensorboard_->add_session_start(*resume_step + 1);
+}
+
+void RunLogger::log(const std::string& prefix, int64_t step, const json& fields) {
+  json record = {{"step", step}};
+  if (!prefix.empty()) record["kind"] = prefix;
+  for (const auto& [key, value] : fields.items()) record[key] = value;
+  metrics_.write(record);
+  if (!tensorboard_) return;
+  for (const auto& [key, value] : fields.items()) {
+    if (value.is_number()) tensorboard_->add_scalar(prefix + "/" + key, value.get<double>(), step);
+  }
+  tensorboard_->flush();
+}
+
+ProgressLine::ProgressLine(int64_t first_step, int64_t total_steps)
+    : first_step_(first_step), total_steps_(total_steps) {}
+
+double ProgressLine::elapsed_seconds() const {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+}
+
+std::string ProgressLine::format(int64_t done, const std::string& fields) const {
+  const double elapsed = elapsed_seconds();
+  const int64_t here = std::max<int64_t>(1, done - first_step_);
+  const double eta = elapsed / static_cast<double>(here) * static_cast<double>(total_steps_ - done);
+  constexpr int kWidth = 20;
+  const auto filled = static_cast<int>(kWidth * done / std::max<int64_t>(1, total_steps_));
+  std::string bar(static_cast<size_t>(filled), '=');
+  if (filled < kWidth) bar += '>' + std::string(static_cast<size_t>(kWidth - filled - 1), ' ');
+  return "step " + std::to_string(done) + "/" + std::to_string(total_steps_) + " [" + bar + "] " +
+         std::to_string(100 * done / std::max<int64_t>(1, total_steps_)) + "% | " + fields + " | ETA " +
+         format_duration(eta);
+}
+
+AutocastGuard::AutocastGuard(bool enabled) : enabled_(enabled) {
+  if (!enabled_) return;
+  at::autocast::set_autocast_enabled(at::kCUDA, true);
+  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+}
+
+AutocastGuard::~AutocastGuard() {
+  if (!enabled_) return;
+  at::autocast::set_autocast_enabled(at::kCUDA, false);
+  at::autocast::clear_cache();
+}
+
+}  // namespace longnet::pipelines

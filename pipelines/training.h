@@ -1,0 +1,118 @@
+// What the training runners of `longnet run` share (pipelines/run.cpp for the language model,
+// pipelines/multimodal_run.cpp for the multimodal model): device choice, run folders, the AdamW optimizer and its
+// schedule, checkpoints that a resumed run continues from exactly, metrics logs and progress lines.
+//
+// Checkpoints: checkpoints/step_<8 digits>.pt, a torch archive holding the model ("model"), any extra modules
+// ("extra_<i>"), the optimizer, the step, the CPU random generator's state and a JSON object for the runner's own
+// state (the data loader's position, ...). Written atomically (temporary file, fsync, rename, fsync of the folder),
+// so a kill at any moment leaves only complete checkpoints; the newest `keep` are kept.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <torch/nn/module.h>
+#include <torch/optim/adamw.h>
+
+#include "core/tensorboard.h"
+#include "pipelines/experiment_config.h"
+
+namespace longnet::pipelines {
+
+// "cpu" or "cuda" as run.device asks; ConfigError when it asks for a GPU that is not there.
+c10::Device choose_device(const RunConfig& run);
+
+// <output_dir>/<name>, or <name>-2, -3, ... when earlier runs exist (a new run never overwrites an old one), with its
+// checkpoints/ folder created. IoError when it cannot be created.
+std::filesystem::path fresh_run_dir(const RunConfig& run);
+
+std::string format_duration(double seconds);  // "1h2m3s"
+
+// Linear warmup to train.lr, then cosine decay to lr · min_lr_ratio at the last step.
+double learning_rate(const TrainConfig& train, int64_t step);
+
+// AdamW with weight decay on matrices only (biases, norms and embeddings' scalars are not decayed).
+std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<at::Tensor>& parameters, const TrainConfig& train);
+void set_learning_rate(torch::optim::Optimizer& optimizer, double lr);
+
+// Modules whose parameters a checkpoint holds: the model first, then extras (e.g. a learned temperature).
+struct CheckpointModules {
+  torch::nn::Module* model = nullptr;
+  std::vector<torch::nn::Module*> extras;
+};
+
+// Writes checkpoints/step_<step>.pt in `run_dir` and keeps the newest `keep`. `state` is the runner's own state.
+void save_checkpoint(const std::filesystem::path& run_dir, int64_t step, const CheckpointModules& modules,
+                     torch::optim::Optimizer& optimizer, const nlohmann::json& state, int64_t keep);
+
+// The newest checkpoint of a run folder, if any.
+std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::path& run_dir);
+
+struct LoadedCheckpoint {
+  std::filesystem::path file;
+  int64_t step = 0;
+  nlohmann::json state;
+};
+
+// Restores modules, optimizer (when given) and the CPU random generator from `file`. DataError naming the file when
+// it is not a checkpoint of these modules.
+LoadedCheckpoint load_checkpoint(const std::filesystem::path& file, const CheckpointModules& modules,
+                                 torch::optim::Optimizer* optimizer);
+
+// metrics.jsonl: one JSON object a line, flushed as written. Opened on a resumed run, records after the checkpoint's
+// step are dropped first (they belong to the part of the interrupted run that is being redone). An empty path (a rank
+// other than 0) writes nothing.
+class MetricsLog {
+ public:
+  explicit MetricsLog(const std::filesystem::path& path, std::optional<int64_t> resume_step = std::nullopt);
+  void write(const nlohmann::json& record);
+
+ private:
+  std::ofstream out_;
+};
+
+// A run's scalar logs: metrics.jsonl and TensorBoard event files (<run_dir>/tensorboard). Every numeric field of a
+// record other than "step" becomes the scalar "<prefix>/<field>".
+class RunLogger {
+ public:
+  RunLogger(const std::filesystem::path& run_dir, std::optional<int64_t> resume_step);
+  void log(const std::string& prefix, int64_t step, const nlohmann::json& fields);
+
+ private:
+  MetricsLog metrics_;
+  std::unique_ptr<TensorBoardWriter> tensorboard_;
+};
+
+// "step 40/300 [=====>     ] 13% | loss 2.31 | ... | ETA 1m20s": elapsed time and ETA from the steps done in this
+// process (a resumed run does not count the time before it).
+class ProgressLine {
+ public:
+  ProgressLine(int64_t first_step, int64_t total_steps);
+  std::string format(int64_t done, const std::string& fields) const;
+  double elapsed_seconds() const;
+
+ private:
+  int64_t first_step_, total_steps_;
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+};
+
+// bf16 autocast on CUDA for the lifetime of the guard (precision = "bf16"); nothing otherwise.
+class AutocastGuard {
+ public:
+  explicit AutocastGuard(bool enabled);
+  ~AutocastGuard();
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  bool enabled_;
+};
+
+}  // namespace longnet::pipelines
