@@ -262,7 +262,7 @@ void ShardWriter::add(const std::string& id, const SampleTensors& fields) {
       if (d.name == name) throw ConfigError(where + ": field '" + name + "' is given twice");
     }
     if (!tensor.defined()) throw ConfigError(where + ": field '" + name + "' is an undefined tensor");
-    const auto& dtype = dtype_of(tensor.scalar_type(), where + ": field '" + name + "'");
+    const DtypeInfo dtype = dtype_of(tensor.scalar_type(), where + ": field '" + name + "'");
     at::Tensor t = tensor.to(at::kCPU).contiguous();
     described.push_back({name, dtype.name, t.sizes().vec(), static_cast<int64_t>(t.nbytes())});
     bytes += static_cast<int64_t>(t.nbytes());
