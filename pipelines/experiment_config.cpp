@@ -253,6 +253,10 @@ TrainConfig parse_train(const Section& s) {
   at_least(s, "checkpoint_every", c.checkpoint_every, 0);
   c.keep_checkpoints = s.integer("keep_checkpoints", c.keep_checkpoints);
   at_least(s, "keep_checkpoints", c.keep_checkpoints, 1);
+  c.profile_from = s.integer("profile_from", c.profile_from);
+  at_least(s, "profile_from", c.profile_from, 0);
+  c.profile_steps = s.integer("profile_steps", c.profile_steps);
+  at_least(s, "profile_steps", c.profile_steps, 1);
   s.finish();
   return c;
 }
@@ -529,6 +533,10 @@ std::string to_toml(const ExperimentConfig& c) {
   w.put("log_every", t.log_every);
   w.put("checkpoint_every", t.checkpoint_every);
   w.put("keep_checkpoints", t.keep_checkpoints);
+  if (t.profile_from > 0 || t.profile_steps != TrainConfig{}.profile_steps) {
+    w.put("profile_from", t.profile_from);
+    w.put("profile_steps", t.profile_steps);
+  }
 
   w.table("eval");
   w.put("every", c.eval.every);

@@ -116,6 +116,8 @@ struct TrainConfig {
   int64_t log_every = 10;
   int64_t checkpoint_every = 0;        // 0: only at the end
   int64_t keep_checkpoints = 2;
+  int64_t profile_from = 0;            // 1-based step where a profile starts (pipelines/training.h); 0: none
+  int64_t profile_steps = 3;
 };
 
 struct EvalConfig {

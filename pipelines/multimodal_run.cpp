@@ -507,7 +507,9 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   double total_flops = 0, total_wait = 0, total_train_seconds = 0;  // over the logged training windows
   auto window_start = std::chrono::steady_clock::now();
 
+  StepProfiler profiler(c.train, run_dir, device.is_cuda());
   for (int64_t step = first_step; step < c.train.steps; ++step) {
+    profiler.before_step(step);
     const double lr = learning_rate(c.train, step);
     set_learning_rate(*optimizer, lr);
     optimizer->zero_grad();
@@ -540,6 +542,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
     const double grad_norm = c.train.grad_clip > 0 ? torch::nn::utils::clip_grad_norm_(parameters, c.train.grad_clip)
                                                    : 0.0;
     optimizer->step();
+    profiler.after_step(step);
     last_loss = step_loss;
     window_loss += step_loss;
     ++window_steps;

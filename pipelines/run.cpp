@@ -119,7 +119,9 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
   auto window_start = std::chrono::steady_clock::now();
   double train_loss = 0, val_loss = initial_val, window_loss = 0;
   int64_t window_steps = 0;
+  StepProfiler profiler(c.train, run_dir, device.is_cuda());
   for (int64_t step = first_step; step < c.train.steps; ++step) {
+    profiler.before_step(step);
     const double lr = learning_rate(c.train, step);
     set_learning_rate(*optimizer, lr);
     optimizer->zero_grad();
@@ -147,6 +149,7 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
     const double grad_norm =
         c.train.grad_clip > 0 ? torch::nn::utils::clip_grad_norm_(model->parameters(), c.train.grad_clip) : 0.0;
     optimizer->step();
+    profiler.after_step(step);
     train_loss = step_loss;
     window_loss += step_loss;
     ++window_steps;

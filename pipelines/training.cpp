@@ -1,11 +1,13 @@
 #include "pipelines/training.h"
 
 #include <algorithm>
+#include <map>
 #include <cmath>
 #include <cstdio>
 #include <sstream>
 
 #include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/torch.h>
 
 #include "core/atomic_file.h"
@@ -218,6 +220,70 @@ std::string ProgressLine::format(int64_t done, const std::string& fields) const 
   return "step " + std::to_string(done) + "/" + std::to_string(total_steps_) + " [" + bar + "] " +
          std::to_string(100 * done / std::max<int64_t>(1, total_steps_)) + "% | " + fields + " | ETA " +
          format_duration(eta);
+}
+
+StepProfiler::StepProfiler(const TrainConfig& train, fs::path run_dir, bool cuda)
+    : first_(train.profile_from),
+      count_(train.profile_steps),
+      dir_(run_dir.empty() ? fs::path() : run_dir / "profile"),  // empty: a rank that writes nothing
+      cuda_(cuda) {}
+
+StepProfiler::~StepProfiler() {
+  if (active_) torch::autograd::profiler::disableProfiler();  // an exception left a window open
+}
+
+void StepProfiler::before_step(int64_t step) {
+  if (first_ == 0 || dir_.empty() || step + 1 != first_) return;
+  using torch::profiler::impl::ActivityType;
+  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  std::set<ActivityType> activities{ActivityType::CPU};
+  if (cuda_) activities.insert(ActivityType::CUDA);
+  if (cuda_) torch::cuda::synchronize();
+  torch::autograd::profiler::prepareProfiler(config, activities);
+  torch::autograd::profiler::enableProfiler(config, activities);
+  active_ = true;
+  start_ = std::chrono::steady_clock::now();
+  log::info("profiling steps " + std::to_string(first_) + " to " + std::to_string(first_ + count_ - 1));
+}
+
+void StepProfiler::after_step(int64_t step) {
+  if (!active_ || step + 1 != first_ + count_ - 1) return;
+  if (cuda_) torch::cuda::synchronize();
+  const double wall_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start_).count();
+  auto result = torch::autograd::profiler::disableProfiler();
+  active_ = false;
+  std::error_code ec;
+  fs::create_directories(dir_, ec);
+  if (ec) throw IoError("cannot create '" + dir_.string() + "': " + ec.message());
+  result->save((dir_ / "trace.json").string());
+  // GPU kernels (and copies) on a CUDA run; CPU operators otherwise (nested, so their times overlap).
+  std::map<std::string, std::pair<double, int64_t>> by_name;  // name -> (ms, calls)
+  double total_ms = 0;
+  for (const auto& e : result->events()) {
+    const bool device = e.deviceType() == c10::DeviceType::CUDA;
+    if (device != cuda_ || e.isHiddenEvent()) continue;
+    const double ms = static_cast<double>(e.durationNs()) / 1e6;
+    auto& slot = by_name[e.name().substr(0, 140)];
+    slot.first += ms;
+    slot.second += 1;
+    total_ms += ms;
+  }
+  std::vector<std::pair<std::string, std::pair<double, int64_t>>> rows(by_name.begin(), by_name.end());
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.first > b.second.first; });
+  std::ostringstream out;
+  char line[256];
+  std::snprintf(line, sizeof(line), "%lld steps, %.1f ms wall; %s time %.1f ms (%.0f%% of wall)\n\n",
+                static_cast<long long>(count_), wall_ms, cuda_ ? "GPU kernel" : "operator (inclusive)", total_ms,
+                100 * total_ms / std::max(wall_ms, 1e-9));
+  out << line << "      ms   share   calls  name\n";
+  for (size_t i = 0; i < std::min<size_t>(rows.size(), 60); ++i) {
+    const auto& [name, v] = rows[i];
+    std::snprintf(line, sizeof(line), "%8.2f  %5.1f%%  %6lld  ", v.first, 100 * v.first / std::max(total_ms, 1e-9),
+                  static_cast<long long>(v.second));
+    out << line << name << "\n";
+  }
+  write_file_atomic(dir_ / "summary.txt", out.str());
+  log::info("profile: " + (dir_ / "summary.txt").string() + " and trace.json");
 }
 
 AutocastGuard::AutocastGuard(bool enabled) : enabled_(enabled) {

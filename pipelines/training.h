@@ -103,6 +103,25 @@ class ProgressLine {
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
 };
 
+// Profiles train.profile_steps steps from train.profile_from (1-based; 0: off) with torch's Kineto profiler and writes
+// <run_dir>/profile/trace.json (Chrome trace, open in Perfetto or chrome://tracing) and profile/summary.txt: the GPU
+// kernels (on a CUDA run) or the operators (on the CPU; inclusive times) that took the most time, with their share.
+class StepProfiler {
+ public:
+  StepProfiler(const TrainConfig& train, std::filesystem::path run_dir, bool cuda);
+  ~StepProfiler();
+  StepProfiler(const StepProfiler&) = delete;
+  StepProfiler& operator=(const StepProfiler&) = delete;
+  void before_step(int64_t step);  // 0-based step about to run
+  void after_step(int64_t step);
+
+ private:
+  int64_t first_ = 0, count_ = 0;
+  std::filesystem::path dir_;
+  bool cuda_ = false, active_ = false;
+  std::chrono::steady_clock::time_point start_;
+};
+
 // bf16 autocast on CUDA for the lifetime of the guard (precision = "bf16"); nothing otherwise.
 class AutocastGuard {
  public:
