@@ -12,6 +12,7 @@
 // Fields a sample may hold (written by `longnet prepare`; any subset, a missing one means the modality is absent):
 //   text_ids            int32 (L)                 SentencePiece ids
 //   <m>_patches         uint8 | float16 | float32 (N, dim) for m in image, video, audio; uint8 maps to x/127.5 - 1
+//                       (batches hold float32 patches, or float16 with LoaderOptions::half_patches)
 //   <m>_positions       int16 | int32 | int64 (N, 3)  (t, y, x) of each patch
 // A batch pads each modality to the longest present sample (text with pad_id), gives padding masks (true = padding)
 // and presence flags (B, 4) in modalities::Modality order. Modalities not in `modalities` are left out.
@@ -50,6 +51,10 @@ struct LoaderOptions {
   int64_t pad_id = 0;           // text padding id
   std::array<bool, modalities::kModalityCount> modalities{true, true, true, true};
   std::array<int64_t, modalities::kModalityCount> max_tokens{0, 0, 0, 0};  // 0: no limit; longer samples truncated
+  // For a CUDA consumer: patches as float16 (values as the float32 ones, rounded; the consumer converts on the GPU)
+  // in page-locked memory, so that the host-to-device copy moves half the bytes and can run asynchronously.
+  bool half_patches = false;
+  bool pin_memory = false;  // needs a CUDA build and device
 };
 
 struct Batch {

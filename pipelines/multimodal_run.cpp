@@ -84,15 +84,20 @@ void drop_media(fusion::MultimodalInput& input, const std::vector<int64_t>& samp
   }
 }
 
+// The batch on `device`, patches as float32. A padding mask without any padding is left out: attention without a
+// key mask takes the faster kernels.
 fusion::MultimodalInput to_device(const fusion::MultimodalInput& in, c10::Device device) {
   fusion::MultimodalInput out;
   for (size_t m = 0; m < kM; ++m) {
     if (!in.modalities[m]) continue;
     const auto& x = *in.modalities[m];
+    auto data = x.data.to(device, /*non_blocking=*/true);
+    if (data.is_floating_point() && data.scalar_type() != at::kFloat) data = data.to(at::kFloat);
+    const bool padded = x.padding.defined() && x.padding.any().item<bool>();
     out.modalities[m] = fusion::ModalityInput{
-        .data = x.data.to(device, /*non_blocking=*/true),
+        .data = data,
         .positions = x.positions.defined() ? x.positions.to(device, true) : at::Tensor(),
-        .padding = x.padding.defined() ? x.padding.to(device, true) : at::Tensor()};
+        .padding = padded ? x.padding.to(device, true) : at::Tensor()};
   }
   out.present = in.present.to(device);
   return out;
@@ -176,14 +181,14 @@ at::Tensor caption_lm_loss(const Passes& p) {
 
 struct Losses {
   at::Tensor total;
-  std::map<std::string, double> parts;  // unweighted
+  std::map<std::string, at::Tensor> parts;  // unweighted, detached (read at log time: no synchronisation per step)
 };
 
 Losses compute_losses(const Passes& p, const ObjectivesConfig& o, const at::Tensor& temperature) {
   Losses l;
   const auto& text = p.embeddings[idx(Modality::text)];
   auto add = [&](const std::string& name, double weight, const at::Tensor& loss) {
-    l.parts[name] = loss.item<double>();
+    l.parts[name] = loss.detach();
     const auto weighted = loss * weight;
     l.total = l.total.defined() ? l.total + weighted : weighted;
   };
@@ -346,6 +351,7 @@ SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& r
   lo.drop_last = false;
   lo.workers = options.loader_workers;
   lo.pad_id = kTextPadId;
+  lo.half_patches = lo.pin_memory = device.is_cuda();
   const auto& mc = model->config();
   for (const Modality m : modalities::kAllModalities) lo.modalities[idx(m)] = mc[m].enabled;
   Loader loader(reader, lo, subset);
@@ -471,6 +477,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   lo.prefetch = c.data.prefetch;
   lo.pad_id = kTextPadId;
   lo.modalities = enabled_modalities(c);
+  lo.half_patches = lo.pin_memory = device.is_cuda();
   Loader loader(train_shards, lo);
 
   int64_t first_step = 0;
@@ -501,7 +508,8 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   FlopCounter flop_counter(model);
   const ProgressLine progress(first_step, c.train.steps);
   json last_report = json::object();
-  std::map<std::string, double> window_parts, last_parts;
+  std::map<std::string, at::Tensor> window_parts;  // summed over the window's steps
+  std::map<std::string, double> last_parts;
   double window_loss = 0, window_flops = 0, window_wait_start = loader.wait_seconds(), last_loss = 0;
   int64_t window_steps = 0, window_samples = 0, window_tokens = 0, total_tokens = 0;
   double total_flops = 0, total_wait = 0, total_train_seconds = 0;  // over the logged training windows
@@ -513,7 +521,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
     const double lr = learning_rate(c.train, step);
     set_learning_rate(*optimizer, lr);
     optimizer->zero_grad();
-    double step_loss = 0;
+    at::Tensor step_loss_t;
     for (int64_t micro = 0; micro < c.train.grad_accumulation; ++micro) {
       auto batch = loader.next();  // endless
       auto& input = batch->input;
@@ -533,9 +541,14 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
         losses = compute_losses(passes, c.objectives, temperature->value());
       }
       (losses.total / static_cast<double>(c.train.grad_accumulation)).backward();
-      step_loss += losses.total.item<double>() / static_cast<double>(c.train.grad_accumulation);
-      for (const auto& [k, v] : losses.parts) window_parts[k] += v / static_cast<double>(c.train.grad_accumulation);
+      step_loss_t = step_loss_t.defined() ? step_loss_t + losses.total.detach() : losses.total.detach();
+      for (const auto& [k, v] : losses.parts) {
+        auto& sum = window_parts[k];
+        sum = sum.defined() ? sum + v / static_cast<double>(c.train.grad_accumulation)
+                            : v / static_cast<double>(c.train.grad_accumulation);
+      }
     }
+    const double step_loss = step_loss_t.item<double>() / static_cast<double>(c.train.grad_accumulation);
     if (!std::isfinite(step_loss)) {
       throw Error("training diverged: loss is " + std::to_string(step_loss) + " at step " + std::to_string(step + 1));
     }
@@ -562,19 +575,20 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
                      {"tokens_per_s", static_cast<double>(window_tokens) / seconds},
                      {"data_wait_fraction", wait / seconds},
                      {"elapsed_s", progress.elapsed_seconds()}};
-      for (const auto& [k, v] : window_parts) fields["loss_" + k] = v / static_cast<double>(window_steps);
+      std::map<std::string, double> parts;
+      for (const auto& [k, v] : window_parts) parts[k] = v.item<double>() / static_cast<double>(window_steps);
+      for (const auto& [k, v] : parts) fields["loss_" + k] = v;
       if (peak > 0) fields["mfu"] = window_flops / seconds / peak;
       std::ostringstream line;
       line.precision(4);
       line << "loss " << fields["loss"].get<double>();
-      for (const auto& [k, v] : window_parts) line << " (" << k << " " << v / static_cast<double>(window_steps) << ")";
+      for (const auto& [k, v] : parts) line << " (" << k << " " << v << ")";
       line << " | lr " << lr << " | " << static_cast<int64_t>(fields["samples_per_s"].get<double>() * 10) / 10.0
            << " samples/s | data wait " << static_cast<int>(100 * wait / seconds) << "%";
       if (peak > 0) line << " | MFU " << static_cast<int>(1000 * fields["mfu"].get<double>()) / 10.0 << "%";
       log::info(progress.format(done, line.str()));
       logger.log("train", done, fields);
-      last_parts = window_parts;
-      for (auto& [k, v] : last_parts) v /= static_cast<double>(window_steps);
+      last_parts = parts;
       total_tokens += window_tokens;
       total_flops += window_flops;
       total_wait += wait;

@@ -203,3 +203,25 @@ TEST_CASE("loader names the sample whose fields do not fit the batch", "[pipelin
   Loader threaded(reader, {.batch_size = 3, .shuffle = false, .drop_last = false});
   CHECK_THROWS_AS(threaded.next(), longnet::DataError);
 }
+
+TEST_CASE("half_patches delivers the float32 patch values rounded to float16", "[pipelines]") {
+  TempDir tmp;
+  const ShardReader reader(write_shards(tmp));
+  LoaderOptions full{.batch_size = 5, .seed = 3};
+  LoaderOptions half = full;
+  half.half_patches = true;
+  const Loader a(reader, full), b(reader, half);
+  const std::vector<int64_t> samples{0, 1, 3, 5, 10};
+  const Batch fa = a.collate(samples), fb = b.collate(samples);
+  for (const Modality m : {Modality::video, Modality::audio}) {
+    const auto& x = fa.input.modalities[static_cast<size_t>(m)];
+    const auto& y = fb.input.modalities[static_cast<size_t>(m)];
+    REQUIRE(x);
+    REQUIRE(y);
+    CHECK(y->data.scalar_type() == torch::kHalf);
+    CHECK(torch::equal(x->data.to(torch::kHalf), y->data));
+    CHECK(torch::equal(x->positions, y->positions));
+    CHECK(torch::equal(x->padding, y->padding));
+  }
+  CHECK(torch::equal(fa.input.modalities[0]->data, fb.input.modalities[0]->data));  // text ids untouched
+}
