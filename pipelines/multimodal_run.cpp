@@ -5,7 +5,10 @@
 #include <map>
 #include <sstream>
 
+#include <sys/resource.h>
+
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/torch.h>
 
 #include "core/atomic_file.h"
@@ -261,6 +264,20 @@ class FlopCounter {
   std::map<std::array<int64_t, kM>, double> cache_;
 };
 
+// Peak memory since the last call: GPU memory allocated by tensors on CUDA (the peak is reset), else the process's
+// peak resident set.
+double peak_memory_gb(c10::Device device) {
+  if (device.is_cuda()) {
+    const auto index = device.has_index() ? device.index() : c10::cuda::current_device();
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index);
+    c10::cuda::CUDACachingAllocator::resetPeakStats(index);
+    return static_cast<double>(stats.allocated_bytes[0].peak) / 1e9;
+  }
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) * 1024 / 1e9;  // ru_maxrss is in KiB on Linux
+}
+
 std::array<bool, kM> enabled_modalities(const ExperimentConfig& c) {
   std::array<bool, kM> on{};
   for (const Modality m : modalities::kAllModalities) on[idx(m)] = c.multimodal[m].enabled;
@@ -396,31 +413,38 @@ SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& r
 
 json retrieval_report(const SplitEmbeddings& e) {
   json report = json::object();
-  const auto& text = e.modality[idx(Modality::text)];
-  if (!text.defined()) return report;
-  const auto has_text = e.present.select(1, static_cast<int64_t>(idx(Modality::text)));
   const auto items = torch::arange(static_cast<int64_t>(e.ids.size()), torch::kLong);
-  auto add = [&](const std::string& name, const at::Tensor& other, const at::Tensor& has_other) {
-    const auto both = (has_text & has_other).nonzero().squeeze(1);
-    const auto other_rows = has_other.nonzero().squeeze(1);
-    const auto text_rows = has_text.nonzero().squeeze(1);
-    if (both.size(0) < 1 || other_rows.size(0) < 2 || text_rows.size(0) < 2) return;
+  // a → b and b → a over the samples that have both; each gallery holds every sample that has its side.
+  auto add = [&](const std::string& name_a, const at::Tensor& a, const at::Tensor& has_a, const std::string& name_b,
+                 const at::Tensor& b, const at::Tensor& has_b) {
+    const auto both = (has_a & has_b).nonzero().squeeze(1);
+    const auto a_rows = has_a.nonzero().squeeze(1), b_rows = has_b.nonzero().squeeze(1);
+    if (both.size(0) < 1 || a_rows.size(0) < 2 || b_rows.size(0) < 2) return;
     auto one = [&](const std::string& key, const at::Tensor& q, const at::Tensor& g, const at::Tensor& g_rows) {
       const auto r = retrieval_metrics(q.index_select(0, both), items.index_select(0, both), g.index_select(0, g_rows),
                                        items.index_select(0, g_rows));
       report[key] = {{"r1", r.r1}, {"r5", r.r5}, {"r10", r.r10}, {"median_rank", r.median_rank},
                      {"mean_rank", r.mean_rank}, {"queries", r.queries}, {"gallery", r.gallery_items},
-                     {"chance_r1", 100.0 / static_cast<double>(r.gallery_items)}};
+                     {"chance_r1", 100.0 / static_cast<double>(r.gallery_items)}, {"protocol", r.protocol}};
     };
-    one("text_to_" + name, text, other, other_rows);
-    one(name + "_to_text", other, text, text_rows);
+    one(name_a + "_to_" + name_b, a, b, b_rows);
+    one(name_b + "_to_" + name_a, b, a, a_rows);
   };
-  for (const Modality m : kMedia) {
-    if (e.modality[idx(m)].defined()) {
-      add(modalities::to_string(m), e.modality[idx(m)], e.present.select(1, static_cast<int64_t>(idx(m))));
+  auto column = [&](Modality m) { return e.present.select(1, static_cast<int64_t>(idx(m))); };
+  const auto& text = e.modality[idx(Modality::text)];
+  if (text.defined()) {
+    for (const Modality m : kMedia) {
+      if (e.modality[idx(m)].defined()) {
+        add("text", text, column(Modality::text), modalities::to_string(m), e.modality[idx(m)], column(m));
+      }
     }
+    if (e.media.defined()) add("text", text, column(Modality::text), "media", e.media, e.media_present);
   }
-  if (e.media.defined()) add("media", e.media, e.media_present);
+  const auto& video = e.modality[idx(Modality::video)];
+  const auto& audio = e.modality[idx(Modality::audio)];
+  if (video.defined() && audio.defined()) {
+    add("video", video, column(Modality::video), "audio", audio, column(Modality::audio));
+  }
   return report;
 }
 
@@ -574,6 +598,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
                      {"samples_per_s", static_cast<double>(window_samples) / seconds},
                      {"tokens_per_s", static_cast<double>(window_tokens) / seconds},
                      {"data_wait_fraction", wait / seconds},
+                     {"peak_memory_gb", peak_memory_gb(device)},
                      {"elapsed_s", progress.elapsed_seconds()}};
       std::map<std::string, double> parts;
       for (const auto& [k, v] : window_parts) parts[k] = v.item<double>() / static_cast<double>(window_steps);
@@ -587,6 +612,13 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
            << " samples/s | data wait " << static_cast<int>(100 * wait / seconds) << "%";
       if (peak > 0) line << " | MFU " << static_cast<int>(1000 * fields["mfu"].get<double>()) / 10.0 << "%";
       log::info(progress.format(done, line.str()));
+      // The first window includes filling the prefetch queue.
+      if (wait / seconds > 0.1 && done - c.train.log_every > first_step) {
+        log::warn("the data loader is the bottleneck: the step waited for batches " +
+                  std::to_string(static_cast<int>(100 * wait / seconds)) + "% of the time; raise data.loader_workers (" +
+                  std::to_string(c.data.loader_workers) + ") or data.prefetch (" + std::to_string(c.data.prefetch) +
+                  "), or store the shards on faster storage");
+      }
       logger.log("train", done, fields);
       last_parts = parts;
       total_tokens += window_tokens;
@@ -603,6 +635,9 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
       const auto eval_start = std::chrono::steady_clock::now();
       last_report = evaluate(model, eval_shards, c, device);
       log::info("step " + std::to_string(done) + " " + c.eval.split + ": " + retrieval_line(last_report));
+      write_file_atomic(run_dir / "retrieval.json",
+                        json{{"step", done}, {"split", c.eval.split}, {"shards", eval_dir.string()},
+                             {"pairs", last_report}}.dump(2) + "\n");
       logger.log(c.eval.split, done, flatten_report(last_report));
       window_start += std::chrono::steady_clock::now() - eval_start;  // evaluation time is not training throughput
     }

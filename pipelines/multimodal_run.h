@@ -9,7 +9,8 @@
 // weights. Samples lacking one side of a pair are left out of that pair's loss.
 //
 // Evaluation (every eval.every steps and at the end) embeds the eval.split shards and reports retrieval R@1/5/10 and
-// ranks (pipelines/retrieval.h) for text↔video, text↔audio, text↔image and text↔media, each next to its chance level.
+// ranks (pipelines/retrieval.h) for text↔video, text↔audio, text↔image, text↔media and video↔audio, each next to its
+// chance level and the protocol; the run folder's retrieval.json holds the last evaluation.
 #pragma once
 
 #include <array>
@@ -52,8 +53,10 @@ struct EmbedOptions {
 SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& reader, c10::Device device,
                             const EmbedOptions& options);
 
-// Retrieval metrics for every pair the embeddings support (both sides present in at least two samples):
-// {"text_to_video": {"r1", "r5", "r10", "median_rank", "mean_rank", "queries", "gallery", "chance_r1"}, ...}.
+// Retrieval metrics for every pair the embeddings support (text ↔ each medium, text ↔ fused media, video ↔ audio;
+// both directions; each side present in at least two samples): {"text_to_video": {"r1", "r5", "r10", "median_rank",
+// "mean_rank", "queries", "gallery", "chance_r1", "protocol"}, ...}. Queries are the samples that have both sides; the
+// gallery, every sample that has the target side (pipelines/retrieval.h gives the protocol).
 nlohmann::json retrieval_report(const SplitEmbeddings& embeddings);
 
 // A trained model: the experiment of a run folder (its config.toml) with the weights of a checkpoint (the newest

@@ -15,6 +15,7 @@ namespace longnet::app {
 // One line per area; main.cpp calls each (and only those compiled in).
 void add_tokenizer_commands(CLI::App& app);  // commands_tokenizer.cpp (media build)
 void add_model_commands(CLI::App& app);  // commands_model.cpp
-void add_data_commands(CLI::App& app);  // commands_data.cpp: embed, ablate, and prepare in the media build
+void add_data_commands(CLI::App& app);
+void add_preset_commands(CLI::App& app);  // commands_presets.cpp: ls, cp  // commands_data.cpp: embed, ablate, and prepare in the media build
 
 }  // namespace longnet::app

@@ -102,6 +102,7 @@ int main(int argc, char** argv) {
 #endif
   app::add_model_commands(app);
   app::add_data_commands(app);
+  app::add_preset_commands(app);
   // The log level must be set before any callback runs.
   app.parse_complete_callback([&] { log::set_level(log::parse_level(log_level)); });
 

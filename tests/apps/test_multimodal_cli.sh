@@ -65,6 +65,20 @@ expect_file "$whole/config.toml"
 if [ "$(ls "$whole/checkpoints" | wc -l)" -eq 2 ]; then pass "2 checkpoints kept"; else fail "checkpoints: $(ls "$whole/checkpoints")"; fi
 if ls "$whole"/tensorboard/events.out.tfevents.* >/dev/null 2>&1; then pass "TensorBoard event file written"; else
   fail "no TensorBoard event file"; fi
+last=retrieval_json
+if "$python" - "$whole" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1] + "/retrieval.json"))
+assert r["step"] == 24 and r["split"] == "val", r
+for pair in ("text_to_video", "video_to_text", "text_to_media", "video_to_audio", "audio_to_video"):
+    p = r["pairs"][pair]
+    assert 0 <= p["r1"] <= p["r5"] <= p["r10"] <= 100 and p["chance_r1"] == 100 / p["gallery"], (pair, p)
+    assert p["protocol"], pair
+rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
+assert all(r["peak_memory_gb"] > 0 for r in rows if r["kind"] == "train")
+print("retrieval.json has", sorted(r["pairs"]))
+EOF
+then pass "retrieval.json holds every pair with its protocol; peak memory logged"; else fail "retrieval.json"; fi
 
 # ---- kill -9 in the middle, then resume ----------------------------------------------------------------------------
 "$longnet" run "$config" "${common[@]}" --set run.name=killed >"$tmp/killed.out" 2>&1 &
