@@ -138,6 +138,8 @@ DataConfig parse_data(const Section& s) {
   at_least(s, "bucket_batches", c.bucket_batches, 0);
   c.missing_rate = s.number("missing_rate", c.missing_rate);
   in_unit_interval(s, "missing_rate", c.missing_rate, true, false);
+  c.max_bad_fraction = s.number("max_bad_fraction", c.max_bad_fraction);
+  in_unit_interval(s, "max_bad_fraction", c.max_bad_fraction, true, true);
   s.finish();
   return c;
 }
@@ -268,6 +270,25 @@ EvalConfig parse_eval(const Section& s) {
   c.batches = s.integer("batches", c.batches);
   at_least(s, "batches", c.batches, 0);
   c.split = s.choice("split", c.split, {"val", "test"});
+  c.zero_shot_classes = s.string_list("zero_shot_classes", c.zero_shot_classes);
+  for (size_t i = 0; i < c.zero_shot_classes.size(); ++i) {
+    if (c.zero_shot_classes[i].empty()) s.fail_element("zero_shot_classes", i, "must not be empty");
+    for (size_t j = 0; j < i; ++j) {
+      if (c.zero_shot_classes[j] == c.zero_shot_classes[i]) {
+        s.fail_element("zero_shot_classes", i, "repeats \"" + c.zero_shot_classes[i] + "\"");
+      }
+    }
+  }
+  if (c.zero_shot_classes.size() == 1) s.fail("zero_shot_classes", "needs at least two classes (or none)");
+  c.zero_shot_templates = s.string_list("zero_shot_templates", c.zero_shot_templates);
+  if (c.zero_shot_templates.empty()) s.fail("zero_shot_templates", "must list at least one template");
+  for (size_t i = 0; i < c.zero_shot_templates.size(); ++i) {
+    const auto& t = c.zero_shot_templates[i];
+    if (t.find("{}") == std::string::npos || t.find("{}") != t.rfind("{}")) {
+      s.fail_element("zero_shot_templates", i, "must contain \"{}\" exactly once (where the class name goes), got \"" +
+                                                   t + "\"");
+    }
+  }
   s.finish();
   return c;
 }
@@ -507,7 +528,7 @@ std::string to_toml(const ExperimentConfig& c) {
   if (multimodal || c.data.manifest != data_defaults.manifest || c.data.shards != data_defaults.shards ||
       c.data.tokenizer != data_defaults.tokenizer || c.data.loader_workers != data_defaults.loader_workers ||
       c.data.prefetch != data_defaults.prefetch || c.data.bucket_batches != data_defaults.bucket_batches ||
-      c.data.missing_rate != data_defaults.missing_rate) {
+      c.data.missing_rate != data_defaults.missing_rate || c.data.max_bad_fraction != data_defaults.max_bad_fraction) {
     w.put("manifest", c.data.manifest);
     w.put("shards", c.data.shards);
     w.put("tokenizer", c.data.tokenizer);
@@ -515,6 +536,7 @@ std::string to_toml(const ExperimentConfig& c) {
     w.put("prefetch", c.data.prefetch);
     w.put("bucket_batches", c.data.bucket_batches);
     w.put("missing_rate", c.data.missing_rate);
+    w.put("max_bad_fraction", c.data.max_bad_fraction);
   }
 
   const auto& t = c.train;
@@ -542,6 +564,10 @@ std::string to_toml(const ExperimentConfig& c) {
   w.put("every", c.eval.every);
   w.put("batches", c.eval.batches);
   w.put("split", c.eval.split);
+  if (!c.eval.zero_shot_classes.empty() || c.eval.zero_shot_templates != EvalConfig{}.zero_shot_templates) {
+    w.put("zero_shot_classes", c.eval.zero_shot_classes);
+    w.put("zero_shot_templates", c.eval.zero_shot_templates);
+  }
 
   // The multimodal tables only when they say something: a text LM config prints as it always did.
   const auto& mm = c.multimodal;

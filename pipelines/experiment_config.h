@@ -50,6 +50,9 @@ struct DataConfig {
   // in the fused media embedding of evaluation; a sample keeps at least one of the media it has. Drops are a function
   // of (run.seed, epoch, batch, sample): a resumed run drops the same ones.
   double missing_rate = 0.0;
+  // `longnet prepare` fails, and training refuses the shards, when more than this fraction of the manifest's samples
+  // could not be decoded (the skipped ones are listed in <shards>/bad_samples.jsonl and the run's bad_media.jsonl).
+  double max_bad_fraction = 0.1;
 };
 
 // [prepare]: options of `longnet prepare` (pipelines/prepare.h). The patch sizes here fix the patch_dim of
@@ -124,6 +127,11 @@ struct EvalConfig {
   int64_t every = 50;                  // steps between evaluations; 0: only at the end
   int64_t batches = 8;                 // lm: validation batches; multimodal: 0 evaluates the whole split
   std::string split = "val";           // multimodal: the held-out split retrieval runs on ("val" | "test")
+  // multimodal zero-shot classification: the manifest's `label` (an index into these classes, or a class name) is
+  // predicted by the nearest class embedding, each class embedded as the mean of its prompts (every template with
+  // "{}" replaced by the class name). `longnet prepare` tokenises the prompts into the shard folder.
+  std::vector<std::string> zero_shot_classes;
+  std::vector<std::string> zero_shot_templates{"{}"};
 };
 
 struct ExperimentConfig {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fstream>
 #include <map>
 #include <sstream>
 
@@ -297,6 +298,24 @@ fs::path split_dir(const ExperimentConfig& c, const std::string& split) {
   return dir;
 }
 
+// What `longnet prepare` skipped: above data.max_bad_fraction the shards are refused; otherwise the list goes into the
+// run folder (bad_media.jsonl) and the count into the logs. Returns the number of skipped samples.
+int64_t check_bad_media(const ExperimentConfig& c) {
+  const fs::path summary_file = fs::path(c.data.shards) / "prepare_summary.json";
+  if (!fs::exists(summary_file)) return 0;  // shards from another tool
+  std::ifstream in(summary_file);
+  const json summary = json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (!summary.is_object()) throw DataError(summary_file.string() + ": not valid JSON");
+  const int64_t samples = summary.value("samples", int64_t{0}), bad = summary.value("skipped_bad", int64_t{0});
+  if (samples > 0 && static_cast<double>(bad) > c.data.max_bad_fraction * static_cast<double>(samples)) {
+    throw DataError(summary_file.string() + ": " + std::to_string(bad) + " of " + std::to_string(samples) +
+                    " samples could not be decoded, more than data.max_bad_fraction = " +
+                    std::to_string(c.data.max_bad_fraction) + " allows (the reasons are in " +
+                    (fs::path(c.data.shards) / "bad_samples.jsonl").string() + ")");
+  }
+  return bad;
+}
+
 // The shards must hold what the model expects: patch sizes and token ids in range.
 void check_shards(const ExperimentConfig& c, const ShardReader& reader, const fs::path& dir) {
   for (int64_t i = 0; i < std::min<int64_t>(reader.size(), 64); ++i) {
@@ -324,8 +343,13 @@ void check_text_ids(const fusion::MultimodalInput& in, int64_t vocab, const fs::
   }
 }
 
-json evaluate(fusion::MultimodalModel& model, const ShardReader& reader, const ExperimentConfig& c,
-              c10::Device device) {
+struct EvalResult {
+  json retrieval = json::object();
+  json zero_shot = json::object();
+};
+
+EvalResult evaluate(fusion::MultimodalModel& model, const ShardReader& reader, const ExperimentConfig& c,
+                    c10::Device device) {
   EmbedOptions options;
   options.batch_size = c.train.batch_size;
   options.max_samples = c.eval.batches * c.train.batch_size;
@@ -333,7 +357,11 @@ json evaluate(fusion::MultimodalModel& model, const ShardReader& reader, const E
   options.seed = static_cast<uint64_t>(c.run.seed) + 1;
   options.bf16 = c.train.precision == "bf16";
   options.loader_workers = c.data.loader_workers;
-  return retrieval_report(embed_split(model, reader, device, options));
+  const auto embeddings = embed_split(model, reader, device, options);
+  EvalResult r;
+  r.retrieval = retrieval_report(embeddings);
+  if (!c.eval.zero_shot_classes.empty()) r.zero_shot = zero_shot_report(model, embeddings, c, device);
+  return r;
 }
 
 std::string retrieval_line(const json& report) {
@@ -346,12 +374,25 @@ std::string retrieval_line(const json& report) {
   return line.str();
 }
 
-json flatten_report(const json& report) {
+json flatten_report(const EvalResult& result) {
   json flat = json::object();
-  for (const auto& [pair, r] : report.items()) {
+  for (const auto& [pair, r] : result.retrieval.items()) {
     for (const char* k : {"r1", "r5", "r10", "median_rank"}) flat[pair + "_" + k] = r.at(k);
   }
+  for (const auto& [m, r] : result.zero_shot.items()) {
+    for (const char* k : {"top1", "top5"}) flat["zero_shot_" + m + "_" + k] = r.at(k);
+  }
   return flat;
+}
+
+std::string zero_shot_line(const json& report) {
+  std::ostringstream line;
+  line.precision(3);
+  for (const auto& [m, r] : report.items()) {
+    line << " | zero-shot " << m << " top-1 " << r.at("top1").get<double>() << "% (chance "
+         << r.at("chance_top1").get<double>() << "%)";
+  }
+  return line.str();
 }
 
 }  // namespace
@@ -379,9 +420,15 @@ SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& r
   const int64_t E = mc.fusion.embed_dim;
   SplitEmbeddings out;
   std::vector<at::Tensor> present, media, media_present;
+  std::vector<int64_t> labels;
   std::array<std::vector<at::Tensor>, kM> per;
   while (auto batch = loader.next()) {
     out.ids.insert(out.ids.end(), batch->ids.begin(), batch->ids.end());
+    for (const int64_t index : batch->samples) {
+      const auto& fields = reader.fields(index);
+      const bool labelled = std::any_of(fields.begin(), fields.end(), [](const ShardField& f) { return f.name == "label"; });
+      labels.push_back(labelled ? reader.read(index, "label").view({-1})[0].item<int64_t>() : -1);
+    }
     auto input = batch->input;
     // The per-medium embeddings see every medium; the media fusion sees what is left after the drops.
     const AutocastGuard autocast(options.bf16 && device.is_cuda());
@@ -408,7 +455,74 @@ SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& r
   }
   out.media = torch::cat(media);
   out.media_present = torch::cat(media_present);
+  out.labels = torch::tensor(labels, torch::kLong);
   return out;
+}
+
+json zero_shot_report(fusion::MultimodalModel& model, const SplitEmbeddings& e, const ExperimentConfig& c,
+                      c10::Device device) {
+  const fs::path file = fs::path(c.data.shards) / "zero_shot_prompts.json";
+  std::ifstream in(file);
+  if (!in) throw DataError("zero-shot: " + file.string() + " is missing; run `longnet prepare` with eval.zero_shot_classes set");
+  const json prompts = json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (!prompts.is_object() || prompts.value("classes", json()) != json(c.eval.zero_shot_classes) ||
+      prompts.value("templates", json()) != json(c.eval.zero_shot_templates)) {
+    throw DataError("zero-shot: " + file.string() + " was made for other eval.zero_shot_classes or templates; run "
+                    "`longnet prepare` again");
+  }
+  // Every prompt through the text pass, padded into one batch.
+  std::vector<std::vector<int64_t>> ids;
+  for (const auto& per_class : prompts.at("ids")) {
+    for (const auto& prompt : per_class) ids.push_back(prompt.get<std::vector<int64_t>>());
+  }
+  const auto P = static_cast<int64_t>(ids.size());
+  int64_t longest = 1;
+  for (const auto& p : ids) longest = std::max<int64_t>(longest, static_cast<int64_t>(p.size()));
+  auto data = torch::full({P, longest}, kTextPadId, torch::kLong);
+  auto padding = torch::ones({P, longest}, torch::kBool);
+  for (int64_t i = 0; i < P; ++i) {
+    const auto n = static_cast<int64_t>(ids[static_cast<size_t>(i)].size());
+    data[i].narrow(0, 0, n).copy_(torch::tensor(ids[static_cast<size_t>(i)], torch::kLong));
+    padding[i].narrow(0, 0, n).fill_(false);
+  }
+  fusion::MultimodalInput input;
+  input.modalities[idx(Modality::text)] = fusion::ModalityInput{.data = data, .padding = padding};
+  check_text_ids(input, c.multimodal[Modality::text].input_dim, file);
+  input.present = torch::zeros({P, static_cast<int64_t>(kM)}, torch::kBool);
+  input.present.select(1, static_cast<int64_t>(idx(Modality::text))).fill_(true);
+  torch::NoGradGuard no_grad;
+  const bool was_training = model->is_training();
+  model->eval();
+  const auto passes = run_passes(model, to_device(input, device));
+  if (was_training) model->train();
+  const auto C = static_cast<int64_t>(c.eval.zero_shot_classes.size());
+  auto classes = passes.embeddings[idx(Modality::text)].to(torch::kFloat).cpu().view({C, P / C, -1}).mean(1);
+  classes = classes / classes.norm(2, -1, true).clamp_min(1e-12);
+
+  json report = json::object();
+  const auto labelled = e.labels >= 0;
+  auto score = [&](const std::string& name, const at::Tensor& emb, const at::Tensor& has) {
+    const auto rows = (has & labelled).nonzero().squeeze(1);
+    if (rows.size(0) == 0) return;
+    const auto logits = emb.index_select(0, rows).matmul(classes.t());
+    const auto truth = e.labels.index_select(0, rows).clamp_max(C - 1);
+    const int64_t k = std::min<int64_t>(5, C);
+    const auto top = std::get<1>(logits.topk(k, 1));
+    const auto hit = top.eq(truth.unsqueeze(1));
+    const auto n = static_cast<double>(rows.size(0));
+    report[name] = {{"top1", 100.0 * hit.select(1, 0).sum().item<double>() / n},
+                    {"top5", 100.0 * hit.any(1).sum().item<double>() / n},
+                    {"samples", rows.size(0)},
+                    {"classes", C},
+                    {"chance_top1", 100.0 / static_cast<double>(C)}};
+  };
+  if (e.media.defined()) score("media", e.media, e.media_present);
+  for (const Modality m : kMedia) {
+    if (e.modality[idx(m)].defined()) {
+      score(modalities::to_string(m), e.modality[idx(m)], e.present.select(1, static_cast<int64_t>(idx(m))));
+    }
+  }
+  return report;
 }
 
 json retrieval_report(const SplitEmbeddings& e) {
@@ -482,6 +596,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   const ShardReader train_shards(train_dir), eval_shards(eval_dir);
   check_shards(c, train_shards, train_dir);
   check_shards(c, eval_shards, eval_dir);
+  const int64_t bad_media = check_bad_media(c);
 
   torch::manual_seed(static_cast<uint64_t>(c.run.seed));
   fusion::MultimodalModel model(c.model, c.attention, c.multimodal);
@@ -522,6 +637,16 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   const fs::path run_dir = !options.resume.empty() ? options.resume : fresh_run_dir(c.run);
   write_file_atomic(run_dir / "config.toml", to_toml(c));
   RunLogger logger(run_dir, resume_step);
+  if (bad_media > 0) {
+    const fs::path list = fs::path(c.data.shards) / "bad_samples.jsonl";
+    std::ifstream in(list, std::ios::binary);
+    std::ostringstream text;
+    text << in.rdbuf();
+    write_file_atomic(run_dir / "bad_media.jsonl", text.str());
+    log::warn(std::to_string(bad_media) + " samples of the manifest were skipped as bad media by `longnet prepare` "
+              "(listed in " + (run_dir / "bad_media.jsonl").string() + ")");
+  }
+  if (!resume_step) logger.log("data", 0, {{"bad_samples", bad_media}});
   const int64_t params = model->num_parameters();
   log::info("run folder " + run_dir.string() + " | device " + device.str() + " | " + std::to_string(params) +
             " parameters | fusion " + c.multimodal.fusion.strategy + " | " + std::to_string(train_shards.size()) +
@@ -531,7 +656,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   const double peak = peak_flops(device);
   FlopCounter flop_counter(model);
   const ProgressLine progress(first_step, c.train.steps);
-  json last_report = json::object();
+  EvalResult last_eval;
   std::map<std::string, at::Tensor> window_parts;  // summed over the window's steps
   std::map<std::string, double> last_parts;
   double window_loss = 0, window_flops = 0, window_wait_start = loader.wait_seconds(), last_loss = 0;
@@ -633,12 +758,13 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
     }
     if ((c.eval.every > 0 && done % c.eval.every == 0) || last) {
       const auto eval_start = std::chrono::steady_clock::now();
-      last_report = evaluate(model, eval_shards, c, device);
-      log::info("step " + std::to_string(done) + " " + c.eval.split + ": " + retrieval_line(last_report));
+      last_eval = evaluate(model, eval_shards, c, device);
+      log::info("step " + std::to_string(done) + " " + c.eval.split + ": " + retrieval_line(last_eval.retrieval) +
+                zero_shot_line(last_eval.zero_shot));
       write_file_atomic(run_dir / "retrieval.json",
                         json{{"step", done}, {"split", c.eval.split}, {"shards", eval_dir.string()},
-                             {"pairs", last_report}}.dump(2) + "\n");
-      logger.log(c.eval.split, done, flatten_report(last_report));
+                             {"pairs", last_eval.retrieval}, {"zero_shot", last_eval.zero_shot}}.dump(2) + "\n");
+      logger.log(c.eval.split, done, flatten_report(last_eval));
       window_start += std::chrono::steady_clock::now() - eval_start;  // evaluation time is not training throughput
     }
     if ((c.train.checkpoint_every > 0 && done % c.train.checkpoint_every == 0) || last) {
@@ -661,7 +787,8 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
                   {"final_train_loss", last_loss},
                   {"final_train_losses", last_parts},
                   {"eval_split", c.eval.split},
-                  {"retrieval", last_report},
+                  {"retrieval", last_eval.retrieval},
+                  {"zero_shot", last_eval.zero_shot},
                   {"data_wait_fraction", total_wait / std::max(total_train_seconds, 1e-9)},
                   {"tokens_per_s", static_cast<double>(total_tokens) / std::max(total_train_seconds, 1e-9)},
                   {"device", device.str()}};
@@ -669,7 +796,8 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   if (peak > 0) summary["mfu"] = total_flops / std::max(total_train_seconds, 1e-9) / peak;
   if (resume_step) summary["resumed_from_step"] = first_step;
   write_file_atomic(run_dir / "summary.json", summary.dump(2) + "\n");
-  log::info("done in " + format_duration(seconds) + ": " + retrieval_line(last_report));
+  log::info("done in " + format_duration(seconds) + ": " + retrieval_line(last_eval.retrieval) +
+            zero_shot_line(last_eval.zero_shot));
   log::info("wrote " + (run_dir / "summary.json").string());
   return run_dir;
 }

@@ -10,7 +10,8 @@
 //
 // Evaluation (every eval.every steps and at the end) embeds the eval.split shards and reports retrieval R@1/5/10 and
 // ranks (pipelines/retrieval.h) for text↔video, text↔audio, text↔image, text↔media and video↔audio, each next to its
-// chance level and the protocol; the run folder's retrieval.json holds the last evaluation.
+// chance level and the protocol, and zero-shot classification accuracy when eval.zero_shot_classes is set; the run
+// folder's retrieval.json holds the last evaluation.
 #pragma once
 
 #include <array>
@@ -39,6 +40,7 @@ struct SplitEmbeddings {
   at::Tensor present;        // (N, M) bool
   at::Tensor media;          // (N, E) the fusion of the sample's media (text left out); zero rows without media
   at::Tensor media_present;  // (N) bool
+  at::Tensor labels;         // (N) int64 class labels (the shards' `label` field), -1 where a sample has none
 };
 
 struct EmbedOptions {
@@ -58,6 +60,14 @@ SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& r
 // "mean_rank", "queries", "gallery", "chance_r1", "protocol"}, ...}. Queries are the samples that have both sides; the
 // gallery, every sample that has the target side (pipelines/retrieval.h gives the protocol).
 nlohmann::json retrieval_report(const SplitEmbeddings& embeddings);
+
+// Zero-shot classification (eval.zero_shot_classes): each class embedded by the text pass as the L2-normalised mean
+// of its prompts' embeddings (the token ids `longnet prepare` wrote to <shards>/zero_shot_prompts.json); every labelled
+// sample's fused media embedding and per-medium embeddings are classified by the nearest class.
+// {"media": {"top1", "top5", "samples", "classes", "chance_top1"}, "video": {...}, ...} (percentages); DataError when
+// the prompts file is missing or was made for other classes or templates.
+nlohmann::json zero_shot_report(fusion::MultimodalModel& model, const SplitEmbeddings& embeddings,
+                                const ExperimentConfig& config, c10::Device device);
 
 // A trained model: the experiment of a run folder (its config.toml) with the weights of a checkpoint (the newest
 // when `checkpoint` is empty). ConfigError when the folder is not a multimodal run or has no checkpoint.

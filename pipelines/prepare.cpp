@@ -59,6 +59,15 @@ Prepared prepare_sample(const ManifestSample& s, const PrepareOptions& o, const 
       out.fields.emplace_back("captions", torch::from_blob(joined.data(), {static_cast<int64_t>(joined.size())},
                                                            torch::kUInt8).clone());
     }
+    if (s.label_index && *s.label_index >= 0 &&
+        (o.classes.empty() || *s.label_index < static_cast<int64_t>(o.classes.size()))) {
+      out.fields.emplace_back("label", torch::tensor({*s.label_index}, torch::kLong));
+    } else if (s.label_name) {
+      const auto it = std::find(o.classes.begin(), o.classes.end(), *s.label_name);
+      if (it != o.classes.end()) {
+        out.fields.emplace_back("label", torch::tensor({static_cast<int64_t>(it - o.classes.begin())}, torch::kLong));
+      }
+    }
     if (s.image) {
       stage = "image";
       const auto patches = modalities::patchify_image(modalities::load_image(*s.image, o.image), o.image_patch);

@@ -7,6 +7,7 @@
 //   image  decode + resize/crop + normalise → P×P patches (float16) and positions (int32 (N, 3))
 //   video  frames sampled with seeking → patches or tubelets (float16) and positions
 //   audio  the manifest's `audio` file (which may be the video itself) → 16 kHz mono → log-mel → patches of k frames
+//   label  the manifest's class label as an index (see PrepareOptions::classes), when it has one
 // Every caption is kept in the shard as well (`captions`, the UTF-8 bytes of all captions joined by '\n', uint8), for
 // retrieval evaluation with several captions per item.
 //
@@ -37,6 +38,9 @@ struct PrepareOptions {
   std::filesystem::path output;     // shard folders and the summary go here
   std::filesystem::path tokenizer;  // SentencePiece model; required when a sample has text
   int64_t text_max_tokens = 256;
+  // Class names for the manifest's `label`: a sample's label (an index below classes.size(), or one of the names) is
+  // stored as the field `label` (int64, one value); with no classes, integer labels are stored as they are.
+  std::vector<std::string> classes;
 
   modalities::ImageOptions image{.height = 224, .width = 224};
   int image_patch = 16;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include "apps/longnet/commands.h"
@@ -203,10 +204,40 @@ void prepare(const PrepareArgs& a) {
   o.workers = static_cast<int>(p.workers);
   o.on_bad = p.on_bad;
   o.max_shard_bytes = p.max_shard_mb << 20;
+  o.classes = c.eval.zero_shot_classes;
   const auto summary = pipelines::prepare_dataset(o);
   std::cout << "prepared " << summary.prepared << ", kept " << summary.kept << ", skipped " << summary.skipped
             << " bad of " << summary.samples << " samples → " << c.data.shards << "\n";
   for (const auto& [id, reason] : summary.bad) std::cout << "  skipped " << id << ": " << reason << "\n";
+  if (!c.eval.zero_shot_classes.empty()) {
+    // The zero-shot prompts, tokenised here so that training and evaluation need no tokenizer (GPU hosts have none).
+    const auto tokenizer = text::Tokenizer::load(c.data.tokenizer);
+    nlohmann::json ids = nlohmann::json::array();
+    for (const auto& name : c.eval.zero_shot_classes) {
+      nlohmann::json per_class = nlohmann::json::array();
+      for (const auto& t : c.eval.zero_shot_templates) {
+        const auto slot = t.find("{}");
+        auto prompt = tokenizer.encode(t.substr(0, slot) + name + t.substr(slot + 2), true, true);
+        if (static_cast<int64_t>(prompt.size()) > p.text_max_tokens) {
+          prompt.resize(static_cast<size_t>(p.text_max_tokens));
+          prompt.back() = tokenizer.eos_id();
+        }
+        per_class.push_back(prompt);
+      }
+      ids.push_back(per_class);
+    }
+    const nlohmann::json prompts = {{"classes", c.eval.zero_shot_classes},
+                                    {"templates", c.eval.zero_shot_templates},
+                                    {"ids", ids}};
+    write_file_atomic(fs::path(c.data.shards) / "zero_shot_prompts.json", prompts.dump(1) + "\n");
+  }
+  if (static_cast<double>(summary.skipped) > c.data.max_bad_fraction * static_cast<double>(summary.samples)) {
+    throw DataError("prepare: " + std::to_string(summary.skipped) + " of " + std::to_string(summary.samples) +
+                    " samples could not be decoded, more than data.max_bad_fraction = " +
+                    std::to_string(c.data.max_bad_fraction) + " allows; the reasons are in " +
+                    (fs::path(c.data.shards) / "bad_samples.jsonl").string() + " (the shards are kept; training "
+                    "refuses them until the fraction is raised or the media fixed)");
+  }
 }
 #endif
 

@@ -30,7 +30,9 @@ rm "$tmp/demo/audio/$first_audio"
 common=(--set "data.manifest=$tmp/demo/manifest.jsonl" --set "data.shards=$tmp/shards"
         --set "data.tokenizer=$tmp/tok.model" --set "run.output_dir=$tmp/runs" --set train.batch_size=8
         --set train.steps=24 --set train.log_every=4 --set train.checkpoint_every=4 --set train.keep_checkpoints=2
-        --set train.warmup_steps=4 --set eval.every=12 --set prepare.workers=2 --set prepare.tokenizer_vocab_size=40)
+        --set train.warmup_steps=4 --set eval.every=12 --set prepare.workers=2 --set prepare.tokenizer_vocab_size=40
+        --set 'eval.zero_shot_classes=["left","right","up","down"]'
+        --set 'eval.zero_shot_templates=["moving {}","shapes moving {}"]')
 config=$repo/experiments/quickstart.toml
 
 run prepare prepare "$config" "${common[@]}"
@@ -40,8 +42,19 @@ expect_stdout_match "skipped demo[0-9]+: video: .*${first_video}"
 expect_stdout_match "skipped demo[0-9]+: audio: .*${first_audio}"
 expect_file "$tmp/tok.model"
 expect_file "$tmp/shards/train/index.json"
+expect_file "$tmp/shards/zero_shot_prompts.json"
 if [ "$(wc -l <"$tmp/shards/bad_samples.jsonl")" -eq 2 ]; then pass "bad_samples.jsonl lists 2 samples"; else
   fail "bad_samples.jsonl does not list 2 samples"; fi
+
+# Above data.max_bad_fraction (2 of 28 = 7 % here) prepare fails after writing what it could, and training refuses.
+run prepare_too_bad prepare "$config" "${common[@]}" --set data.max_bad_fraction=0.05
+expect_status 1
+if grep -qE "^error: prepare: 2 of 28 samples could not be decoded, more than data.max_bad_fraction = 0.05" \
+  "$tmp/err"; then pass "prepare stops above data.max_bad_fraction"; else fail "no max_bad_fraction error"; fi
+run train_too_bad run "$config" "${common[@]}" --set data.max_bad_fraction=0.05 --set run.name=refused
+expect_status 1
+expect_one_error_line "error: .*prepare_summary.json: 2 of 28 samples could not be decoded"
+expect_absent "$tmp/runs/refused"
 
 run prepare_fail prepare "$config" "${common[@]}" --set "data.shards=$tmp/shards_fail" --set prepare.on_bad=fail
 expect_status 1
@@ -62,6 +75,8 @@ whole=$tmp/runs/whole
 expect_file "$whole/summary.json"
 expect_file "$whole/metrics.jsonl"
 expect_file "$whole/config.toml"
+if [ "$(wc -l <"$whole/bad_media.jsonl")" -eq 2 ]; then pass "the run folder lists the 2 bad samples"; else
+  fail "bad_media.jsonl in the run folder"; fi
 if [ "$(ls "$whole/checkpoints" | wc -l)" -eq 2 ]; then pass "2 checkpoints kept"; else fail "checkpoints: $(ls "$whole/checkpoints")"; fi
 if ls "$whole"/tensorboard/events.out.tfevents.* >/dev/null 2>&1; then pass "TensorBoard event file written"; else
   fail "no TensorBoard event file"; fi
@@ -76,6 +91,11 @@ for pair in ("text_to_video", "video_to_text", "text_to_media", "video_to_audio"
     assert p["protocol"], pair
 rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
 assert all(r["peak_memory_gb"] > 0 for r in rows if r["kind"] == "train")
+for m in ("media", "video", "audio"):
+    z = r["zero_shot"][m]
+    assert z["classes"] == 4 and z["chance_top1"] == 25 and z["samples"] >= 1, z
+    assert 0 <= z["top1"] <= z["top5"] == 100, z  # 4 classes: the top 5 always hold the label
+    assert any("zero_shot_%s_top1" % m in row for row in rows), m
 print("retrieval.json has", sorted(r["pairs"]))
 EOF
 then pass "retrieval.json holds every pair with its protocol; peak memory logged"; else fail "retrieval.json"; fi

@@ -101,6 +101,8 @@ void check_same(const ExperimentConfig& a, const ExperimentConfig& b) {
   CHECK(a.eval.every == b.eval.every);
   CHECK(a.eval.batches == b.eval.batches);
   CHECK(a.eval.split == b.eval.split);
+  CHECK(a.eval.zero_shot_classes == b.eval.zero_shot_classes);
+  CHECK(a.eval.zero_shot_templates == b.eval.zero_shot_templates);
 
   CHECK(a.data.manifest == b.data.manifest);
   CHECK(a.data.shards == b.data.shards);
@@ -109,6 +111,7 @@ void check_same(const ExperimentConfig& a, const ExperimentConfig& b) {
   CHECK(a.data.prefetch == b.data.prefetch);
   CHECK(a.data.bucket_batches == b.data.bucket_batches);
   CHECK(a.data.missing_rate == b.data.missing_rate);
+  CHECK(a.data.max_bad_fraction == b.data.max_bad_fraction);
   CHECK(a.multimodal == b.multimodal);
   CHECK(a.prepare == b.prepare);
   CHECK(a.objectives == b.objectives);
@@ -147,13 +150,15 @@ const std::vector<BadCase> kBadFiles = {
      "rope_theta, segment_lengths, xpos_scale_base)"},
     {"unknown key in [data]", "[data]\ncopus = [\"a.txt\"]\n", {},
      "bad.toml:2:1: unknown key 'data.copus'; did you mean 'corpus'? (valid keys: bucket_batches, corpus, "
-     "loader_workers, manifest, missing_rate, prefetch, sequence_length, shards, tokenizer, validation_fraction)"},
+     "loader_workers, manifest, max_bad_fraction, missing_rate, prefetch, sequence_length, shards, tokenizer, "
+     "validation_fraction)"},
     {"unknown key in [train]", "[train]\nsteps = 10\nwarmup = 2\n", {},
      "bad.toml:3:1: unknown key 'train.warmup'; did you mean 'warmup_steps'? (valid keys: batch_size, beta1, beta2, "
      "checkpoint_every, grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, min_lr_ratio, precision, "
      "profile_from, profile_steps, steps, warmup_steps, weight_decay)"},
     {"unknown key in [eval]", "[eval]\nevery = 5\nbatch = 2\n", {},
-     "bad.toml:3:1: unknown key 'eval.batch'; did you mean 'batches'? (valid keys: batches, every, split)"},
+     "bad.toml:3:1: unknown key 'eval.batch'; did you mean 'batches'? (valid keys: batches, every, split, "
+     "zero_shot_classes, zero_shot_templates)"},
     {"unknown top-level table", "[trian]\nsteps = 5\n", {},
      "bad.toml:1:2: unknown key 'trian'; did you mean 'train'? (valid keys: ablate, attention, data, eval, "
      "fusion, modalities, model, objectives, prepare, run, train)"},
@@ -556,6 +561,10 @@ media_text = 2.0
 lm = 0.1
 learn_temperature = false
 
+[eval]
+zero_shot_classes = ["left", "right", "up", "down"]
+zero_shot_templates = ["shapes moving {}", "a video of {}"]
+
 [ablate]
 strategies = ["late", "bottleneck"]
 missing_rates = [0.0, 0.3]
@@ -586,6 +595,12 @@ patch_dim = 320
   CHECK(c.ablate.strategies == std::vector<std::string>{"late", "bottleneck"});
   CHECK(c.ablate.missing_rates == std::vector<double>{0.0, 0.3});
   CHECK(c.ablate.seeds == std::vector<int64_t>{1, 2, 3});
+  CHECK(c.eval.zero_shot_classes.size() == 4);
+  CHECK(c.eval.zero_shot_templates[1] == "a video of {}");
+  CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"eval.zero_shot_templates=[\"no slot\"]"}); }).find(
+            "'eval.zero_shot_templates[0]' must contain \"{}\" exactly once") != std::string::npos);
+  CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"eval.zero_shot_classes=[\"a\", \"a\"]"}); }).find(
+            "'eval.zero_shot_classes[1]' repeats \"a\"") != std::string::npos);
   const std::string printed = to_toml(c);
   CAPTURE(printed);
   check_same(parse_experiment(printed, "printed.toml"), c);
@@ -593,10 +608,10 @@ patch_dim = 320
 
   // Cross-table checks name the key to change and the values involved.
   CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"prepare.video_tubelet=1"}); }) ==
-        "mm.toml:36:13: 'modalities.video.patch_dim' must be 192, the values per patch that prepare.video_patch = 8 "
+        "mm.toml:40:13: 'modalities.video.patch_dim' must be 192, the values per patch that prepare.video_patch = 8 "
         "and video_tubelet = 1 give, got 384");
   CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"prepare.tokenizer_vocab_size=1000"}); }) ==
-        "mm.toml:32:14: 'modalities.text.vocab_size' must be at least prepare.tokenizer_vocab_size (1000), got 600");
+        "mm.toml:36:14: 'modalities.text.vocab_size' must be at least prepare.tokenizer_vocab_size (1000), got 600");
   CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"prepare.video_patch=7"}); }) ==
         "--set prepare.video_patch=7: 'prepare.video_patch' must divide prepare.video_size (64), got 7");
   CHECK(config_error([&] {
