@@ -255,6 +255,10 @@ TrainConfig parse_train(const Section& s) {
   at_least(s, "checkpoint_every", c.checkpoint_every, 0);
   c.keep_checkpoints = s.integer("keep_checkpoints", c.keep_checkpoints);
   at_least(s, "keep_checkpoints", c.keep_checkpoints, 1);
+  c.skip_nonfinite = s.boolean("skip_nonfinite", c.skip_nonfinite);
+  c.skip_oom = s.boolean("skip_oom", c.skip_oom);
+  c.max_skipped_steps = s.integer("max_skipped_steps", c.max_skipped_steps);
+  at_least(s, "max_skipped_steps", c.max_skipped_steps, 1);
   c.profile_from = s.integer("profile_from", c.profile_from);
   at_least(s, "profile_from", c.profile_from, 0);
   c.profile_steps = s.integer("profile_steps", c.profile_steps);
@@ -555,6 +559,11 @@ std::string to_toml(const ExperimentConfig& c) {
   w.put("log_every", t.log_every);
   w.put("checkpoint_every", t.checkpoint_every);
   w.put("keep_checkpoints", t.keep_checkpoints);
+  if (t.skip_nonfinite || t.skip_oom || t.max_skipped_steps != TrainConfig{}.max_skipped_steps) {
+    w.put("skip_nonfinite", t.skip_nonfinite);
+    w.put("skip_oom", t.skip_oom);
+    w.put("max_skipped_steps", t.max_skipped_steps);
+  }
   if (t.profile_from > 0 || t.profile_steps != TrainConfig{}.profile_steps) {
     w.put("profile_from", t.profile_from);
     w.put("profile_steps", t.profile_steps);

@@ -119,6 +119,9 @@ struct TrainConfig {
   int64_t log_every = 10;
   int64_t checkpoint_every = 0;        // 0: only at the end
   int64_t keep_checkpoints = 2;
+  bool skip_nonfinite = false;         // a step with a non-finite loss or gradient norm is skipped, not fatal
+  bool skip_oom = false;               // a step that runs out of GPU memory is skipped, not fatal (one process only)
+  int64_t max_skipped_steps = 10;      // consecutive skipped steps before the run stops anyway
   int64_t profile_from = 0;            // 1-based step where a profile starts (pipelines/training.h); 0: none
   int64_t profile_steps = 3;
 };

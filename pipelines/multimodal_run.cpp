@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <sstream>
 
@@ -665,49 +666,66 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   auto window_start = std::chrono::steady_clock::now();
 
   StepProfiler profiler(c.train, run_dir, device.is_cuda());
+  StepFailures failures(c.train);
   for (int64_t step = first_step; step < c.train.steps; ++step) {
     profiler.before_step(step);
     const double lr = learning_rate(c.train, step);
     set_learning_rate(*optimizer, lr);
     optimizer->zero_grad();
     at::Tensor step_loss_t;
-    for (int64_t micro = 0; micro < c.train.grad_accumulation; ++micro) {
-      auto batch = loader.next();  // endless
-      auto& input = batch->input;
-      check_text_ids(input, c.multimodal[Modality::text].input_dim, train_dir);
-      if (c.data.missing_rate > 0) {
-        drop_media(input, batch->samples, c.data.missing_rate, static_cast<uint64_t>(c.run.seed), batch->epoch);
+    std::map<std::string, at::Tensor> step_parts;
+    double step_loss = std::numeric_limits<double>::quiet_NaN(), grad_norm = 0;
+    bool apply = false;
+    try {
+      for (int64_t micro = 0; micro < c.train.grad_accumulation; ++micro) {
+        auto batch = loader.next();  // endless
+        auto& input = batch->input;
+        check_text_ids(input, c.multimodal[Modality::text].input_dim, train_dir);
+        if (c.data.missing_rate > 0) {
+          drop_media(input, batch->samples, c.data.missing_rate, static_cast<uint64_t>(c.run.seed), batch->epoch);
+        }
+        for (const auto& lengths : sample_lengths(input)) {
+          window_flops += flop_counter.training_flops(lengths);
+          for (int64_t n : lengths) window_tokens += n;
+        }
+        window_samples += input.present.size(0);
+        Losses losses;
+        {
+          const AutocastGuard autocast(c.train.precision == "bf16");
+          const auto passes = run_passes(model, to_device(input, device));
+          losses = compute_losses(passes, c.objectives, temperature->value());
+        }
+        if (injected_at(options.inject_nonfinite_steps, step)) {
+          losses.total = losses.total * std::numeric_limits<double>::quiet_NaN();
+        }
+        if (injected_at(options.inject_oom_steps, step)) throw_injected_oom(step);
+        (losses.total / static_cast<double>(c.train.grad_accumulation)).backward();
+        step_loss_t = step_loss_t.defined() ? step_loss_t + losses.total.detach() : losses.total.detach();
+        for (const auto& [k, v] : losses.parts) {
+          auto& sum = step_parts[k];
+          sum = sum.defined() ? sum + v / static_cast<double>(c.train.grad_accumulation)
+                              : v / static_cast<double>(c.train.grad_accumulation);
+        }
       }
-      for (const auto& lengths : sample_lengths(input)) {
-        window_flops += flop_counter.training_flops(lengths);
-        for (int64_t n : lengths) window_tokens += n;
+      step_loss = step_loss_t.item<double>() / static_cast<double>(c.train.grad_accumulation);
+      if (std::isfinite(step_loss) && c.train.grad_clip > 0) {
+        grad_norm = torch::nn::utils::clip_grad_norm_(parameters, c.train.grad_clip);
       }
-      window_samples += input.present.size(0);
-      Losses losses;
-      {
-        const AutocastGuard autocast(c.train.precision == "bf16");
-        const auto passes = run_passes(model, to_device(input, device));
-        losses = compute_losses(passes, c.objectives, temperature->value());
-      }
-      (losses.total / static_cast<double>(c.train.grad_accumulation)).backward();
-      step_loss_t = step_loss_t.defined() ? step_loss_t + losses.total.detach() : losses.total.detach();
-      for (const auto& [k, v] : losses.parts) {
-        auto& sum = window_parts[k];
-        sum = sum.defined() ? sum + v / static_cast<double>(c.train.grad_accumulation)
-                            : v / static_cast<double>(c.train.grad_accumulation);
-      }
+      apply = failures.accept(step, step_loss, grad_norm);
+    } catch (const c10::OutOfMemoryError& e) {
+      if (device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
+      failures.out_of_memory(step, e);
     }
-    const double step_loss = step_loss_t.item<double>() / static_cast<double>(c.train.grad_accumulation);
-    if (!std::isfinite(step_loss)) {
-      throw Error("training diverged: loss is " + std::to_string(step_loss) + " at step " + std::to_string(step + 1));
+    if (apply) {
+      optimizer->step();
+      last_loss = step_loss;
+      window_loss += step_loss;
+      ++window_steps;
+      for (const auto& [k, v] : step_parts) window_parts[k] = window_parts[k].defined() ? window_parts[k] + v : v;
+    } else {  // a skipped step: its gradients are dropped
+      optimizer->zero_grad();
     }
-    const double grad_norm = c.train.grad_clip > 0 ? torch::nn::utils::clip_grad_norm_(parameters, c.train.grad_clip)
-                                                   : 0.0;
-    optimizer->step();
     profiler.after_step(step);
-    last_loss = step_loss;
-    window_loss += step_loss;
-    ++window_steps;
 
     const int64_t done = step + 1;
     const bool last = done == c.train.steps;
@@ -716,7 +734,8 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
       const auto now = std::chrono::steady_clock::now();
       const double seconds = std::chrono::duration<double>(now - window_start).count();
       const double wait = loader.wait_seconds() - window_wait_start;
-      json fields = {{"loss", window_loss / static_cast<double>(window_steps)},
+      const auto applied = static_cast<double>(std::max<int64_t>(window_steps, 1));
+      json fields = {{"loss", window_loss / applied},
                      {"lr", lr},
                      {"grad_norm", grad_norm},
                      {"temperature", temperature->value().item<double>()},
@@ -724,9 +743,11 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
                      {"tokens_per_s", static_cast<double>(window_tokens) / seconds},
                      {"data_wait_fraction", wait / seconds},
                      {"peak_memory_gb", peak_memory_gb(device)},
+                     {"skipped_nonfinite", failures.skipped_nonfinite()},
+                     {"skipped_oom", failures.skipped_oom()},
                      {"elapsed_s", progress.elapsed_seconds()}};
       std::map<std::string, double> parts;
-      for (const auto& [k, v] : window_parts) parts[k] = v.item<double>() / static_cast<double>(window_steps);
+      for (const auto& [k, v] : window_parts) parts[k] = v.item<double>() / applied;
       for (const auto& [k, v] : parts) fields["loss_" + k] = v;
       if (peak > 0) fields["mfu"] = window_flops / seconds / peak;
       std::ostringstream line;
@@ -791,7 +812,9 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
                   {"zero_shot", last_eval.zero_shot},
                   {"data_wait_fraction", total_wait / std::max(total_train_seconds, 1e-9)},
                   {"tokens_per_s", static_cast<double>(total_tokens) / std::max(total_train_seconds, 1e-9)},
-                  {"device", device.str()}};
+                  {"device", device.str()},
+                  {"skipped_nonfinite_steps", failures.skipped_nonfinite()},
+                  {"skipped_oom_steps", failures.skipped_oom()}};
   // Throughput figures count training steps only (evaluation and checkpoints excluded).
   if (peak > 0) summary["mfu"] = total_flops / std::max(total_train_seconds, 1e-9) / peak;
   if (resume_step) summary["resumed_from_step"] = first_step;

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <sstream>
 
@@ -49,6 +50,9 @@ double evaluate(fusion::LongNetLM& model, const torch::Tensor& windows, int64_t 
 }
 
 fs::path train_language_model(const ExperimentConfig& c, const RunOptions& options) {
+  if (c.train.skip_oom && distributed::launch_env_from_environment()) {
+    throw ConfigError("train.skip_oom works in one process only: ranks would disagree on which steps to skip");
+  }
   // A distributed launch (`longnet run --nproc N`, or a launcher's RANK/WORLD_SIZE): data parallelism over every
   // rank; each rank samples its own batches, rank 0 alone evaluates and writes the run folder.
   const auto launch = distributed::launch_env_from_environment();
@@ -120,39 +124,52 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
   double train_loss = 0, val_loss = initial_val, window_loss = 0;
   int64_t window_steps = 0;
   StepProfiler profiler(c.train, run_dir, device.is_cuda());
+  StepFailures failures(c.train);
   for (int64_t step = first_step; step < c.train.steps; ++step) {
     profiler.before_step(step);
     const double lr = learning_rate(c.train, step);
     set_learning_rate(*optimizer, lr);
     optimizer->zero_grad();
-    double step_loss = 0;
-    for (int64_t micro = 0; micro < c.train.grad_accumulation; ++micro) {
-      const auto batch = corpus.sample_train(c.train.batch_size, rng).to(device);
-      torch::Tensor loss;
-      {
-        const AutocastGuard autocast(c.train.precision == "bf16");
-        loss = lm_loss(model, batch);
+    double step_loss = std::numeric_limits<double>::quiet_NaN(), grad_norm = 0;
+    bool apply = false;
+    try {
+      step_loss = 0;
+      for (int64_t micro = 0; micro < c.train.grad_accumulation; ++micro) {
+        const auto batch = corpus.sample_train(c.train.batch_size, rng).to(device);
+        torch::Tensor loss;
+        {
+          const AutocastGuard autocast(c.train.precision == "bf16");
+          loss = lm_loss(model, batch);
+        }
+        if (injected_at(options.inject_nonfinite_steps, step)) loss = loss * std::numeric_limits<double>::quiet_NaN();
+        if (injected_at(options.inject_oom_steps, step)) throw_injected_oom(step);
+        if (grad_sync && micro + 1 == c.train.grad_accumulation) grad_sync->arm();  // the last backward all-reduces
+        (loss / static_cast<double>(c.train.grad_accumulation)).backward();
+        step_loss += loss.item<double>() / static_cast<double>(c.train.grad_accumulation);
       }
-      if (grad_sync && micro + 1 == c.train.grad_accumulation) grad_sync->arm();  // the last backward all-reduces
-      (loss / static_cast<double>(c.train.grad_accumulation)).backward();
-      step_loss += loss.item<double>() / static_cast<double>(c.train.grad_accumulation);
+      if (grad_sync) {  // gradients averaged over the ranks; the logged loss too
+        grad_sync->finish();
+        auto total = torch::tensor({step_loss}, torch::dtype(torch::kDouble).device(device));
+        groups.world.all_reduce(total);
+        step_loss = total.item<double>() / static_cast<double>(world);
+      }
+      if (std::isfinite(step_loss) && c.train.grad_clip > 0) {
+        grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), c.train.grad_clip);
+      }
+      apply = failures.accept(step, step_loss, grad_norm);
+    } catch (const c10::OutOfMemoryError& e) {
+      failures.out_of_memory(step, e);
     }
-    if (grad_sync) {  // gradients averaged over the ranks; the logged loss too
-      grad_sync->finish();
-      auto total = torch::tensor({step_loss}, torch::dtype(torch::kDouble).device(device));
-      groups.world.all_reduce(total);
-      step_loss = total.item<double>() / static_cast<double>(world);
+    if (!apply) {  // a skipped step: its gradients are dropped
+      optimizer->zero_grad();
+      profiler.after_step(step);
+    } else {
+      optimizer->step();
+      profiler.after_step(step);
+      train_loss = step_loss;
+      window_loss += step_loss;
+      ++window_steps;
     }
-    if (!std::isfinite(step_loss)) {
-      throw Error("training diverged: loss is " + std::to_string(step_loss) + " at step " + std::to_string(step + 1));
-    }
-    const double grad_norm =
-        c.train.grad_clip > 0 ? torch::nn::utils::clip_grad_norm_(model->parameters(), c.train.grad_clip) : 0.0;
-    optimizer->step();
-    profiler.after_step(step);
-    train_loss = step_loss;
-    window_loss += step_loss;
-    ++window_steps;
 
     const int64_t done = step + 1;
     if (done % c.train.log_every == 0 || done == c.train.steps) {
@@ -161,11 +178,14 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
       const double tok_s = static_cast<double>(tokens_per_step * window_steps) / window_s;
       std::ostringstream fields;
       fields.precision(4);
-      fields << "loss " << window_loss / window_steps << " | lr " << lr << " | grad norm " << grad_norm << " | "
+      fields << "loss " << window_loss / std::max<int64_t>(window_steps, 1) << " | lr " << lr << " | grad norm " << grad_norm << " | "
              << static_cast<int64_t>(tok_s) << " tok/s";
       log::info(progress.format(done, fields.str()));
-      logger.log("train", done, {{"loss", window_loss / window_steps}, {"lr", lr}, {"grad_norm", grad_norm},
-                                 {"tokens_per_s", tok_s}, {"elapsed_s", progress.elapsed_seconds()}});
+      logger.log("train", done, {{"loss", window_loss / std::max<int64_t>(window_steps, 1)}, {"lr", lr},
+                                 {"grad_norm", grad_norm}, {"tokens_per_s", tok_s},
+                                 {"elapsed_s", progress.elapsed_seconds()},
+                                 {"skipped_nonfinite", failures.skipped_nonfinite()},
+                                 {"skipped_oom", failures.skipped_oom()}});
       window_start = now;
       window_loss = 0;
       window_steps = 0;
@@ -195,6 +215,8 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
       {"final_val_bits_per_byte", val_loss / std::log(2.0)},
       {"unigram_bits_per_byte", unigram_bpb},
       {"device", device.str()},
+      {"skipped_nonfinite_steps", failures.skipped_nonfinite()},
+      {"skipped_oom_steps", failures.skipped_oom()},
   };
   if (first_step == 0) summary["initial_val_bits_per_byte"] = initial_val / std::log(2.0);
   if (resume_step) summary["resumed_from_step"] = first_step;

@@ -9,7 +9,9 @@
 // was never interrupted.
 #pragma once
 
+#include <cstdint>
 #include <filesystem>
+#include <vector>
 
 #include "pipelines/experiment_config.h"
 
@@ -17,6 +19,9 @@ namespace longnet::pipelines {
 
 struct RunOptions {
   std::filesystem::path resume;  // a run folder to continue; empty: a new run folder
+  // Fault injection, for tests of the failure policy (train.skip_nonfinite, train.skip_oom): at these 1-based steps
+  // the loss is made NaN, or an out-of-memory error is raised before the backward.
+  std::vector<int64_t> inject_nonfinite_steps{}, inject_oom_steps{};
 };
 
 // Runs the experiment's task to completion; returns the run folder. Throws ConfigError for settings the machine

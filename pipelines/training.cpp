@@ -286,6 +286,48 @@ void StepProfiler::after_step(int64_t step) {
   log::info("profile: " + (dir_ / "summary.txt").string() + " and trace.json");
 }
 
+void StepFailures::skipped(int64_t step, const std::string& why) {
+  ++in_a_row_;
+  log::warn("step " + std::to_string(step + 1) + " skipped: " + why + " (" + std::to_string(nonfinite_) +
+            " non-finite and " + std::to_string(oom_) + " out-of-memory steps skipped so far)");
+  if (in_a_row_ > train_.max_skipped_steps) {
+    throw Error("training stopped: " + std::to_string(in_a_row_) + " steps in a row were skipped (train.max_skipped_steps = " +
+                std::to_string(train_.max_skipped_steps) + "); the last: " + why);
+  }
+}
+
+bool StepFailures::accept(int64_t step, double loss, double grad_norm) {
+  if (std::isfinite(loss) && std::isfinite(grad_norm)) {
+    in_a_row_ = 0;
+    return true;
+  }
+  const std::string what = !std::isfinite(loss) ? "loss is " + std::to_string(loss)
+                                                 : "gradient norm is " + std::to_string(grad_norm);
+  if (!train_.skip_nonfinite) {
+    throw Error("training diverged: " + what + " at step " + std::to_string(step + 1) +
+                " (train.skip_nonfinite = true skips such steps)");
+  }
+  ++nonfinite_;
+  skipped(step, what);
+  return false;
+}
+
+void StepFailures::out_of_memory(int64_t step, const std::exception& error) {
+  if (!train_.skip_oom) throw;
+  ++oom_;
+  const std::string what = error.what();
+  skipped(step, "out of memory: " + what.substr(0, what.find('\n')));  // c10 messages carry a location after a newline
+}
+
+bool injected_at(const std::vector<int64_t>& steps, int64_t step) {
+  return std::find(steps.begin(), steps.end(), step + 1) != steps.end();
+}
+
+void throw_injected_oom(int64_t step) {
+  throw c10::OutOfMemoryError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+                              "injected out-of-memory error at step " + std::to_string(step + 1));
+}
+
 AutocastGuard::AutocastGuard(bool enabled) : enabled_(enabled) {
   if (!enabled_) return;
   at::autocast::set_autocast_enabled(at::kCUDA, true);

@@ -122,6 +122,29 @@ class StepProfiler {
   std::chrono::steady_clock::time_point start_;
 };
 
+// The failure policy of a step. A non-finite loss or gradient norm stops the run unless train.skip_nonfinite; an
+// out-of-memory error in the forward or backward stops it unless train.skip_oom. A skipped step applies no update (its
+// gradients are dropped) and is counted; more than train.max_skipped_steps in a row stop the run anyway.
+class StepFailures {
+ public:
+  explicit StepFailures(const TrainConfig& train) : train_(train) {}
+  // Whether the step's update may be applied; throws Error when the policy says stop.
+  bool accept(int64_t step, double loss, double grad_norm);
+  // Called with an out-of-memory error caught during the step; rethrows it unless the policy skips.
+  void out_of_memory(int64_t step, const std::exception& error);
+  int64_t skipped_nonfinite() const { return nonfinite_; }
+  int64_t skipped_oom() const { return oom_; }
+
+ private:
+  void skipped(int64_t step, const std::string& why);
+  const TrainConfig& train_;
+  int64_t nonfinite_ = 0, oom_ = 0, in_a_row_ = 0;
+};
+
+// Whether `step` (0-based) is one of the 1-based steps of a fault-injection list.
+bool injected_at(const std::vector<int64_t>& steps, int64_t step);
+[[noreturn]] void throw_injected_oom(int64_t step);
+
 // bf16 autocast on CUDA for the lifetime of the guard (precision = "bf16"); nothing otherwise.
 class AutocastGuard {
  public:

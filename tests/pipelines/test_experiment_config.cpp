@@ -95,6 +95,9 @@ void check_same(const ExperimentConfig& a, const ExperimentConfig& b) {
   CHECK(a.train.log_every == b.train.log_every);
   CHECK(a.train.checkpoint_every == b.train.checkpoint_every);
   CHECK(a.train.keep_checkpoints == b.train.keep_checkpoints);
+  CHECK(a.train.skip_nonfinite == b.train.skip_nonfinite);
+  CHECK(a.train.skip_oom == b.train.skip_oom);
+  CHECK(a.train.max_skipped_steps == b.train.max_skipped_steps);
   CHECK(a.train.profile_from == b.train.profile_from);
   CHECK(a.train.profile_steps == b.train.profile_steps);
 
@@ -154,8 +157,9 @@ const std::vector<BadCase> kBadFiles = {
      "validation_fraction)"},
     {"unknown key in [train]", "[train]\nsteps = 10\nwarmup = 2\n", {},
      "bad.toml:3:1: unknown key 'train.warmup'; did you mean 'warmup_steps'? (valid keys: batch_size, beta1, beta2, "
-     "checkpoint_every, grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, min_lr_ratio, precision, "
-     "profile_from, profile_steps, steps, warmup_steps, weight_decay)"},
+     "checkpoint_every, grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, max_skipped_steps, "
+     "min_lr_ratio, precision, profile_from, profile_steps, skip_nonfinite, skip_oom, steps, warmup_steps, "
+     "weight_decay)"},
     {"unknown key in [eval]", "[eval]\nevery = 5\nbatch = 2\n", {},
      "bad.toml:3:1: unknown key 'eval.batch'; did you mean 'batches'? (valid keys: batches, every, split, "
      "zero_shot_classes, zero_shot_templates)"},
@@ -167,8 +171,8 @@ const std::vector<BadCase> kBadFiles = {
      "model, objectives, prepare, run, train)"},
     {"first unknown key in file order", "[train]\nzzz = 1\nstpes = 1\n", {},
      "bad.toml:2:1: unknown key 'train.zzz' (valid keys: batch_size, beta1, beta2, checkpoint_every, "
-     "grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, min_lr_ratio, precision, profile_from, "
-     "profile_steps, steps, warmup_steps, weight_decay)"},
+     "grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, max_skipped_steps, min_lr_ratio, precision, "
+     "profile_from, profile_steps, skip_nonfinite, skip_oom, steps, warmup_steps, weight_decay)"},
 
     // ---- wrong types ---------------------------------------------------------------------------------------------
     {"string for an integer", "[train]\nsteps = \"100\"\n", {},
@@ -310,8 +314,9 @@ const std::vector<BadCase> kBadFiles = {
 const std::vector<BadCase> kBadOverrides = {
     {"unknown key via --set", kMinimal, {"train.stpes=5"},
      "--set train.stpes=5: unknown key 'train.stpes'; did you mean 'steps'? (valid keys: batch_size, beta1, beta2, "
-     "checkpoint_every, grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, min_lr_ratio, precision, "
-     "profile_from, profile_steps, steps, warmup_steps, weight_decay)"},
+     "checkpoint_every, grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, max_skipped_steps, "
+     "min_lr_ratio, precision, profile_from, profile_steps, skip_nonfinite, skip_oom, steps, warmup_steps, "
+     "weight_decay)"},
     {"unknown table via --set", kMinimal, {"trian.steps=5"},
      "--set trian.steps=5: unknown key 'trian'; did you mean 'train'? (valid keys: ablate, attention, data, eval, "
      "fusion, modalities, model, objectives, prepare, run, train)"},
@@ -756,7 +761,8 @@ TEST_CASE("base inheritance errors name the file and position", "[pipelines][con
     CHECK(config_error([&] { load_experiment(a); }) ==
           at("a.toml") + ":3:1: unknown key 'train.stpes'; did you mean 'steps'? (valid keys: batch_size, beta1, "
                          "beta2, checkpoint_every, grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, "
-                         "min_lr_ratio, precision, profile_from, profile_steps, steps, warmup_steps, weight_decay)");
+                         "max_skipped_steps, min_lr_ratio, precision, profile_from, profile_steps, skip_nonfinite, "
+                         "skip_oom, steps, warmup_steps, weight_decay)");
   }
   SECTION("a syntax error in the base file") {
     dir.write("b.toml", "[train\n");

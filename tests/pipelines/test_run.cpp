@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "pipelines/experiment_config.h"
 #include "pipelines/run.h"
+#include "pipelines/shards.h"
 #include "tests/support/temp_dir.h"
 
 #include <catch2/catch.hpp>
@@ -156,4 +157,94 @@ TEST_CASE("run_experiment reports data errors before writing anything", "[pipeli
     CHECK_THROWS_WITH(run_experiment(config), "train.precision = \"bf16\" needs a CUDA device; this run uses the CPU");
   }
   CHECK_FALSE(fs::exists(out));
+}
+
+TEST_CASE("the failure policy skips injected non-finite and out-of-memory steps, counts them, or stops",
+          "[pipelines][cpu]") {
+  const TempDir dir;
+  const auto corpus = dir.write("corpus.txt", tiny_corpus());
+  longnet::pipelines::RunOptions faults;
+  faults.inject_nonfinite_steps = {5};
+  faults.inject_oom_steps = {7};
+  SECTION("skipped and counted") {
+    const auto config = parse_experiment(config_text(corpus, dir.path() / "runs", 20), "tiny.toml",
+                                         {"train.skip_nonfinite=true", "train.skip_oom=true"});
+    const fs::path run = run_experiment(config, faults);
+    const auto summary = nlohmann::json::parse(read_text(run / "summary.json"));
+    CHECK(summary["skipped_nonfinite_steps"] == 1);
+    CHECK(summary["skipped_oom_steps"] == 1);
+    CHECK(std::isfinite(summary["final_train_loss"].get<double>()));
+    std::ifstream metrics(run / "metrics.jsonl");
+    bool counted = false;
+    for (std::string line; std::getline(metrics, line);) {
+      const auto r = nlohmann::json::parse(line);
+      if (r["kind"] == "train" && r["step"] == 10) {
+        counted = r["skipped_nonfinite"] == 1 && r["skipped_oom"] == 1 && std::isfinite(r["loss"].get<double>());
+      }
+    }
+    CHECK(counted);
+  }
+  SECTION("fatal without the policy") {
+    const auto config = parse_experiment(config_text(corpus, dir.path() / "runs", 20), "tiny.toml");
+    CHECK_THROWS_WITH(run_experiment(config, faults), Catch::Contains("training diverged: loss is nan at step 5") &&
+                                                          Catch::Contains("train.skip_nonfinite"));
+    longnet::pipelines::RunOptions oom_only;
+    oom_only.inject_oom_steps = {3};
+    CHECK_THROWS_WITH(run_experiment(config, oom_only), Catch::Contains("injected out-of-memory error at step 3"));
+  }
+  SECTION("too many in a row") {
+    const auto config = parse_experiment(config_text(corpus, dir.path() / "runs", 20), "tiny.toml",
+                                         {"train.skip_nonfinite=true", "train.max_skipped_steps=2"});
+    longnet::pipelines::RunOptions three;
+    three.inject_nonfinite_steps = {3, 4, 5};
+    CHECK_THROWS_WITH(run_experiment(config, three), Catch::Contains("3 steps in a row were skipped"));
+  }
+}
+
+TEST_CASE("the multimodal runner trains on shards, skips injected failures and writes its run folder",
+          "[pipelines][cpu]") {
+  const TempDir dir;
+  // Text + video samples whose caption id says which of two patch patterns the video shows.
+  for (const char* split : {"train", "val"}) {
+    longnet::pipelines::ShardWriter writer(dir.path() / "shards" / split);
+    for (int i = 0; i < 24; ++i) {
+      const int cls = i % 2;
+      auto patches = torch::full({4, 12}, cls == 0 ? -0.5 : 0.5) + 0.1 * torch::randn({4, 12});
+      auto positions = torch::zeros({4, 3}, torch::kInt32);
+      positions.select(1, 0).copy_(torch::arange(4, torch::kInt32));
+      writer.add(std::string(split) + std::to_string(i),
+                 {{"text_ids", torch::tensor({1, 4 + cls, 6 + i % 5, 2}, torch::kInt32)},
+                  {"video_patches", patches.to(torch::kHalf)},
+                  {"video_positions", positions},
+                  {"label", torch::tensor({static_cast<int64_t>(cls)}, torch::kLong)}});
+    }
+    writer.finish();
+  }
+  const std::string text = "[run]\nname = \"mm\"\ntask = \"multimodal\"\ndevice = \"cpu\"\noutput_dir = \"" +
+                           (dir.path() / "runs").string() +
+                           "\"\n[model]\nwidth = 32\nheads = 2\n[data]\nshards = \"" +
+                           (dir.path() / "shards").string() +
+                           "\"\nloader_workers = 1\n[prepare]\nvideo_size = 32\nvideo_patch = 2\nvideo_tubelet = 1\n"
+                           "tokenizer_vocab_size = 16\n"
+                           "[modalities.text]\nenabled = true\ndepth = 1\nsegment_lengths = [8]\nvocab_size = 16\n"
+                           "[modalities.video]\nenabled = true\ndepth = 1\nsegment_lengths = [4]\npatch_dim = 12\n"
+                           "max_positions = 8\n[fusion]\ndepth = 1\nsegment_lengths = [8]\nembed_dim = 16\n"
+                           "[train]\nsteps = 30\nbatch_size = 8\nlr = 0.01\nwarmup_steps = 3\nlog_every = 10\n"
+                           "skip_nonfinite = true\nskip_oom = true\n[eval]\nevery = 0\nbatches = 0\n";
+  const auto config = parse_experiment(text, "mm.toml");
+  longnet::pipelines::RunOptions faults;
+  faults.inject_nonfinite_steps = {4};
+  faults.inject_oom_steps = {6};
+  const fs::path run = run_experiment(config, faults);
+  const auto summary = nlohmann::json::parse(read_text(run / "summary.json"));
+  CAPTURE(summary.dump());
+  CHECK(summary["skipped_nonfinite_steps"] == 1);
+  CHECK(summary["skipped_oom_steps"] == 1);
+  CHECK(summary["task"] == "multimodal");
+  // Captions name one of two patch patterns: a model that learnt it ranks the 12 videos of the caption's pattern
+  // first, so R@10 is at least 10/12 (chance: 10/24).
+  CHECK(summary["retrieval"]["text_to_video"]["r10"].get<double>() > 70.0);
+  CHECK(summary["retrieval"]["text_to_video"]["chance_r1"].get<double>() == Approx(100.0 / 24));
+  CHECK(fs::exists(run / "retrieval.json"));
+  CHECK(fs::exists(run / "checkpoints" / "step_00000030.pt"));
 }
