@@ -119,7 +119,7 @@ std::vector<int64_t> Loader::batch_samples(int64_t epoch, int64_t index) const {
   return {order.begin() + static_cast<std::ptrdiff_t>(begin), order.begin() + static_cast<std::ptrdiff_t>(end)};
 }
 
-Batch Loader::collate(const std::vector<int64_t>& samples) const {
+Batch Loader::collate(const std::vector<int64_t>& samples, int64_t epoch) const {
   Batch batch;
   batch.samples = samples;
   const auto B = static_cast<int64_t>(samples.size());
@@ -128,6 +128,19 @@ Batch Loader::collate(const std::vector<int64_t>& samples) const {
   for (const int64_t s : samples) {
     batch.ids.push_back(reader_.id(s));
     fields.push_back(reader_.read(s));
+    auto& f = fields.back();
+    if (options_.sample_captions && f.count("captions_ids") != 0 && f.count("captions_offsets") != 0) {
+      const auto offsets = f["captions_offsets"].to(torch::kLong);
+      const int64_t count = offsets.size(0) - 1;
+      if (count > 0) {
+        std::seed_seq seq{static_cast<uint32_t>(options_.seed), static_cast<uint32_t>(options_.seed >> 32),
+                          static_cast<uint32_t>(epoch), static_cast<uint32_t>(s), 0x63617074U};
+        std::mt19937 pick(seq);
+        const int64_t k = std::uniform_int_distribution<int64_t>(0, count - 1)(pick);
+        const int64_t a = offsets[k].item<int64_t>(), b = offsets[k + 1].item<int64_t>();
+        f["text_ids"] = f["captions_ids"].narrow(0, a, b - a);
+      }
+    }
   }
   auto present = torch::zeros({B, modalities::kModalityCount}, torch::kBool);
   for (const Modality m : modalities::kAllModalities) {
@@ -228,7 +241,7 @@ void Loader::work() {
     }
     const int64_t epoch = claim / batches_per_epoch_, index = claim % batches_per_epoch_;
     try {
-      Batch batch = collate(batch_samples(epoch, index));
+      Batch batch = collate(batch_samples(epoch, index), epoch);
       batch.epoch = epoch;
       batch.index = index;
       const std::lock_guard lock(mutex_);

@@ -55,6 +55,9 @@ struct LoaderOptions {
   // in page-locked memory, so that the host-to-device copy moves half the bytes and can run asynchronously.
   bool half_patches = false;
   bool pin_memory = false;  // needs a CUDA build and device
+  // Samples with several captions (captions_ids/captions_offsets, pipelines/prepare.h): each epoch takes one of them
+  // for text_ids, chosen by (seed, epoch, sample), instead of always the first.
+  bool sample_captions = false;
 };
 
 struct Batch {
@@ -91,8 +94,8 @@ class Loader {
 
   // The sample indices of batch `index` of `epoch` (what a worker reads; exposed for tests).
   std::vector<int64_t> batch_samples(int64_t epoch, int64_t index) const;
-  // Collates samples into a batch (exposed for tests and evaluation without threads).
-  Batch collate(const std::vector<int64_t>& samples) const;
+  // Collates samples into a batch (exposed for tests and evaluation without threads); `epoch` picks the captions.
+  Batch collate(const std::vector<int64_t>& samples, int64_t epoch = 0) const;
 
  private:
   void start();

@@ -449,7 +449,67 @@ SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& r
     media.push_back(dropped.media.defined() ? dropped.media.to(torch::kFloat).cpu() : torch::zeros({B, E}));
     media_present.push_back(dropped.media_present.cpu());
   }
+  // Every caption: samples with several run them through the text pass; a single caption is the text embedding.
+  std::vector<at::Tensor> caption_rows;
+  std::vector<int64_t> caption_items;
+  {
+    std::vector<std::vector<int64_t>> pending_ids;
+    std::vector<int64_t> pending_items;
+    auto flush = [&] {
+      if (pending_ids.empty()) return;
+      int64_t longest = 1;
+      for (const auto& p : pending_ids) longest = std::max<int64_t>(longest, static_cast<int64_t>(p.size()));
+      const auto P = static_cast<int64_t>(pending_ids.size());
+      auto data = torch::full({P, longest}, kTextPadId, torch::kLong);
+      auto padding = torch::ones({P, longest}, torch::kBool);
+      for (int64_t i = 0; i < P; ++i) {
+        const auto len = static_cast<int64_t>(pending_ids[static_cast<size_t>(i)].size());
+        data[i].narrow(0, 0, len).copy_(torch::tensor(pending_ids[static_cast<size_t>(i)], torch::kLong));
+        padding[i].narrow(0, 0, len).fill_(false);
+      }
+      fusion::MultimodalInput in;
+      in.modalities[idx(Modality::text)] = fusion::ModalityInput{.data = data, .padding = padding};
+      in.present = torch::zeros({P, static_cast<int64_t>(kM)}, torch::kBool);
+      in.present.select(1, static_cast<int64_t>(idx(Modality::text))).fill_(true);
+      const AutocastGuard autocast(options.bf16 && device.is_cuda());
+      const auto passes = run_passes(model, to_device(in, device));
+      caption_rows.push_back(passes.embeddings[idx(Modality::text)].to(torch::kFloat).cpu());
+      caption_items.insert(caption_items.end(), pending_items.begin(), pending_items.end());
+      pending_ids.clear();
+      pending_items.clear();
+    };
+    if (mc[Modality::text].enabled) {
+      const auto text_emb = torch::cat(per[idx(Modality::text)]);
+      const auto text_present = torch::cat(present).select(1, static_cast<int64_t>(idx(Modality::text)));
+      for (int64_t row = 0; row < static_cast<int64_t>(out.ids.size()); ++row) {
+        if (!text_present[row].item<bool>()) continue;
+        const auto index = *reader.find(out.ids[static_cast<size_t>(row)]);
+        const auto& fields = reader.fields(index);
+        const bool several = std::any_of(fields.begin(), fields.end(),
+                                         [](const ShardField& f) { return f.name == "captions_ids"; });
+        if (!several) {
+          caption_rows.push_back(text_emb.narrow(0, row, 1));
+          caption_items.push_back(row);
+          continue;
+        }
+        const auto all = reader.read(index, "captions_ids").to(torch::kLong);
+        const auto offsets = reader.read(index, "captions_offsets").to(torch::kLong);
+        for (int64_t k = 0; k + 1 < offsets.size(0); ++k) {
+          const int64_t a = offsets[k].item<int64_t>(), b = offsets[k + 1].item<int64_t>();
+          const auto piece = all.narrow(0, a, b - a);
+          pending_ids.emplace_back(piece.data_ptr<int64_t>(), piece.data_ptr<int64_t>() + piece.numel());
+          pending_items.push_back(row);
+        }
+        if (static_cast<int64_t>(pending_ids.size()) >= options.batch_size) flush();
+      }
+      flush();
+    }
+  }
   if (was_training) model->train();
+  if (!caption_rows.empty()) {
+    out.captions = torch::cat(caption_rows);
+    out.caption_items = torch::tensor(caption_items, torch::kLong);
+  }
   out.present = torch::cat(present);
   for (const Modality m : modalities::kAllModalities) {
     if (!per[idx(m)].empty()) out.modality[idx(m)] = torch::cat(per[idx(m)]);
@@ -528,37 +588,50 @@ json zero_shot_report(fusion::MultimodalModel& model, const SplitEmbeddings& e, 
 
 json retrieval_report(const SplitEmbeddings& e) {
   json report = json::object();
-  const auto items = torch::arange(static_cast<int64_t>(e.ids.size()), torch::kLong);
-  // a → b and b → a over the samples that have both; each gallery holds every sample that has its side.
-  auto add = [&](const std::string& name_a, const at::Tensor& a, const at::Tensor& has_a, const std::string& name_b,
-                 const at::Tensor& b, const at::Tensor& has_b) {
-    const auto both = (has_a & has_b).nonzero().squeeze(1);
-    const auto a_rows = has_a.nonzero().squeeze(1), b_rows = has_b.nonzero().squeeze(1);
-    if (both.size(0) < 1 || a_rows.size(0) < 2 || b_rows.size(0) < 2) return;
-    auto one = [&](const std::string& key, const at::Tensor& q, const at::Tensor& g, const at::Tensor& g_rows) {
-      const auto r = retrieval_metrics(q.index_select(0, both), items.index_select(0, both), g.index_select(0, g_rows),
-                                       items.index_select(0, g_rows));
+  const auto N = static_cast<int64_t>(e.ids.size());
+  struct Side {
+    at::Tensor emb, items;  // rows and the sample each belongs to
+  };
+  auto rows_of = [&](const at::Tensor& emb, const at::Tensor& has) {
+    const auto rows = has.nonzero().squeeze(1);
+    return Side{emb.index_select(0, rows), rows};
+  };
+  auto items_with = [&](const Side& s) {
+    return torch::zeros({N}, torch::kBool).index_fill_(0, s.items, true);
+  };
+  // a → b over the rows of a whose sample also has b, against every row of b; then b → a.
+  auto add = [&](const std::string& name_a, const Side& a, const std::string& name_b, const Side& b) {
+    const auto has_a = items_with(a), has_b = items_with(b);
+    const auto a_q = has_b.index_select(0, a.items).nonzero().squeeze(1);
+    const auto b_q = has_a.index_select(0, b.items).nonzero().squeeze(1);
+    if (a_q.size(0) < 1 || b_q.size(0) < 1 || has_a.sum().item<int64_t>() < 2 || has_b.sum().item<int64_t>() < 2) {
+      return;
+    }
+    auto one = [&](const std::string& key, const Side& q, const at::Tensor& q_rows, const Side& g) {
+      const auto r = retrieval_metrics(q.emb.index_select(0, q_rows), q.items.index_select(0, q_rows), g.emb, g.items);
       report[key] = {{"r1", r.r1}, {"r5", r.r5}, {"r10", r.r10}, {"median_rank", r.median_rank},
                      {"mean_rank", r.mean_rank}, {"queries", r.queries}, {"gallery", r.gallery_items},
                      {"chance_r1", 100.0 / static_cast<double>(r.gallery_items)}, {"protocol", r.protocol}};
     };
-    one(name_a + "_to_" + name_b, a, b, b_rows);
-    one(name_b + "_to_" + name_a, b, a, a_rows);
+    one(name_a + "_to_" + name_b, a, a_q, b);
+    one(name_b + "_to_" + name_a, b, b_q, a);
   };
   auto column = [&](Modality m) { return e.present.select(1, static_cast<int64_t>(idx(m))); };
   const auto& text = e.modality[idx(Modality::text)];
   if (text.defined()) {
+    // Every caption a row of the text side when they are known, else the one text embedding per sample.
+    const Side captions = e.captions.defined() ? Side{e.captions, e.caption_items} : rows_of(text, column(Modality::text));
     for (const Modality m : kMedia) {
       if (e.modality[idx(m)].defined()) {
-        add("text", text, column(Modality::text), modalities::to_string(m), e.modality[idx(m)], column(m));
+        add("text", captions, modalities::to_string(m), rows_of(e.modality[idx(m)], column(m)));
       }
     }
-    if (e.media.defined()) add("text", text, column(Modality::text), "media", e.media, e.media_present);
+    if (e.media.defined()) add("text", captions, "media", rows_of(e.media, e.media_present));
   }
   const auto& video = e.modality[idx(Modality::video)];
   const auto& audio = e.modality[idx(Modality::audio)];
   if (video.defined() && audio.defined()) {
-    add("video", video, column(Modality::video), "audio", audio, column(Modality::audio));
+    add("video", rows_of(video, column(Modality::video)), "audio", rows_of(audio, column(Modality::audio)));
   }
   return report;
 }
@@ -618,6 +691,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   lo.pad_id = kTextPadId;
   lo.modalities = enabled_modalities(c);
   lo.half_patches = lo.pin_memory = device.is_cuda();
+  lo.sample_captions = true;  // every caption of a sample takes turns, epoch by epoch
   Loader loader(train_shards, lo);
 
   int64_t first_step = 0;

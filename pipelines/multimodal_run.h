@@ -41,6 +41,9 @@ struct SplitEmbeddings {
   at::Tensor media;          // (N, E) the fusion of the sample's media (text left out); zero rows without media
   at::Tensor media_present;  // (N) bool
   at::Tensor labels;         // (N) int64 class labels (the shards' `label` field), -1 where a sample has none
+  // Every caption of every sample with text (several per sample when the shards hold captions_ids): (K, E) and the
+  // sample each belongs to (K) int64. Retrieval uses these rows for the text side.
+  at::Tensor captions, caption_items;
 };
 
 struct EmbedOptions {

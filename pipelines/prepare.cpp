@@ -54,6 +54,20 @@ Prepared prepare_sample(const ManifestSample& s, const PrepareOptions& o, const 
         ids.back() = tokenizer->eos_id();
       }
       out.fields.emplace_back("text_ids", torch::tensor(std::vector<int32_t>(ids.begin(), ids.end()), torch::kInt));
+      if (s.text.size() > 1) {  // every caption, for retrieval with several captions per item
+        std::vector<int32_t> all, offsets{0};
+        for (const auto& caption : s.text) {
+          auto c = tokenizer->encode(caption, /*add_bos=*/true, /*add_eos=*/true);
+          if (static_cast<int64_t>(c.size()) > o.text_max_tokens) {
+            c.resize(static_cast<size_t>(o.text_max_tokens));
+            c.back() = tokenizer->eos_id();
+          }
+          all.insert(all.end(), c.begin(), c.end());
+          offsets.push_back(static_cast<int32_t>(all.size()));
+        }
+        out.fields.emplace_back("captions_ids", torch::tensor(all, torch::kInt));
+        out.fields.emplace_back("captions_offsets", torch::tensor(offsets, torch::kInt));
+      }
       std::string joined;
       for (const auto& caption : s.text) joined += (joined.empty() ? "" : "\n") + caption;
       out.fields.emplace_back("captions", torch::from_blob(joined.data(), {static_cast<int64_t>(joined.size())},

@@ -8,6 +8,8 @@
 //   video  frames sampled with seeking → patches or tubelets (float16) and positions
 //   audio  the manifest's `audio` file (which may be the video itself) → 16 kHz mono → log-mel → patches of k frames
 //   label  the manifest's class label as an index (see PrepareOptions::classes), when it has one
+//   captions_ids, captions_offsets   with several captions: all of them tokenised, concatenated (int32), and the
+//          offsets of each (int32, captions + 1), for retrieval evaluation with several captions per item
 // Every caption is kept in the shard as well (`captions`, the UTF-8 bytes of all captions joined by '\n', uint8), for
 // retrieval evaluation with several captions per item.
 //

@@ -89,6 +89,8 @@ for pair in ("text_to_video", "video_to_text", "text_to_media", "video_to_audio"
     p = r["pairs"][pair]
     assert 0 <= p["r1"] <= p["r5"] <= p["r10"] <= 100 and p["chance_r1"] == 100 / p["gallery"], (pair, p)
     assert p["protocol"], pair
+# Two captions per demo sample: every caption is a text query, and the text gallery has both.
+assert r["pairs"]["text_to_video"]["queries"] == 2 * r["pairs"]["video_to_text"]["queries"], r["pairs"]
 rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
 assert all(r["peak_memory_gb"] > 0 for r in rows if r["kind"] == "train")
 for m in ("media", "video", "audio"):

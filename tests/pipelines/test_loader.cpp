@@ -225,3 +225,37 @@ TEST_CASE("half_patches delivers the float32 patch values rounded to float16", "
   }
   CHECK(torch::equal(fa.input.modalities[0]->data, fb.input.modalities[0]->data));  // text ids untouched
 }
+
+TEST_CASE("sample_captions takes each sample's captions in turn, fixed by seed and epoch", "[pipelines]") {
+  TempDir tmp;
+  const auto dir = tmp.path() / "captions";
+  {
+    ShardWriter writer(dir);
+    for (int i = 0; i < 4; ++i) {
+      // Three captions: [1, 10+i, 2], [1, 20+i, 2], [1, 30+i, 2]; text_ids is the first.
+      writer.add("c" + std::to_string(i),
+                 {{"text_ids", torch::tensor({1, 10 + i, 2}, torch::kInt32)},
+                  {"captions_ids", torch::tensor({1, 10 + i, 2, 1, 20 + i, 2, 1, 30 + i, 2}, torch::kInt32)},
+                  {"captions_offsets", torch::tensor({0, 3, 6, 9}, torch::kInt32)}});
+    }
+    writer.finish();
+  }
+  const ShardReader reader(dir);
+  LoaderOptions options{.batch_size = 4, .seed = 5};
+  const Loader plain(reader, options);
+  CHECK(plain.collate({0, 1, 2, 3}, 7).input.modalities[0]->data.select(1, 1).equal(
+      torch::tensor({10, 11, 12, 13}, torch::kLong)));
+  options.sample_captions = true;
+  const Loader sampled(reader, options), again(reader, options);
+  std::set<int64_t> seen;
+  for (int64_t epoch = 0; epoch < 12; ++epoch) {
+    const auto ids = sampled.collate({0, 1, 2, 3}, epoch).input.modalities[0]->data;
+    CHECK(ids.equal(again.collate({0, 1, 2, 3}, epoch).input.modalities[0]->data));  // fixed by (seed, epoch)
+    for (int64_t b = 0; b < 4; ++b) {
+      const int64_t token = ids[b][1].item<int64_t>();
+      CHECK(token % 10 == b);  // a caption of its own sample
+      seen.insert(token / 10);
+    }
+  }
+  CHECK(seen == std::set<int64_t>{1, 2, 3});  // every caption is used
+}
