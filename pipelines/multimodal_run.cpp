@@ -344,6 +344,25 @@ void check_text_ids(const fusion::MultimodalInput& in, int64_t vocab, const fs::
   }
 }
 
+// Token-id sequences as a text-only batch (padded with kTextPadId, padding masked), for the text pass alone.
+fusion::MultimodalInput text_batch(const std::vector<std::vector<int64_t>>& ids) {
+  const auto P = static_cast<int64_t>(ids.size());
+  int64_t longest = 1;
+  for (const auto& p : ids) longest = std::max<int64_t>(longest, static_cast<int64_t>(p.size()));
+  auto data = torch::full({P, longest}, kTextPadId, torch::kLong);
+  auto padding = torch::ones({P, longest}, torch::kBool);
+  for (int64_t i = 0; i < P; ++i) {
+    const auto len = static_cast<int64_t>(ids[static_cast<size_t>(i)].size());
+    data[i].narrow(0, 0, len).copy_(torch::tensor(ids[static_cast<size_t>(i)], torch::kLong));
+    padding[i].narrow(0, 0, len).fill_(false);
+  }
+  fusion::MultimodalInput in;
+  in.modalities[idx(Modality::text)] = fusion::ModalityInput{.data = data, .padding = padding};
+  in.present = torch::zeros({P, static_cast<int64_t>(kM)}, torch::kBool);
+  in.present.select(1, static_cast<int64_t>(idx(Modality::text))).fill_(true);
+  return in;
+}
+
 struct EvalResult {
   json retrieval = json::object();
   json zero_shot = json::object();
@@ -457,22 +476,8 @@ SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& r
     std::vector<int64_t> pending_items;
     auto flush = [&] {
       if (pending_ids.empty()) return;
-      int64_t longest = 1;
-      for (const auto& p : pending_ids) longest = std::max<int64_t>(longest, static_cast<int64_t>(p.size()));
-      const auto P = static_cast<int64_t>(pending_ids.size());
-      auto data = torch::full({P, longest}, kTextPadId, torch::kLong);
-      auto padding = torch::ones({P, longest}, torch::kBool);
-      for (int64_t i = 0; i < P; ++i) {
-        const auto len = static_cast<int64_t>(pending_ids[static_cast<size_t>(i)].size());
-        data[i].narrow(0, 0, len).copy_(torch::tensor(pending_ids[static_cast<size_t>(i)], torch::kLong));
-        padding[i].narrow(0, 0, len).fill_(false);
-      }
-      fusion::MultimodalInput in;
-      in.modalities[idx(Modality::text)] = fusion::ModalityInput{.data = data, .padding = padding};
-      in.present = torch::zeros({P, static_cast<int64_t>(kM)}, torch::kBool);
-      in.present.select(1, static_cast<int64_t>(idx(Modality::text))).fill_(true);
       const AutocastGuard autocast(options.bf16 && device.is_cuda());
-      const auto passes = run_passes(model, to_device(in, device));
+      const auto passes = run_passes(model, to_device(text_batch(pending_ids), device));
       caption_rows.push_back(passes.embeddings[idx(Modality::text)].to(torch::kFloat).cpu());
       caption_items.insert(caption_items.end(), pending_items.begin(), pending_items.end());
       pending_ids.clear();
@@ -537,20 +542,8 @@ json zero_shot_report(fusion::MultimodalModel& model, const SplitEmbeddings& e, 
     for (const auto& prompt : per_class) ids.push_back(prompt.get<std::vector<int64_t>>());
   }
   const auto P = static_cast<int64_t>(ids.size());
-  int64_t longest = 1;
-  for (const auto& p : ids) longest = std::max<int64_t>(longest, static_cast<int64_t>(p.size()));
-  auto data = torch::full({P, longest}, kTextPadId, torch::kLong);
-  auto padding = torch::ones({P, longest}, torch::kBool);
-  for (int64_t i = 0; i < P; ++i) {
-    const auto n = static_cast<int64_t>(ids[static_cast<size_t>(i)].size());
-    data[i].narrow(0, 0, n).copy_(torch::tensor(ids[static_cast<size_t>(i)], torch::kLong));
-    padding[i].narrow(0, 0, n).fill_(false);
-  }
-  fusion::MultimodalInput input;
-  input.modalities[idx(Modality::text)] = fusion::ModalityInput{.data = data, .padding = padding};
+  const auto input = text_batch(ids);
   check_text_ids(input, c.multimodal[Modality::text].input_dim, file);
-  input.present = torch::zeros({P, static_cast<int64_t>(kM)}, torch::kBool);
-  input.present.select(1, static_cast<int64_t>(idx(Modality::text))).fill_(true);
   torch::NoGradGuard no_grad;
   const bool was_training = model->is_training();
   model->eval();
