@@ -174,6 +174,12 @@ PrepareConfig parse_prepare(const Section& s) {
                                                fmt_number(c.video_fps));
   c.audio_max_seconds = s.number("audio_max_seconds", c.audio_max_seconds);
   if (!(c.audio_max_seconds > 0)) s.fail("audio_max_seconds", "must be > 0, got " + fmt_number(c.audio_max_seconds));
+  c.audio_seconds = s.number("audio_seconds", c.audio_seconds);
+  if (!(c.audio_seconds >= 0 && c.audio_seconds <= c.audio_max_seconds)) {
+    s.fail("audio_seconds", "must be in [0, prepare.audio_max_seconds = " + fmt_number(c.audio_max_seconds) +
+                                "] (0: clips keep their length), got " + fmt_number(c.audio_seconds));
+  }
+  c.audio_fit = s.choice("audio_fit", c.audio_fit, {"pad", "loop", "crop"});
   s.finish();
   return c;
 }
@@ -625,6 +631,8 @@ std::string to_toml(const ExperimentConfig& c) {
     w.put("video_patch", p.video_patch);
     w.put("video_tubelet", p.video_tubelet);
     w.put("audio_max_seconds", p.audio_max_seconds);
+    w.put("audio_seconds", p.audio_seconds);
+    w.put("audio_fit", p.audio_fit);
     w.put("mel_bins", p.mel_bins);
     w.put("mel_frames_per_patch", p.mel_frames_per_patch);
     w.put("max_shard_mb", p.max_shard_mb);

@@ -70,6 +70,8 @@ struct PrepareConfig {
   int64_t video_patch = 16;
   int64_t video_tubelet = 1;           // frames per patch
   double audio_max_seconds = 30.0;     // longer audio is cut
+  double audio_seconds = 0.0;          // > 0: every clip fitted to this length (pipelines/prepare.h)
+  std::string audio_fit = "pad";       // shorter clips: "pad" (silence) | "loop" | "crop" (left short)
   int64_t mel_bins = 80;
   int64_t mel_frames_per_patch = 16;   // 10 ms frames
   int64_t max_shard_mb = 256;

@@ -39,6 +39,7 @@ at::Tensor patch_positions(const modalities::Patches& p) {
 struct Prepared {
   SampleTensors fields;
   std::string error;  // non-empty: the sample is bad
+  AudioFitted audio = AudioFitted::unchanged;
 };
 
 // Decodes one sample; any decoder error makes the whole sample bad, with the modality named.
@@ -101,6 +102,9 @@ Prepared prepare_sample(const ManifestSample& s, const PrepareOptions& o, const 
       auto audio = modalities::decode_audio_file(*s.audio, o.audio);
       const auto limit = static_cast<size_t>(o.audio_max_seconds * audio.sample_rate);
       if (audio.samples.size() > limit) audio.samples.resize(limit);
+      if (o.audio_seconds > 0) {
+        out.audio = fit_audio(audio.samples, static_cast<size_t>(o.audio_seconds * audio.sample_rate), o.audio_fit);
+      }
       const auto mel = modalities::log_mel(audio.samples, o.mel);
       const auto patches = modalities::patchify_log_mel(mel, o.mel_frames_per_patch, o.mel);
       out.fields.emplace_back("audio_patches", patch_values(patches));
@@ -147,6 +151,25 @@ class Progress {
 
 }  // namespace
 
+AudioFitted fit_audio(std::vector<float>& samples, size_t target, const std::string& fit) {
+  if (fit != "crop" && fit != "pad" && fit != "loop") {
+    throw ConfigError("prepare: audio_fit must be \"crop\", \"pad\" or \"loop\", got \"" + fit + "\"");
+  }
+  if (samples.size() > target) {
+    samples.resize(target);
+    return AudioFitted::cropped;
+  }
+  if (samples.size() == target || fit == "crop") return AudioFitted::unchanged;
+  if (fit == "loop" && !samples.empty()) {
+    const size_t n = samples.size();
+    samples.resize(target);
+    for (size_t i = n; i < target; ++i) samples[i] = samples[i - n];
+    return AudioFitted::looped;
+  }
+  samples.resize(target, 0.0F);  // silence (also for "loop" of an empty clip)
+  return AudioFitted::padded;
+}
+
 void PrepareOptions::validate() const {
   auto fail = [](const std::string& message) { throw ConfigError("prepare: " + message); };
   if (manifest.empty()) fail("a manifest is required");
@@ -156,6 +179,12 @@ void PrepareOptions::validate() const {
     fail("patch sizes (image_patch, video_patch, video_tubelet, mel_frames_per_patch) must be >= 1");
   }
   if (!(audio_max_seconds > 0)) fail("audio_max_seconds must be > 0");
+  if (!(audio_seconds >= 0) || audio_seconds > audio_max_seconds) {
+    fail("audio_seconds must be in [0, audio_max_seconds], got " + std::to_string(audio_seconds));
+  }
+  if (audio_fit != "crop" && audio_fit != "pad" && audio_fit != "loop") {
+    fail("audio_fit must be \"crop\", \"pad\" or \"loop\", got \"" + audio_fit + "\"");
+  }
   if (workers < 0) fail("workers must be >= 0");
   if (on_bad != "skip" && on_bad != "fail") fail("on_bad must be \"skip\" or \"fail\", got \"" + on_bad + "\"");
   if (max_shard_bytes < 1) fail("max_shard_bytes must be >= 1");
@@ -248,6 +277,9 @@ PrepareSummary prepare_dataset(const PrepareOptions& options) {
       } else {
         writers.at(s.split)->add(s.id, p.fields);
         ++summary.prepared;
+        summary.audio_cropped += p.audio == AudioFitted::cropped ? 1 : 0;
+        summary.audio_padded += p.audio == AudioFitted::padded ? 1 : 0;
+        summary.audio_looped += p.audio == AudioFitted::looped ? 1 : 0;
       }
       progress.update(static_cast<int64_t>(i + 1), summary.skipped);
     }
@@ -269,6 +301,11 @@ PrepareSummary prepare_dataset(const PrepareOptions& options) {
                          {"kept_from_earlier_run", summary.kept},
                          {"skipped_bad", summary.skipped},
                          {"samples_per_split", splits},
+                         {"audio_seconds", options.audio_seconds},
+                         {"audio_fit", options.audio_fit},
+                         {"audio_cropped", summary.audio_cropped},
+                         {"audio_padded", summary.audio_padded},
+                         {"audio_looped", summary.audio_looped},
                          {"seconds", summary.seconds}}
                             .dump(2) + "\n");
   log::info("prepare: " + std::to_string(summary.prepared) + " prepared, " + std::to_string(summary.kept) +

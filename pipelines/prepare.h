@@ -53,6 +53,10 @@ struct PrepareOptions {
   modalities::MelOptions mel{};
   int mel_frames_per_patch = 16;
   double audio_max_seconds = 30.0;  // longer audio is cut
+  // A fixed audio length (0: each clip keeps its own, up to audio_max_seconds): longer clips are cut to it; shorter ones
+  // are padded with silence ("pad"), repeated ("loop"), or left short ("crop"). prepare_summary.json counts each case.
+  double audio_seconds = 0.0;
+  std::string audio_fit = "pad";
 
   int workers = 0;                   // 0: one per hardware thread
   std::string on_bad = "skip";       // "skip" | "fail"
@@ -63,11 +67,17 @@ struct PrepareOptions {
   void validate() const;
 };
 
+// What AudioFit did to one clip.
+enum class AudioFitted { unchanged, cropped, padded, looped };
+// Fits `samples` to `target` samples by the rule of PrepareOptions::audio_fit ("crop" | "pad" | "loop").
+AudioFitted fit_audio(std::vector<float>& samples, size_t target, const std::string& fit);
+
 struct PrepareSummary {
   int64_t samples = 0;   // in the manifest
   int64_t prepared = 0;  // written by this run
   int64_t kept = 0;      // already stored by an earlier run
   int64_t skipped = 0;   // bad samples
+  int64_t audio_cropped = 0, audio_padded = 0, audio_looped = 0;  // clips fitted to audio_seconds
   std::vector<std::pair<std::string, std::string>> bad;  // (id, reason)
   double seconds = 0;
 };

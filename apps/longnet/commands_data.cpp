@@ -199,6 +199,8 @@ void prepare(const PrepareArgs& a) {
   o.video_patch = static_cast<int>(p.video_patch);
   o.video_tubelet = static_cast<int>(p.video_tubelet);
   o.audio_max_seconds = p.audio_max_seconds;
+  o.audio_seconds = p.audio_seconds;
+  o.audio_fit = p.audio_fit;
   o.mel.n_mels = static_cast<int>(p.mel_bins);
   o.mel_frames_per_patch = static_cast<int>(p.mel_frames_per_patch);
   o.workers = static_cast<int>(p.workers);
@@ -209,6 +211,10 @@ void prepare(const PrepareArgs& a) {
   std::cout << "prepared " << summary.prepared << ", kept " << summary.kept << ", skipped " << summary.skipped
             << " bad of " << summary.samples << " samples → " << c.data.shards << "\n";
   for (const auto& [id, reason] : summary.bad) std::cout << "  skipped " << id << ": " << reason << "\n";
+  if (p.audio_seconds > 0) {
+    std::cout << "audio fitted to " << p.audio_seconds << " s: " << summary.audio_cropped << " cropped, "
+              << summary.audio_padded << " padded, " << summary.audio_looped << " looped\n";
+  }
   if (!c.eval.zero_shot_classes.empty()) {
     // The zero-shot prompts, tokenised here so that training and evaluation need no tokenizer (GPU hosts have none).
     const auto tokenizer = text::Tokenizer::load(c.data.tokenizer);

@@ -56,6 +56,19 @@ expect_status 1
 expect_one_error_line "error: .*prepare_summary.json: 2 of 28 samples could not be decoded"
 expect_absent "$tmp/runs/refused"
 
+# Audio fitted to a fixed length (the demo's clips are 1-1.5 s of speech and padding): counted in the summary.
+run prepare_fit prepare "$config" "${common[@]}" --set "data.shards=$tmp/shards_fit" --set prepare.audio_seconds=1.2 \
+  --set 'prepare.audio_fit="loop"'
+expect_status 0
+expect_stdout_match "^audio fitted to 1.2 s: [0-9]+ cropped, 0 padded, [0-9]+ looped$"
+last=prepare_fit_summary
+if "$python" -c "
+import json, sys
+s = json.load(open(sys.argv[1]))
+assert s['audio_fit'] == 'loop' and s['audio_cropped'] + s['audio_looped'] >= 1 and s['audio_padded'] == 0, s
+" "$tmp/shards_fit/prepare_summary.json"; then pass "prepare_summary.json counts the fitted clips"; else
+  fail "audio fit counts"; fi
+
 run prepare_fail prepare "$config" "${common[@]}" --set "data.shards=$tmp/shards_fail" --set prepare.on_bad=fail
 expect_status 1
 if grep -qE "^error: .*manifest.jsonl:[0-9]+: sample 'demo[0-9]+': .*on_bad = \"fail\"" "$tmp/err"; then

@@ -624,6 +624,11 @@ patch_dim = 320
                            {"objectives.video_text=0", "objectives.audio_text=0", "objectives.media_text=0",
                             "objectives.lm=0"});
         }).find("no objective has a positive weight") != std::string::npos);
+  CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"prepare.audio_seconds=40"}); }) ==
+        "--set prepare.audio_seconds=40: 'prepare.audio_seconds' must be in [0, prepare.audio_max_seconds = 30] (0: "
+        "clips keep their length), got 40");
+  CHECK(parse_experiment(text, "mm.toml", {"prepare.audio_seconds=4", "prepare.audio_fit=\"loop\""}).prepare.audio_fit ==
+        "loop");
   CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"data.missing_rate=1.0"}); }) ==
         "--set data.missing_rate=1.0: 'data.missing_rate' must be in [0, 1), got 1");
   CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"ablate.seeds=[1,-2]"}); }) ==

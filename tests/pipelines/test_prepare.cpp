@@ -159,3 +159,26 @@ TEST_CASE("prepare rejects bad options and captions without a tokenizer", "[pipe
   CHECK_THROWS_WITH(longnet::pipelines::prepare_dataset(p), Catch::Contains("needs") || Catch::Contains("tokenizer"));
   CHECK_FALSE(fs::exists(tmp.path() / "out" / "prepare_summary.json"));
 }
+
+TEST_CASE("fit_audio crops longer clips and pads, loops or keeps shorter ones", "[pipelines]") {
+  using longnet::pipelines::AudioFitted;
+  using longnet::pipelines::fit_audio;
+  std::vector<float> longer{1, 2, 3, 4, 5};
+  CHECK(fit_audio(longer, 3, "pad") == AudioFitted::cropped);
+  CHECK(longer == std::vector<float>{1, 2, 3});
+  std::vector<float> padded{1, 2};
+  CHECK(fit_audio(padded, 5, "pad") == AudioFitted::padded);
+  CHECK(padded == std::vector<float>{1, 2, 0, 0, 0});
+  std::vector<float> looped{1, 2};
+  CHECK(fit_audio(looped, 5, "loop") == AudioFitted::looped);
+  CHECK(looped == std::vector<float>{1, 2, 1, 2, 1});
+  std::vector<float> kept{1, 2};
+  CHECK(fit_audio(kept, 5, "crop") == AudioFitted::unchanged);
+  CHECK(kept == std::vector<float>{1, 2});
+  std::vector<float> exact{1, 2, 3};
+  CHECK(fit_audio(exact, 3, "loop") == AudioFitted::unchanged);
+  std::vector<float> empty;
+  CHECK(fit_audio(empty, 2, "loop") == AudioFitted::padded);  // nothing to repeat: silence
+  CHECK(empty == std::vector<float>{0, 0});
+  CHECK_THROWS_AS(fit_audio(exact, 3, "stretch"), longnet::ConfigError);
+}
