@@ -687,20 +687,12 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   lo.sample_captions = true;  // every caption of a sample takes turns, epoch by epoch
   Loader loader(train_shards, lo);
 
-  int64_t first_step = 0;
-  std::optional<int64_t> resume_step;
-  if (!options.resume.empty()) {
-    resume_step = -1;
-    if (const auto file = latest_checkpoint(options.resume)) {
-      const auto loaded = load_checkpoint(*file, modules, optimizer.get());
-      first_step = loaded.step;
-      resume_step = loaded.step;
-      loader.restore({.epoch = loaded.state.at("loader").at("epoch").get<int64_t>(),
-                      .batch = loaded.state.at("loader").at("batch").get<int64_t>()});
-      log::info("resuming " + options.resume.string() + " from " + file->filename().string());
-    } else {
-      log::warn("resume: " + options.resume.string() + " has no checkpoint; training starts over in it");
-    }
+  const ResumePoint resumed = resume_point(options.resume, modules, *optimizer);
+  const int64_t first_step = resumed.first_step;
+  const std::optional<int64_t> resume_step = resumed.log_step;
+  if (!resumed.state.is_null()) {
+    loader.restore({.epoch = resumed.state.at("loader").at("epoch").get<int64_t>(),
+                    .batch = resumed.state.at("loader").at("batch").get<int64_t>()});
   }
   const fs::path run_dir = !options.resume.empty() ? options.resume : fresh_run_dir(c.run);
   write_file_atomic(run_dir / "config.toml", to_toml(c));

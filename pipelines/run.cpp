@@ -76,20 +76,10 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
   const CheckpointModules modules{.model = model.ptr().get(), .extras = {}};
 
   // Resuming: the model, optimizer, step and both random generators come back from the newest checkpoint.
-  int64_t first_step = 0;
-  std::optional<int64_t> resume_step;
-  if (!options.resume.empty()) {
-    resume_step = -1;  // killed before its first checkpoint: start over in the same folder
-    if (const auto file = latest_checkpoint(options.resume)) {
-      const auto loaded = load_checkpoint(*file, modules, optimizer.get());
-      first_step = loaded.step;
-      resume_step = loaded.step;
-      std::istringstream(loaded.state.at("sampler_rng").get<std::string>()) >> rng;
-      log::info("resuming " + options.resume.string() + " from " + file->filename().string());
-    } else {
-      log::warn("resume: " + options.resume.string() + " has no checkpoint; training starts over in it");
-    }
-  }
+  const ResumePoint resumed = resume_point(options.resume, modules, *optimizer);
+  const int64_t first_step = resumed.first_step;
+  const std::optional<int64_t> resume_step = resumed.log_step;
+  if (!resumed.state.is_null()) std::istringstream(resumed.state.at("sampler_rng").get<std::string>()) >> rng;
 
   distributed::ProcessGroups groups;
   std::unique_ptr<distributed::GradientAllReduce> grad_sync;

@@ -160,6 +160,23 @@ LoadedCheckpoint load_checkpoint(const fs::path& file, const CheckpointModules& 
   return out;
 }
 
+ResumePoint resume_point(const fs::path& run_dir, const CheckpointModules& modules,
+                         torch::optim::Optimizer& optimizer) {
+  ResumePoint r;
+  if (run_dir.empty()) return r;
+  r.log_step = -1;  // killed before its first checkpoint: start over in the same folder
+  if (const auto file = latest_checkpoint(run_dir)) {
+    auto loaded = load_checkpoint(*file, modules, &optimizer);
+    r.first_step = loaded.step;
+    r.log_step = loaded.step;
+    r.state = std::move(loaded.state);
+    log::info("resuming " + run_dir.string() + " from " + file->filename().string());
+  } else {
+    log::warn("resume: " + run_dir.string() + " has no checkpoint; training starts over in it");
+  }
+  return r;
+}
+
 MetricsLog::MetricsLog(const fs::path& path, std::optional<int64_t> resume_step) {
   if (path.empty()) return;
   if (resume_step && fs::exists(path)) {

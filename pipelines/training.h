@@ -66,6 +66,17 @@ struct LoadedCheckpoint {
 LoadedCheckpoint load_checkpoint(const std::filesystem::path& file, const CheckpointModules& modules,
                                  torch::optim::Optimizer* optimizer);
 
+// `--resume`: where a run continues. Restores the newest checkpoint of `run_dir` into the modules and optimizer; a
+// folder without a checkpoint yet starts over at step 0. `log_step` is what MetricsLog/RunLogger keep records up to
+// (-1: none); it is empty for a new run (`run_dir` empty). `state` is the checkpoint's runner state (null without one).
+struct ResumePoint {
+  int64_t first_step = 0;
+  std::optional<int64_t> log_step;
+  nlohmann::json state;
+};
+ResumePoint resume_point(const std::filesystem::path& run_dir, const CheckpointModules& modules,
+                         torch::optim::Optimizer& optimizer);
+
 // metrics.jsonl: one JSON object a line, flushed as written. Opened on a resumed run, records after the checkpoint's
 // step are dropped first (they belong to the part of the interrupted run that is being redone). An empty path (a rank
 // other than 0) writes nothing.
