@@ -332,6 +332,20 @@ Section Section::section(std::string_view key) const {
   return Section(doc_, n->as_table(), dotted(key), n->source());
 }
 
+std::vector<Section> Section::table_list(std::string_view key) const {
+  std::vector<Section> out;
+  const toml::node* n = lookup(key);
+  if (!n) return out;
+  if (!n->is_array()) fail(key, "must be an array of tables, got " + describe(*n));
+  const toml::array& arr = *n->as_array();
+  for (size_t i = 0; i < arr.size(); ++i) {
+    if (!arr.get(i)->is_table()) fail_element(key, i, "must be a table, got " + describe(*arr.get(i)));
+    out.push_back(Section(doc_, arr.get(i)->as_table(), dotted(key) + "[" + std::to_string(i) + "]",
+                          arr.get(i)->source()));
+  }
+  return out;
+}
+
 std::vector<std::string> Section::table_keys() const {
   std::vector<std::string> keys;
   if (!table_) return keys;

@@ -68,6 +68,9 @@ class Section {
   bool has(std::string_view key) const;
   // A sub-table; absent means empty (all defaults). A non-table value there is an error.
   Section section(std::string_view key) const;
+  // An array of tables (`sources = [{...}, {...}]` or [[data.sources]]); absent means none. Each element is a
+  // Section named "<key>[i]" with its own unknown-key check.
+  std::vector<Section> table_list(std::string_view key) const;
   // Keys of this table that are sub-tables (for open sets such as [modalities.*]).
   std::vector<std::string> table_keys() const;
 

@@ -140,9 +140,40 @@ DataConfig parse_data(const Section& s) {
   in_unit_interval(s, "missing_rate", c.missing_rate, true, false);
   c.max_bad_fraction = s.number("max_bad_fraction", c.max_bad_fraction);
   in_unit_interval(s, "max_bad_fraction", c.max_bad_fraction, true, true);
+  c.epoch_samples = s.integer("epoch_samples", c.epoch_samples);
+  at_least(s, "epoch_samples", c.epoch_samples, 0);
+  const std::vector<Section> sources = s.table_list("sources");
+  if (!sources.empty() && (!c.manifest.empty() || !c.shards.empty())) {
+    s.fail(!c.manifest.empty() ? "manifest" : "shards",
+           "cannot be set together with data.sources (the first source is the evaluation dataset; set it to \"\" "
+           "where a base config gives it)");
+  }
+  for (const Section& entry : sources) {
+    DataSource source;
+    source.manifest = entry.string("manifest", source.manifest);
+    source.shards = entry.string("shards");
+    if (source.shards.empty()) entry.fail("shards", "must name the folder of prepared shards");
+    source.weight = entry.number("weight", source.weight);
+    if (!(source.weight > 0)) entry.fail("weight", "must be > 0, got " + fmt_number(source.weight));
+    entry.finish();
+    c.sources.push_back(source);
+  }
+  if (!c.sources.empty()) {
+    c.manifest = c.sources.front().manifest;
+    c.shards = c.sources.front().shards;
+  }
   s.finish();
   return c;
 }
+
+}  // namespace
+
+std::vector<DataSource> training_sources(const DataConfig& data) {
+  if (!data.sources.empty()) return data.sources;
+  return {DataSource{.manifest = data.manifest, .shards = data.shards, .weight = 1.0}};
+}
+
+namespace {
 
 PrepareConfig parse_prepare(const Section& s) {
   PrepareConfig c;
@@ -448,13 +479,7 @@ class TomlWriter {
   void table(const char* name) { out_ << (out_.tellp() > 0 ? "\n[" : "[") << name << "]\n"; }
   void put(const char* key, int64_t v) { line(key, std::to_string(v)); }
   void put(const char* key, bool v) { line(key, v ? "true" : "false"); }
-  void put(const char* key, double v) {
-    char buf[64];
-    const auto end = std::to_chars(buf, buf + sizeof buf, v).ptr;  // shortest text that reads back as v
-    std::string text(buf, end);
-    if (text.find_first_of(".en") == std::string::npos) text += ".0";  // keep it a TOML float
-    line(key, text);
-  }
+  void put(const char* key, double v) { line(key, number(v)); }
   void put(const char* key, const std::string& v) { line(key, quote(v)); }
   void put(const char* key, const char* v) { line(key, quote(v)); }
   void put(const char* key, const std::vector<int64_t>& v) {
@@ -464,12 +489,7 @@ class TomlWriter {
   }
   void put(const char* key, const std::vector<double>& v) {
     std::string text;
-    for (double x : v) {
-      char buf[64];
-      std::string item(buf, std::to_chars(buf, buf + sizeof buf, x).ptr);
-      if (item.find_first_of(".en") == std::string::npos) item += ".0";
-      text += (text.empty() ? "" : ", ") + item;
-    }
+    for (double x : v) text += (text.empty() ? "" : ", ") + number(x);
     line(key, "[" + text + "]");
   }
   void put(const char* key, const std::vector<std::string>& v) {  // one entry a line: these are file paths
@@ -477,9 +497,23 @@ class TomlWriter {
     for (const auto& x : v) text += (v.size() > 1 ? "\n  " : "") + quote(x) + (v.size() > 1 ? "," : "");
     line(key, "[" + text + (v.size() > 1 ? "\n]" : "]"));
   }
+  void put(const char* key, const std::vector<DataSource>& v) {  // inline tables, one a line
+    std::string text;
+    for (const auto& x : v) {
+      text += "\n  {manifest = " + quote(x.manifest) + ", shards = " + quote(x.shards) + ", weight = " + number(x.weight) +
+              "},";
+    }
+    line(key, "[" + text + "\n]");
+  }
   std::string str() const { return out_.str(); }
 
  private:
+  static std::string number(double v) {
+    char buf[64];
+    std::string text(buf, std::to_chars(buf, buf + sizeof buf, v).ptr);  // shortest text that reads back as v
+    if (text.find_first_of(".en") == std::string::npos) text += ".0";  // keep it a TOML float
+    return text;
+  }
   void line(const char* key, const std::string& value) { out_ << key << " = " << value << "\n"; }
   static std::string quote(const std::string& s) {  // toml++ picks the quoting and escapes
     std::ostringstream ss;
@@ -538,15 +572,21 @@ std::string to_toml(const ExperimentConfig& c) {
   if (multimodal || c.data.manifest != data_defaults.manifest || c.data.shards != data_defaults.shards ||
       c.data.tokenizer != data_defaults.tokenizer || c.data.loader_workers != data_defaults.loader_workers ||
       c.data.prefetch != data_defaults.prefetch || c.data.bucket_batches != data_defaults.bucket_batches ||
-      c.data.missing_rate != data_defaults.missing_rate || c.data.max_bad_fraction != data_defaults.max_bad_fraction) {
-    w.put("manifest", c.data.manifest);
-    w.put("shards", c.data.shards);
+      c.data.missing_rate != data_defaults.missing_rate || c.data.max_bad_fraction != data_defaults.max_bad_fraction ||
+      !c.data.sources.empty() || c.data.epoch_samples != data_defaults.epoch_samples) {
+    if (c.data.sources.empty()) {
+      w.put("manifest", c.data.manifest);
+      w.put("shards", c.data.shards);
+    } else {
+      w.put("sources", c.data.sources);
+    }
     w.put("tokenizer", c.data.tokenizer);
     w.put("loader_workers", c.data.loader_workers);
     w.put("prefetch", c.data.prefetch);
     w.put("bucket_batches", c.data.bucket_batches);
     w.put("missing_rate", c.data.missing_rate);
     w.put("max_bad_fraction", c.data.max_bad_fraction);
+    w.put("epoch_samples", c.data.epoch_samples);
   }
 
   const auto& t = c.train;

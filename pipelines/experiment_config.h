@@ -32,6 +32,13 @@ struct RunConfig {
   std::string output_dir = "runs"; // the run folder is <output_dir>/<name>
 };
 
+// One dataset of a training mixture ([data] sources).
+struct DataSource {
+  std::string manifest;  // what `longnet prepare` reads (optional when the shards exist)
+  std::string shards;    // <shards>/train is drawn from
+  double weight = 1.0;   // relative sampling weight
+};
+
 struct DataConfig {
   // run.task = "lm"
   std::vector<std::string> corpus;     // text files (UTF-8, read as bytes)
@@ -53,7 +60,17 @@ struct DataConfig {
   // `longnet prepare` fails, and training refuses the shards, when more than this fraction of the manifest's samples
   // could not be decoded (the skipped ones are listed in <shards>/bad_samples.jsonl and the run's bad_media.jsonl).
   double max_bad_fraction = 0.1;
+  // Several datasets mixed by weight (pipelines/loader.h, mixing): `longnet prepare` prepares each, training draws
+  // from their train splits, evaluation, zero-shot and `longnet embed` use the first (manifest and shards above are
+  // then the first source's; setting them as well is an error). Empty: the one dataset of manifest and shards.
+  std::vector<DataSource> sources;
+  // Samples per training epoch; 0: every sample once (one dataset) or the sources' total (several). > 0 draws
+  // epochs as mixing does, with small sources repeating.
+  int64_t epoch_samples = 0;
 };
+
+// The datasets training draws from: data.sources, or the one of data.manifest and data.shards.
+std::vector<DataSource> training_sources(const DataConfig& data);
 
 // [prepare]: options of `longnet prepare` (pipelines/prepare.h). The patch sizes here fix the patch_dim of
 // [modalities.*]: image and video P·P·3 (video times the tubelet), audio mel_bins · mel_frames_per_patch.

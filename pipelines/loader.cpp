@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <numeric>
 #include <random>
 #include <utility>
@@ -9,6 +10,7 @@
 #include <torch/torch.h>
 
 #include "core/error.h"
+#include "core/keyed_random.h"
 
 namespace longnet::pipelines {
 namespace {
@@ -34,41 +36,64 @@ const ShardField* find_field(const std::vector<ShardField>& fields, const std::s
 }  // namespace
 
 Loader::Loader(const ShardReader& reader, LoaderOptions options, std::vector<int64_t> subset)
-    : reader_(reader), options_(std::move(options)) {
+    : Loader(std::vector<LoaderSource>{{&reader, 1.0, std::move(subset)}}, std::move(options)) {}
+
+Loader::Loader(std::vector<LoaderSource> sources, LoaderOptions options)
+    : sources_(std::move(sources)), options_(std::move(options)) {
   if (options_.batch_size < 1) throw ConfigError("loader: batch_size must be >= 1");
   if (options_.workers < 1) throw ConfigError("loader: workers must be >= 1");
   if (options_.prefetch < 1) throw ConfigError("loader: prefetch must be >= 1");
-  if (options_.epochs < 0 || options_.bucket_batches < 0) {
-    throw ConfigError("loader: epochs and bucket_batches must be >= 0");
+  if (options_.epochs < 0 || options_.bucket_batches < 0 || options_.epoch_samples < 0) {
+    throw ConfigError("loader: epochs, bucket_batches and epoch_samples must be >= 0");
   }
-  if (subset.empty()) {
-    subset.resize(static_cast<size_t>(reader_.size()));
-    std::iota(subset.begin(), subset.end(), int64_t{0});
-  }
-  // Samples that hold none of the wanted modalities cannot form an input; they are left out here, once.
-  for (const int64_t index : subset) {
-    if (index < 0 || index >= reader_.size()) {
-      throw ConfigError("loader: sample index " + std::to_string(index) + " outside the " +
-                        std::to_string(reader_.size()) + " prepared samples");
+  if (sources_.empty()) throw ConfigError("loader: no sources");
+  mixing_ = sources_.size() > 1 || options_.epoch_samples > 0;
+  double total_weight = 0;
+  for (size_t s = 0; s < sources_.size(); ++s) {
+    LoaderSource& source = sources_[s];
+    if (source.reader == nullptr) throw ConfigError("loader: source " + std::to_string(s) + " has no reader");
+    if (!(source.weight > 0 && std::isfinite(source.weight))) {
+      throw ConfigError("loader: source " + std::to_string(s) + " needs a positive weight");
     }
-    int64_t length = 0;
-    bool any = false;
-    for (const Modality m : modalities::kAllModalities) {
-      if (!options_.modalities[static_cast<size_t>(m)]) continue;
-      if (const ShardField* f = find_field(reader_.fields(index), field_of(m)); f != nullptr && !f->shape.empty()) {
-        any = true;
-        length += f->shape[0];
+    total_weight += source.weight;
+    offsets_.push_back(offsets_.empty() ? 0 : offsets_.back() + sources_[s - 1].reader->size());
+    const ShardReader& reader = *source.reader;
+    if (source.subset.empty()) {
+      source.subset.resize(static_cast<size_t>(reader.size()));
+      std::iota(source.subset.begin(), source.subset.end(), int64_t{0});
+    }
+    source_positions_.emplace_back();
+    // Samples that hold none of the wanted modalities cannot form an input; they are left out here, once.
+    for (const int64_t index : source.subset) {
+      if (index < 0 || index >= reader.size()) {
+        throw ConfigError("loader: sample index " + std::to_string(index) + " outside the " +
+                          std::to_string(reader.size()) + " prepared samples");
+      }
+      int64_t length = 0;
+      bool any = false;
+      for (const Modality m : modalities::kAllModalities) {
+        if (!options_.modalities[static_cast<size_t>(m)]) continue;
+        if (const ShardField* f = find_field(reader.fields(index), field_of(m)); f != nullptr && !f->shape.empty()) {
+          any = true;
+          length += f->shape[0];
+        }
+      }
+      if (any) {
+        source_positions_.back().push_back(static_cast<int64_t>(subset_.size()));
+        subset_.push_back(offsets_[s] + index);
+        lengths_.push_back(length);
       }
     }
-    if (any) {
-      subset_.push_back(index);
-      lengths_.push_back(length);
+    if (mixing_ && source_positions_.back().empty()) {
+      throw DataError("loader: source " + std::to_string(s) + " has no usable samples");
     }
   }
-  const auto n = static_cast<int64_t>(subset_.size());
+  double running = 0;
+  for (const LoaderSource& source : sources_) cumulative_.push_back(running += source.weight / total_weight);
+  const auto n = mixing_ && options_.epoch_samples > 0 ? options_.epoch_samples : static_cast<int64_t>(subset_.size());
   batches_per_epoch_ = options_.drop_last ? n / options_.batch_size : (n + options_.batch_size - 1) / options_.batch_size;
   if (batches_per_epoch_ == 0) {
-    throw DataError("loader: " + std::to_string(n) + " usable samples cannot fill a batch of " +
+    throw DataError("loader: " + std::to_string(n) + " samples per epoch cannot fill a batch of " +
                     std::to_string(options_.batch_size));
   }
   start();
@@ -81,12 +106,17 @@ std::vector<int64_t> Loader::epoch_order(int64_t epoch) const {
     const std::lock_guard lock(mutex_);
     if (auto it = order_cache_.find(epoch); it != order_cache_.end()) return it->second;
   }
-  std::vector<int64_t> order(subset_.size());  // positions into subset_
-  std::iota(order.begin(), order.end(), int64_t{0});
   std::seed_seq seq{static_cast<uint32_t>(options_.seed), static_cast<uint32_t>(options_.seed >> 32),
                     static_cast<uint32_t>(epoch)};
   std::mt19937_64 rng(seq);
-  if (options_.shuffle) shuffle(order, rng);
+  std::vector<int64_t> order;  // positions into subset_
+  if (mixing_) {
+    order = mixed_order(epoch);
+  } else {
+    order.resize(subset_.size());
+    std::iota(order.begin(), order.end(), int64_t{0});
+    if (options_.shuffle) shuffle(order, rng);
+  }
   if (options_.bucket_batches > 0) {
     const auto window = static_cast<size_t>(options_.bucket_batches * options_.batch_size);
     const auto bs = static_cast<size_t>(options_.batch_size);
@@ -112,6 +142,62 @@ std::vector<int64_t> Loader::epoch_order(int64_t epoch) const {
   return order_cache_.emplace(epoch, std::move(order)).first->second;
 }
 
+std::vector<int64_t> Loader::mixed_order(int64_t epoch) const {
+  const int64_t per_epoch = options_.epoch_samples > 0 ? options_.epoch_samples : static_cast<int64_t>(subset_.size());
+  const size_t sources = sources_.size();
+  auto pick = [&](int64_t draw) {
+    const double u = keyed_uniform({options_.seed, static_cast<uint64_t>(draw), 0x6d6978ULL});
+    const auto it = std::upper_bound(cumulative_.begin(), cumulative_.end(), u);
+    return std::min(static_cast<size_t>(it - cumulative_.begin()), sources - 1);
+  };
+  // Draws per source before this epoch: replayed from the latest epoch already known (draws are keyed, so this is
+  // cheap counting).
+  std::vector<int64_t> drawn(sources, 0);
+  int64_t from = 0;
+  {
+    const std::lock_guard lock(mutex_);
+    if (auto it = draws_before_.upper_bound(epoch); it != draws_before_.begin()) {
+      --it;
+      from = it->first;
+      drawn = it->second;
+    }
+  }
+  for (int64_t g = from * per_epoch; g < epoch * per_epoch; ++g) ++drawn[pick(g)];
+  {
+    const std::lock_guard lock(mutex_);
+    draws_before_[epoch] = drawn;
+  }
+  std::map<std::pair<size_t, int64_t>, std::vector<int64_t>> passes;  // (source, pass) -> permutation
+  auto permutation = [&](size_t s, int64_t pass) -> const std::vector<int64_t>& {
+    auto [it, added] = passes.try_emplace({s, pass});
+    if (added) {
+      it->second = source_positions_[s];
+      if (options_.shuffle) {
+        std::seed_seq seq{static_cast<uint32_t>(options_.seed), static_cast<uint32_t>(options_.seed >> 32),
+                          static_cast<uint32_t>(s), static_cast<uint32_t>(pass), 0x70617373U};
+        std::mt19937_64 rng(seq);
+        shuffle(it->second, rng);
+      }
+    }
+    return it->second;
+  };
+  std::vector<int64_t> order;
+  order.reserve(static_cast<size_t>(per_epoch));
+  for (int64_t g = epoch * per_epoch; g < (epoch + 1) * per_epoch; ++g) {
+    const size_t s = pick(g);
+    const auto n = static_cast<int64_t>(source_positions_[s].size());
+    const int64_t k = drawn[s]++;
+    order.push_back(permutation(s, k / n)[static_cast<size_t>(k % n)]);
+  }
+  return order;
+}
+
+std::pair<const ShardReader*, int64_t> Loader::locate(int64_t sample) const {
+  const auto it = std::upper_bound(offsets_.begin(), offsets_.end(), sample);
+  const auto s = static_cast<size_t>(it - offsets_.begin()) - 1;
+  return {sources_[s].reader, sample - offsets_[s]};
+}
+
 std::vector<int64_t> Loader::batch_samples(int64_t epoch, int64_t index) const {
   const auto order = epoch_order(epoch);
   const auto begin = static_cast<size_t>(index * options_.batch_size);
@@ -126,8 +212,9 @@ Batch Loader::collate(const std::vector<int64_t>& samples, int64_t epoch) const 
   std::vector<std::map<std::string, at::Tensor>> fields;
   fields.reserve(samples.size());
   for (const int64_t s : samples) {
-    batch.ids.push_back(reader_.id(s));
-    fields.push_back(reader_.read(s));
+    const auto [reader, local] = locate(s);
+    batch.ids.push_back(reader->id(local));
+    fields.push_back(reader->read(local));
     auto& f = fields.back();
     if (options_.sample_captions && f.count("captions_ids") != 0 && f.count("captions_offsets") != 0) {
       const auto offsets = f["captions_offsets"].to(torch::kLong);

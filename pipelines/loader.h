@@ -21,6 +21,14 @@
 // are sorted by sample length before being cut into batches (batches of similar lengths pad less), and the batches
 // of a window are shuffled again. Batch k of epoch e is the same whatever the number of workers or where the run
 // was resumed.
+//
+// Mixing (several sources, or LoaderOptions::epoch_samples > 0): an epoch is epoch_samples draws (default: the
+// sources' total). Draw g picks a source with probability proportional to its weight, from a uniform keyed by
+// (seed, g), and takes that source's next sample: each source walks through its own permutations, a fresh one per
+// pass, drawn from (seed, source, pass). A source of weight 2 is thus seen twice as often as one of weight 1 of the
+// same size, and a small source repeats within an epoch. Sample indices count over the sources in order (source
+// 1's first sample follows source 0's last). Every draw is a function of its key, so the resume position
+// (LoaderState: epoch, batch) is the whole cursor; there is no generator state to save.
 #pragma once
 
 #include <array>
@@ -58,6 +66,14 @@ struct LoaderOptions {
   // Samples with several captions (captions_ids/captions_offsets, pipelines/prepare.h): each epoch takes one of them
   // for text_ids, chosen by (seed, epoch, sample), instead of always the first.
   bool sample_captions = false;
+  int64_t epoch_samples = 0;  // > 0: samples per epoch, drawn as in mixing (above); 0: see above
+};
+
+// One dataset of a mixture: its prepared samples, weight and the indices to draw from (empty: all).
+struct LoaderSource {
+  const ShardReader* reader = nullptr;
+  double weight = 1.0;
+  std::vector<int64_t> subset;
 };
 
 struct Batch {
@@ -77,6 +93,8 @@ class Loader {
   // `subset`: the sample indices to draw from (empty: all of the reader). ConfigError for bad options, DataError
   // when no batch can be formed.
   Loader(const ShardReader& reader, LoaderOptions options, std::vector<int64_t> subset = {});
+  // Several weighted sources (mixing, above); Batch::samples index their concatenation.
+  Loader(std::vector<LoaderSource> sources, LoaderOptions options);
   ~Loader();
   Loader(const Loader&) = delete;
   Loader& operator=(const Loader&) = delete;
@@ -102,11 +120,18 @@ class Loader {
   void stop();
   void work();
   std::vector<int64_t> epoch_order(int64_t epoch) const;
+  std::vector<int64_t> mixed_order(int64_t epoch) const;  // positions into subset_
+  std::pair<const ShardReader*, int64_t> locate(int64_t sample) const;
 
-  const ShardReader& reader_;
+  std::vector<LoaderSource> sources_;
+  std::vector<int64_t> offsets_;  // first sample index of each source
+  std::vector<double> cumulative_;  // normalised cumulative weights
   LoaderOptions options_;
-  std::vector<int64_t> subset_;
+  bool mixing_ = false;
+  std::vector<int64_t> subset_;   // usable samples of all sources (sample indices)
   std::vector<int64_t> lengths_;  // per subset entry: total tokens, for bucketing
+  std::vector<std::vector<int64_t>> source_positions_;  // per source: its positions in subset_
+  mutable std::map<int64_t, std::vector<int64_t>> draws_before_;  // epoch -> draws per source before it (mutex_)
   int64_t batches_per_epoch_ = 0;
 
   mutable std::mutex mutex_;

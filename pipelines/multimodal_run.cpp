@@ -15,6 +15,7 @@
 
 #include "core/atomic_file.h"
 #include "core/error.h"
+#include "core/keyed_random.h"
 #include "core/log.h"
 #include "distributed/process_group.h"
 #include "fusion/losses.h"
@@ -46,18 +47,9 @@ struct TemperatureImpl : torch::nn::Module {
 };
 TORCH_MODULE(Temperature);
 
-// A uniform draw in [0, 1) fixed by its key (splitmix64 over the key's parts): the same sample drops the same media
-// whichever thread, batch composition or resumed process computes it.
+// The same sample drops the same media whichever thread, batch composition or resumed process computes it.
 double keyed_uniform(uint64_t seed, int64_t epoch, int64_t sample, size_t modality) {
-  auto mix = [](uint64_t x) {
-    x += 0x9E3779B97F4A7C15ULL;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-    return x ^ (x >> 31);
-  };
-  const uint64_t h = mix(mix(mix(mix(seed) ^ static_cast<uint64_t>(epoch)) ^ static_cast<uint64_t>(sample)) ^
-                         static_cast<uint64_t>(modality));
-  return static_cast<double>(h >> 11) * 0x1.0p-53;
+  return longnet::keyed_uniform({seed, static_cast<uint64_t>(epoch), static_cast<uint64_t>(sample), modality});
 }
 
 // Drops each present medium of row r with probability `rate` (keyed by samples[r]); a row keeps at least one of its
@@ -286,14 +278,16 @@ std::array<bool, kM> enabled_modalities(const ExperimentConfig& c) {
   return on;
 }
 
-fs::path split_dir(const ExperimentConfig& c, const std::string& split) {
-  if (c.data.shards.empty()) {
+// <shards>/<split> of a prepared dataset (the first source's when `shards` is empty).
+fs::path split_dir(const ExperimentConfig& c, const std::string& split, std::string shards = {}) {
+  if (shards.empty()) shards = c.data.shards;
+  if (shards.empty()) {
     throw ConfigError(c.source.string() + ": data.shards must name the folder of prepared shards for run.task = "
                       "\"multimodal\" (`longnet prepare` writes it from data.manifest)");
   }
-  const fs::path dir = fs::path(c.data.shards) / split;
+  const fs::path dir = fs::path(shards) / split;
   if (!fs::exists(dir / "index.json")) {
-    throw DataError("no prepared '" + split + "' split in " + c.data.shards + " (" + (dir / "index.json").string() +
+    throw DataError("no prepared '" + split + "' split in " + shards + " (" + (dir / "index.json").string() +
                     " is missing); run `longnet prepare " + c.source.string() + "` first");
   }
   return dir;
@@ -301,8 +295,8 @@ fs::path split_dir(const ExperimentConfig& c, const std::string& split) {
 
 // What `longnet prepare` skipped: above data.max_bad_fraction the shards are refused; otherwise the list goes into the
 // run folder (bad_media.jsonl) and the count into the logs. Returns the number of skipped samples.
-int64_t check_bad_media(const ExperimentConfig& c) {
-  const fs::path summary_file = fs::path(c.data.shards) / "prepare_summary.json";
+int64_t check_bad_media(const ExperimentConfig& c, const std::string& shards) {
+  const fs::path summary_file = fs::path(shards) / "prepare_summary.json";
   if (!fs::exists(summary_file)) return 0;  // shards from another tool
   std::ifstream in(summary_file);
   const json summary = json::parse(in, nullptr, /*allow_exceptions=*/false);
@@ -312,7 +306,7 @@ int64_t check_bad_media(const ExperimentConfig& c) {
     throw DataError(summary_file.string() + ": " + std::to_string(bad) + " of " + std::to_string(samples) +
                     " samples could not be decoded, more than data.max_bad_fraction = " +
                     std::to_string(c.data.max_bad_fraction) + " allows (the reasons are in " +
-                    (fs::path(c.data.shards) / "bad_samples.jsonl").string() + ")");
+                    (fs::path(shards) / "bad_samples.jsonl").string() + ")");
   }
   return bad;
 }
@@ -659,11 +653,23 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
     throw ConfigError("train.precision = \"bf16\" needs a CUDA device; this run uses the CPU");
   }
   // Data problems surface before anything is written.
-  const fs::path train_dir = split_dir(c, "train"), eval_dir = split_dir(c, c.eval.split);
-  const ShardReader train_shards(train_dir), eval_shards(eval_dir);
-  check_shards(c, train_shards, train_dir);
+  const std::vector<DataSource> sources = training_sources(c.data);
+  std::vector<std::unique_ptr<ShardReader>> train_shards;
+  std::vector<LoaderSource> loader_sources;
+  int64_t train_samples = 0, bad_media = 0;
+  std::string train_dirs;  // for messages
+  for (const DataSource& source : sources) {
+    const fs::path dir = split_dir(c, "train", source.shards);
+    train_dirs += (train_dirs.empty() ? "" : " or ") + dir.string();
+    train_shards.push_back(std::make_unique<ShardReader>(dir));
+    check_shards(c, *train_shards.back(), dir);
+    loader_sources.push_back({.reader = train_shards.back().get(), .weight = source.weight, .subset = {}});
+    train_samples += train_shards.back()->size();
+    bad_media += check_bad_media(c, source.shards);
+  }
+  const fs::path eval_dir = split_dir(c, c.eval.split);
+  const ShardReader eval_shards(eval_dir);
   check_shards(c, eval_shards, eval_dir);
-  const int64_t bad_media = check_bad_media(c);
 
   torch::manual_seed(static_cast<uint64_t>(c.run.seed));
   fusion::MultimodalModel model(c.model, c.attention, c.multimodal);
@@ -685,7 +691,8 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   lo.modalities = enabled_modalities(c);
   lo.half_patches = lo.pin_memory = device.is_cuda();
   lo.sample_captions = true;  // every caption of a sample takes turns, epoch by epoch
-  Loader loader(train_shards, lo);
+  lo.epoch_samples = c.data.epoch_samples;
+  Loader loader(std::move(loader_sources), lo);
 
   const ResumePoint resumed = resume_point(options.resume, modules, *optimizer);
   const int64_t first_step = resumed.first_step;
@@ -698,10 +705,11 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   write_file_atomic(run_dir / "config.toml", to_toml(c));
   RunLogger logger(run_dir, resume_step);
   if (bad_media > 0) {
-    const fs::path list = fs::path(c.data.shards) / "bad_samples.jsonl";
-    std::ifstream in(list, std::ios::binary);
     std::ostringstream text;
-    text << in.rdbuf();
+    for (const DataSource& source : sources) {
+      std::ifstream in(fs::path(source.shards) / "bad_samples.jsonl", std::ios::binary);
+      if (in) text << in.rdbuf();
+    }
     write_file_atomic(run_dir / "bad_media.jsonl", text.str());
     log::warn(std::to_string(bad_media) + " samples of the manifest were skipped as bad media by `longnet prepare` "
               "(listed in " + (run_dir / "bad_media.jsonl").string() + ")");
@@ -709,8 +717,9 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   if (!resume_step) logger.log("data", 0, {{"bad_samples", bad_media}});
   const int64_t params = model->num_parameters();
   log::info("run folder " + run_dir.string() + " | device " + device.str() + " | " + std::to_string(params) +
-            " parameters | fusion " + c.multimodal.fusion.strategy + " | " + std::to_string(train_shards.size()) +
-            " train samples (" + std::to_string(loader.batches_per_epoch()) + " batches an epoch), " +
+            " parameters | fusion " + c.multimodal.fusion.strategy + " | " + std::to_string(train_samples) +
+            " train samples" + (sources.size() > 1 ? " in " + std::to_string(sources.size()) + " sources" : std::string()) +
+            " (" + std::to_string(loader.batches_per_epoch()) + " batches an epoch), " +
             std::to_string(eval_shards.size()) + " " + c.eval.split + " samples");
 
   const double peak = peak_flops(device);
@@ -739,7 +748,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
       for (int64_t micro = 0; micro < c.train.grad_accumulation; ++micro) {
         auto batch = loader.next();  // endless
         auto& input = batch->input;
-        check_text_ids(input, c.multimodal[Modality::text].input_dim, train_dir);
+        check_text_ids(input, c.multimodal[Modality::text].input_dim, train_dirs);
         if (c.data.missing_rate > 0) {
           drop_media(input, batch->samples, c.data.missing_rate, static_cast<uint64_t>(c.run.seed), batch->epoch);
         }

@@ -151,16 +151,24 @@ struct PrepareArgs {
 void prepare(const PrepareArgs& a) {
   const auto c = pipelines::load_experiment(a.config, a.sets);
   const std::string where = a.config + ": ";
-  if (c.data.manifest.empty()) throw ConfigError(where + "data.manifest must name the manifest to prepare");
-  if (c.data.shards.empty()) throw ConfigError(where + "data.shards must name the folder to write");
+  const std::vector<pipelines::DataSource> sources = pipelines::training_sources(c.data);
+  for (size_t i = 0; i < sources.size(); ++i) {
+    const std::string name = c.data.sources.empty() ? "data." : "data.sources[" + std::to_string(i) + "].";
+    if (sources[i].manifest.empty()) throw ConfigError(where + name + "manifest must name the manifest to prepare");
+    if (sources[i].shards.empty()) throw ConfigError(where + name + "shards must name the folder to write");
+  }
   if (c.data.tokenizer.empty()) throw ConfigError(where + "data.tokenizer must name the SentencePiece model file");
   const auto& p = c.prepare;
   if (!fs::exists(c.data.tokenizer)) {
-    // Captions of the train split only: held-out captions must not shape the vocabulary.
-    const auto manifest = pipelines::Manifest::load(c.data.manifest, {.check_files = false});
+    // Captions of the train splits only: held-out captions must not shape the vocabulary.
     std::vector<std::string> captions;
-    for (const auto* s : manifest.split(pipelines::Split::train)) {
-      captions.insert(captions.end(), s->text.begin(), s->text.end());
+    std::string manifests;
+    for (const auto& source : sources) {
+      const auto manifest = pipelines::Manifest::load(source.manifest, {.check_files = false});
+      for (const auto* s : manifest.split(pipelines::Split::train)) {
+        captions.insert(captions.end(), s->text.begin(), s->text.end());
+      }
+      manifests += (manifests.empty() ? "" : ", ") + source.manifest;
     }
     if (!captions.empty()) {
       text::TrainOptions options;
@@ -174,16 +182,14 @@ void prepare(const PrepareArgs& a) {
       log::info("prepare: training a " + std::to_string(p.tokenizer_vocab_size) + "-piece tokenizer on " +
                 std::to_string(captions.size()) + " train captions → " + c.data.tokenizer);
       try {
-        text::Tokenizer::train(captions, c.data.manifest + " (train captions)", prefix, options);
+        text::Tokenizer::train(captions, manifests + " (train captions)", prefix, options);
       } catch (const DataError& e) {
         throw ConfigError(where + "prepare.tokenizer_vocab_size = " + std::to_string(p.tokenizer_vocab_size) +
-                          " is too large for the train captions of " + c.data.manifest + ": " + e.what());
+                          " is too large for the train captions of " + manifests + ": " + e.what());
       }
     }
   }
   pipelines::PrepareOptions o;
-  o.manifest = c.data.manifest;
-  o.output = c.data.shards;
   o.tokenizer = c.data.tokenizer;
   o.text_max_tokens = p.text_max_tokens;
   o.image.height = o.image.width = static_cast<int>(p.image_size);
@@ -207,13 +213,18 @@ void prepare(const PrepareArgs& a) {
   o.on_bad = p.on_bad;
   o.max_shard_bytes = p.max_shard_mb << 20;
   o.classes = c.eval.zero_shot_classes;
-  const auto summary = pipelines::prepare_dataset(o);
-  std::cout << "prepared " << summary.prepared << ", kept " << summary.kept << ", skipped " << summary.skipped
-            << " bad of " << summary.samples << " samples → " << c.data.shards << "\n";
-  for (const auto& [id, reason] : summary.bad) std::cout << "  skipped " << id << ": " << reason << "\n";
-  if (p.audio_seconds > 0) {
-    std::cout << "audio fitted to " << p.audio_seconds << " s: " << summary.audio_cropped << " cropped, "
-              << summary.audio_padded << " padded, " << summary.audio_looped << " looped\n";
+  std::vector<pipelines::PrepareSummary> summaries;
+  for (const auto& source : sources) {
+    o.manifest = source.manifest;
+    o.output = source.shards;
+    const auto& summary = summaries.emplace_back(pipelines::prepare_dataset(o));
+    std::cout << "prepared " << summary.prepared << ", kept " << summary.kept << ", skipped " << summary.skipped
+              << " bad of " << summary.samples << " samples → " << source.shards << "\n";
+    for (const auto& [id, reason] : summary.bad) std::cout << "  skipped " << id << ": " << reason << "\n";
+    if (p.audio_seconds > 0) {
+      std::cout << "audio fitted to " << p.audio_seconds << " s: " << summary.audio_cropped << " cropped, "
+                << summary.audio_padded << " padded, " << summary.audio_looped << " looped\n";
+    }
   }
   if (!c.eval.zero_shot_classes.empty()) {
     // The zero-shot prompts, tokenised here so that training and evaluation need no tokenizer (GPU hosts have none).
@@ -237,12 +248,15 @@ void prepare(const PrepareArgs& a) {
                                     {"ids", ids}};
     write_file_atomic(fs::path(c.data.shards) / "zero_shot_prompts.json", prompts.dump(1) + "\n");
   }
-  if (static_cast<double>(summary.skipped) > c.data.max_bad_fraction * static_cast<double>(summary.samples)) {
-    throw DataError("prepare: " + std::to_string(summary.skipped) + " of " + std::to_string(summary.samples) +
-                    " samples could not be decoded, more than data.max_bad_fraction = " +
-                    std::to_string(c.data.max_bad_fraction) + " allows; the reasons are in " +
-                    (fs::path(c.data.shards) / "bad_samples.jsonl").string() + " (the shards are kept; training "
-                    "refuses them until the fraction is raised or the media fixed)");
+  for (size_t i = 0; i < sources.size(); ++i) {
+    const auto& summary = summaries[i];
+    if (static_cast<double>(summary.skipped) > c.data.max_bad_fraction * static_cast<double>(summary.samples)) {
+      throw DataError("prepare: " + std::to_string(summary.skipped) + " of " + std::to_string(summary.samples) +
+                      " samples could not be decoded, more than data.max_bad_fraction = " +
+                      std::to_string(c.data.max_bad_fraction) + " allows; the reasons are in " +
+                      (fs::path(sources[i].shards) / "bad_samples.jsonl").string() + " (the shards are kept; "
+                      "training refuses them until the fraction is raised or the media fixed)");
+    }
   }
 }
 #endif

@@ -81,6 +81,31 @@ if grep -qE "^error: .*prepare.tokenizer_vocab_size = 60 is too large for the tr
 then pass "a vocabulary too large for the captions is a config error naming the key"; else fail "vocab error"; fi
 expect_absent "$tmp/big.model"
 
+# ---- two datasets mixed by weight: each prepared into its own shards, training draws from both -------------------
+"$python" - "$tmp/demo/manifest.jsonl" "$tmp/demo/manifest_b.jsonl" <<'EOF'
+import json, sys
+with open(sys.argv[1]) as src, open(sys.argv[2], "w") as dst:
+    for line in src:
+        s = json.loads(line)
+        if s["split"] == "train":
+            s["id"] = "b_" + s["id"]
+            dst.write(json.dumps(s) + "\n")
+EOF
+mix=(--set 'data.manifest=""' --set 'data.shards=""' --set "data.tokenizer=$tmp/tok.model" --set "run.output_dir=$tmp/runs" --set train.batch_size=8
+     --set train.steps=6 --set train.warmup_steps=2 --set train.log_every=2 --set eval.every=0 --set prepare.workers=2
+     --set "data.sources=[{manifest = \"$tmp/demo/manifest.jsonl\", shards = \"$tmp/mix_a\"}, {manifest = \"$tmp/demo/manifest_b.jsonl\", shards = \"$tmp/mix_b\", weight = 2.0}]"
+     --set data.epoch_samples=40)
+run prepare_mix prepare "$config" "${mix[@]}"
+expect_status 0
+expect_stdout_match "bad of 28 samples → $tmp/mix_a$"
+expect_stdout_match "bad of [0-9]+ samples → $tmp/mix_b$"
+run train_mix run "$config" "${mix[@]}" --set run.name=mixed
+expect_status 0
+if grep -qE "train samples in 2 sources \(5 batches an epoch\)" "$tmp/err"; then
+  pass "training draws from both sources, 40 samples an epoch"; else fail "no mixing in the run log"; fi
+if grep -qE "weight = 2\.0" "$tmp/runs/mixed/config.toml"; then pass "the run's config.toml keeps the sources"; else
+  fail "sources missing from config.toml"; fi
+
 # ---- an uninterrupted run --------------------------------------------------------------------------------------
 run train run "$config" "${common[@]}" --set run.name=whole
 expect_status 0

@@ -115,6 +115,13 @@ void check_same(const ExperimentConfig& a, const ExperimentConfig& b) {
   CHECK(a.data.bucket_batches == b.data.bucket_batches);
   CHECK(a.data.missing_rate == b.data.missing_rate);
   CHECK(a.data.max_bad_fraction == b.data.max_bad_fraction);
+  CHECK(a.data.epoch_samples == b.data.epoch_samples);
+  REQUIRE(a.data.sources.size() == b.data.sources.size());
+  for (size_t i = 0; i < a.data.sources.size(); ++i) {
+    CHECK(a.data.sources[i].manifest == b.data.sources[i].manifest);
+    CHECK(a.data.sources[i].shards == b.data.sources[i].shards);
+    CHECK(a.data.sources[i].weight == b.data.sources[i].weight);
+  }
   CHECK(a.multimodal == b.multimodal);
   CHECK(a.prepare == b.prepare);
   CHECK(a.objectives == b.objectives);
@@ -153,8 +160,8 @@ const std::vector<BadCase> kBadFiles = {
      "rope_theta, segment_lengths, xpos_scale_base)"},
     {"unknown key in [data]", "[data]\ncopus = [\"a.txt\"]\n", {},
      "bad.toml:2:1: unknown key 'data.copus'; did you mean 'corpus'? (valid keys: bucket_batches, corpus, "
-     "loader_workers, manifest, max_bad_fraction, missing_rate, prefetch, sequence_length, shards, tokenizer, "
-     "validation_fraction)"},
+     "epoch_samples, loader_workers, manifest, max_bad_fraction, missing_rate, prefetch, sequence_length, shards, "
+     "sources, tokenizer, validation_fraction)"},
     {"unknown key in [train]", "[train]\nsteps = 10\nwarmup = 2\n", {},
      "bad.toml:3:1: unknown key 'train.warmup'; did you mean 'warmup_steps'? (valid keys: batch_size, beta1, beta2, "
      "checkpoint_every, grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, max_skipped_steps, "
@@ -640,6 +647,61 @@ patch_dim = 320
   CHECK(lm.find("manifest") == std::string::npos);
   // The quickstart is valid.
   CHECK(load_experiment("experiments/quickstart.toml").run.task == "multimodal");
+}
+
+TEST_CASE("data.sources: weighted datasets, the first one evaluated", "[pipelines][config][cpu]") {
+  const std::string text = R"([run]
+task = "multimodal"
+[modalities.text]
+enabled = true
+vocab_size = 512
+[modalities.video]
+enabled = true
+patch_dim = 768
+[data]
+tokenizer = "tok.model"
+epoch_samples = 500
+sources = [
+  {manifest = "a/manifest.jsonl", shards = "a/shards", weight = 2.0},
+  {shards = "b/shards"},
+]
+)";
+  const ExperimentConfig c = parse_experiment(text, "mix.toml");
+  REQUIRE(c.data.sources.size() == 2);
+  CHECK(c.data.sources[0].weight == 2.0);
+  CHECK(c.data.sources[1].weight == 1.0);
+  CHECK(c.data.sources[1].manifest.empty());
+  CHECK(c.data.shards == "a/shards");  // the evaluation dataset
+  CHECK(c.data.manifest == "a/manifest.jsonl");
+  CHECK(c.data.epoch_samples == 500);
+  CHECK(longnet::pipelines::training_sources(c.data).size() == 2);
+  const std::string printed = to_toml(c);
+  CAPTURE(printed);
+  check_same(parse_experiment(printed, "printed.toml"), c);
+  CHECK(to_toml(parse_experiment(printed, "printed.toml")) == printed);
+
+  // One dataset without sources is one training source of weight 1.
+  const ExperimentConfig one = parse_experiment("[run]\ntask = \"multimodal\"\n[modalities.text]\nenabled = true\nvocab_size = 512\n[modalities.video]\nenabled = true\npatch_dim = 768\n[data]\nshards = \"s\"\n", "one.toml");
+  REQUIRE(longnet::pipelines::training_sources(one.data).size() == 1);
+  CHECK(longnet::pipelines::training_sources(one.data)[0].shards == "s");
+
+  CHECK(config_error([&] { parse_experiment(text + "shards = \"x\"\n", "mix.toml"); }) ==
+        "mix.toml:16:10: 'data.shards' cannot be set together with data.sources (the first source is the evaluation "
+        "dataset; set it to \"\" where a base config gives it)");
+  CHECK(parse_experiment(text + "shards = \"\"\nmanifest = \"\"\n", "mix.toml").data.shards == "a/shards");
+  CHECK(config_error([&] {
+          parse_experiment("[run]\ntask = \"multimodal\"\n[data]\nsources = [{manifest = \"m\"}]\n", "m.toml");
+        }) == "m.toml:4:12: missing required key 'data.sources[0].shards'");
+  CHECK(config_error([&] {
+          parse_experiment("[data]\nsources = [{shards = \"a\"}, {shards = \"b\", weight = 0}]\n", "w.toml");
+        }) == "w.toml:2:52: 'data.sources[1].weight' must be > 0, got 0");
+  CHECK(config_error([&] {
+          parse_experiment("[data]\nsources = [{shards = \"a\", wieght = 2.0}]\n", "k.toml");
+        }).find("'data.sources[0].wieght'") != std::string::npos);
+  CHECK(config_error([&] { parse_experiment("[data]\nsources = [\"a\"]\n", "t.toml"); }) ==
+        "t.toml:2:12: 'data.sources[0]' must be a table, got a string");
+  CHECK(config_error([&] { parse_experiment(kMinimal, "e.toml", {"data.epoch_samples=-1"}); }) ==
+        "--set data.epoch_samples=-1: 'data.epoch_samples' must be >= 0, got -1");
 }
 
 TEST_CASE("to_toml reads like the schema: tables in order, floats in their shortest form", "[pipelines][config][cpu]") {

@@ -7,6 +7,8 @@
 #pragma GCC diagnostic ignored "-Wrestrict"
 #pragma GCC diagnostic ignored "-Warray-bounds"
 #endif
+#include <map>
+#include <memory>
 #include <set>
 
 #include <torch/torch.h>
@@ -258,4 +260,93 @@ TEST_CASE("sample_captions takes each sample's captions in turn, fixed by seed a
     }
   }
   CHECK(seen == std::set<int64_t>{1, 2, 3});  // every caption is used
+}
+
+TEST_CASE("mixing draws sources by weight, walks each through its own passes and resumes exactly", "[pipelines]") {
+  TempDir tmp;
+  const ShardReader a(write_shards(tmp));  // 37 samples
+  const auto b_dir = tmp.path() / "b";
+  {
+    ShardWriter writer(b_dir);
+    for (int i = 0; i < 10; ++i) writer.add("b" + std::to_string(i), {{"text_ids", torch::arange(4, torch::kInt32) + i}});
+    writer.finish();
+  }
+  const ShardReader b(b_dir);
+  using longnet::pipelines::LoaderSource;
+  auto sources = [&] {
+    return std::vector<LoaderSource>{{.reader = &a, .weight = 1.0, .subset = {}},
+                                     {.reader = &b, .weight = 3.0, .subset = {}}};
+  };
+  LoaderOptions options{.batch_size = 4, .seed = 5, .bucket_batches = 2};
+  options.epoch_samples = 40;
+  options.workers = 1;
+  Loader one(sources(), options);
+  CHECK(one.batches_per_epoch() == 10);
+  const auto all = take(one, 500);  // 50 epochs, 2000 draws
+
+  // Sample indices count over the sources in order: b's samples are 37..46, with b's ids.
+  int64_t from_b = 0;
+  std::vector<int64_t> b_order;
+  for (const auto& batch : all) {
+    for (const int64_t s : batch) {
+      REQUIRE(s >= 0);
+      REQUIRE(s < 47);
+      if (s >= 37) ++from_b, b_order.push_back(s);
+    }
+  }
+  // Weight 3 of 4: three quarters of the draws (binomial standard deviation ≈ 0.01).
+  CHECK(static_cast<double>(from_b) / 2000.0 == Approx(0.75).margin(0.04));
+  // b walks through permutations of its 10 samples: every block of 10 of its draws holds each sample once.
+  // (Bucketing reorders within an epoch, so check the multiset over whole epochs instead of exact blocks.)
+  std::map<int64_t, int64_t> counts;
+  for (const int64_t s : b_order) ++counts[s];
+  CHECK(counts.size() == 10);
+  int64_t lo = INT64_MAX, hi = 0;
+  for (const auto& [s, n] : counts) lo = std::min(lo, n), hi = std::max(hi, n);
+  CHECK(hi - lo <= 1);
+
+  const Batch first = Loader(sources(), options).next().value();
+  CHECK(first.samples == all[0]);
+  for (size_t r = 0; r < first.samples.size(); ++r) {
+    const bool in_b = first.samples[r] >= 37;
+    CHECK(first.ids[r].front() == (in_b ? 'b' : 's'));
+  }
+
+  // Workers do not change the order; a restored loader continues mid-epoch exactly.
+  options.workers = 3;
+  Loader three(sources(), options);
+  CHECK(take(three, 60) == std::vector<std::vector<int64_t>>(all.begin(), all.begin() + 60));
+  Loader interrupted(sources(), options);
+  take(interrupted, 23);
+  const LoaderState state = interrupted.state();
+  CHECK(state.epoch == 2);
+  CHECK(state.batch == 3);
+  Loader resumed(sources(), options);
+  resumed.restore(state);
+  CHECK(take(resumed, 40) == std::vector<std::vector<int64_t>>(all.begin() + 23, all.begin() + 63));
+
+  // Weights are part of the order; bad weights are configuration errors.
+  auto other = sources();
+  other[1].weight = 1.0;
+  CHECK(take(*std::make_unique<Loader>(other, options), 10) != std::vector<std::vector<int64_t>>(all.begin(), all.begin() + 10));
+  other[1].weight = 0.0;
+  CHECK_THROWS_AS(Loader(other, options), longnet::ConfigError);
+}
+
+TEST_CASE("epoch_samples defines an epoch by samples seen, one dataset repeating in fresh passes", "[pipelines]") {
+  TempDir tmp;
+  const ShardReader reader(write_shards(tmp));
+  LoaderOptions options{.batch_size = 4, .seed = 9};
+  options.epoch_samples = 16;
+  Loader loader(reader, options);
+  CHECK(loader.batches_per_epoch() == 4);
+  const auto batches = take(loader, 37);  // 148 draws = 4 passes over 37 samples
+  std::vector<int64_t> flat;
+  for (const auto& batch : batches) flat.insert(flat.end(), batch.begin(), batch.end());
+  for (size_t pass = 0; pass < 4; ++pass) {
+    const std::set<int64_t> seen(flat.begin() + static_cast<std::ptrdiff_t>(pass * 37),
+                                 flat.begin() + static_cast<std::ptrdiff_t>((pass + 1) * 37));
+    CHECK(seen.size() == 37);  // every sample once per pass
+  }
+  CHECK(std::vector<int64_t>(flat.begin(), flat.begin() + 37) != std::vector<int64_t>(flat.begin() + 37, flat.begin() + 74));
 }
