@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include "core/error.h"
+#include "fusion/checkpoint.h"
 
 namespace longnet::fusion {
 
@@ -34,7 +35,7 @@ int64_t mlp_hidden_width(const ModelConfig& model) {
 }
 
 TransformerBlockImpl::TransformerBlockImpl(const ModelConfig& model, const AttentionConfig& attention)
-    : mlp_kind_(model.mlp), dropout_(model.dropout) {
+    : mlp_kind_(model.mlp), dropout_(model.dropout), checkpoint_(model.activation_checkpointing) {
   if (!(model.mlp_ratio > 0.0)) throw ConfigError("model.mlp_ratio must be > 0, got " + std::to_string(model.mlp_ratio));
   if (!(model.dropout >= 0.0 && model.dropout < 1.0)) {
     throw ConfigError("model.dropout must be in [0, 1), got " + std::to_string(model.dropout));
@@ -67,6 +68,13 @@ at::Tensor TransformerBlockImpl::mlp(const at::Tensor& x) {
 }
 
 at::Tensor TransformerBlockImpl::forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask) {
+  if (checkpoint_ && is_training()) {
+    return checkpointed([this, key_padding_mask](const at::Tensor& h) { return run(h, key_padding_mask); }, x);
+  }
+  return run(x, key_padding_mask);
+}
+
+at::Tensor TransformerBlockImpl::run(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask) {
   // x: (B, N, C)
   at::Tensor y = x + at::dropout(attention_(attention_norm_(x), key_padding_mask), dropout_, is_training());
   return y + at::dropout(mlp(mlp_norm_(y)), dropout_, is_training());

@@ -63,8 +63,11 @@ class TransformerBlockImpl : public torch::nn::Module {
   torch::nn::LayerNorm& mlp_norm() { return mlp_norm_; }
 
  private:
+  at::Tensor run(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask);
+
   MlpKind mlp_kind_;
   double dropout_;
+  bool checkpoint_;
   torch::nn::LayerNorm attention_norm_{nullptr}, mlp_norm_{nullptr};
   attention::MultiheadDilatedAttention attention_{nullptr};
   torch::nn::Linear fc1_{nullptr};  // C → hidden (GELU) or C → 2·hidden, [gate | up] in one matmul (SwiGLU)

@@ -19,6 +19,9 @@ struct ModelConfig {
   bool sub_layernorm = false;    // Magneto sub-LayerNorm inside attention and MLP (arXiv:2210.06423)
   int64_t vocab_size = 256;      // text vocabulary (256: raw bytes)
   int64_t max_length = 4096;     // longest sequence the model is built for (learned positions, bias tables)
+  // Blocks keep only their input for the backward pass and rerun their forward there (fusion/checkpoint.h): less
+  // memory for about a third more compute.
+  bool activation_checkpointing = false;
 };
 
 }  // namespace longnet::fusion

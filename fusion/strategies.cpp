@@ -13,6 +13,7 @@
 
 #include "attention/multihead_dilated_attention.h"
 #include "core/error.h"
+#include "fusion/checkpoint.h"
 
 namespace longnet::fusion {
 
@@ -149,10 +150,20 @@ class MultiwayBlockImpl : public torch::nn::Module {
   }
 
   at::Tensor forward(const Concatenation& c, const at::Tensor& x) {
-    const at::Tensor y = x + at::dropout(attention_(attention_norm_(x), optional_mask(c.padding)), model_.dropout,
+    if (model_.activation_checkpointing && is_training()) {
+      // The rerun happens after this call returns: it keeps its own copy of the padding and spans.
+      return checkpointed(
+          [this, padding = c.padding, spans = c.spans](const at::Tensor& h) { return run(padding, spans, h); }, x);
+    }
+    return run(c.padding, c.spans, x);
+  }
+
+  at::Tensor run(const at::Tensor& padding, const std::vector<std::tuple<Modality, int64_t, int64_t>>& spans,
+                 const at::Tensor& x) {
+    const at::Tensor y = x + at::dropout(attention_(attention_norm_(x), optional_mask(padding)), model_.dropout,
                                          is_training());
     std::vector<at::Tensor> parts;
-    for (const auto& [m, start, length] : c.spans) {
+    for (const auto& [m, start, length] : spans) {
       const at::Tensor seg = y.narrow(1, start, length);
       parts.push_back(seg + at::dropout(expert(m, seg), model_.dropout, is_training()));
     }

@@ -69,6 +69,7 @@ fusion::ModelConfig parse_model(const Section& s) {
   c.dropout = s.number("dropout", c.dropout);
   in_unit_interval(s, "dropout", c.dropout, true, false);
   c.sub_layernorm = s.boolean("sub_layernorm", c.sub_layernorm);
+  c.activation_checkpointing = s.boolean("activation_checkpointing", c.activation_checkpointing);
   c.vocab_size = s.integer("vocab_size", c.vocab_size);
   at_least(s, "vocab_size", c.vocab_size, 2);
   c.max_length = s.integer("max_length", c.max_length);
@@ -544,6 +545,7 @@ std::string to_toml(const ExperimentConfig& c) {
   w.put("mlp_ratio", m.mlp_ratio);
   w.put("dropout", m.dropout);
   w.put("sub_layernorm", m.sub_layernorm);
+  w.put("activation_checkpointing", m.activation_checkpointing);
   w.put("vocab_size", m.vocab_size);
   w.put("max_length", m.max_length);
 
