@@ -123,17 +123,23 @@ class VideoDecoder {
   }
 
   void make_targets() {
-    const double dur = static_cast<double>(duration_) * av_q2d(tb_);
+    const double whole = static_cast<double>(duration_) * av_q2d(tb_);
+    // The sampled window [start, start + dur) (VideoOptions: clips).
+    double dur = whole, start = 0.0;
+    if (opt_.clip_seconds > 0.0 || opt_.clips > 1) {
+      dur = opt_.clip_seconds > 0.0 ? std::min(opt_.clip_seconds, whole) : whole / opt_.clips;
+      start = opt_.clips == 1 ? (whole - dur) / 2 : opt_.clip * (whole - dur) / (opt_.clips - 1);
+    }
     std::vector<double> seconds;
     if (opt_.sampling == FrameSampling::uniform) {
-      for (int i = 0; i < opt_.num_frames; ++i) seconds.push_back((i + 0.5) * dur / opt_.num_frames);
+      for (int i = 0; i < opt_.num_frames; ++i) seconds.push_back(start + (i + 0.5) * dur / opt_.num_frames);
     } else {
       const auto n = static_cast<int64_t>(std::ceil(dur * opt_.fps - 1e-9));
       const int64_t max_frames = opt_.max_output_bytes / (int64_t{3} * std::max(1, opt_.height) * std::max(1, opt_.width));
       if (n > max_frames) {
         in_.fail(std::to_string(n) + " frames at " + std::to_string(opt_.fps) + " fps exceed max_output_bytes");
       }
-      for (int64_t i = 0; i < std::max<int64_t>(n, 1); ++i) seconds.push_back(static_cast<double>(i) / opt_.fps);
+      for (int64_t i = 0; i < std::max<int64_t>(n, 1); ++i) seconds.push_back(start + static_cast<double>(i) / opt_.fps);
     }
     for (double s : seconds) targets_.push_back(start_ + static_cast<int64_t>(std::floor(s / av_q2d(tb_))));
   }
@@ -438,6 +444,9 @@ void VideoOptions::validate() const {
     throw ConfigError("video options: height and width must be in 1.." + std::to_string(max_side));
   }
   if (threads < 0) throw ConfigError("video options: threads must be >= 0");
+  if (!(clip_seconds >= 0.0 && std::isfinite(clip_seconds)) || clips < 1 || clip < 0 || clip >= clips) {
+    throw ConfigError("video options: clip_seconds must be >= 0, clips >= 1 and clip in [0, clips)");
+  }
   if (max_side <= 0 || max_output_bytes <= 0 || max_decoded_bytes <= 0 || !(timeout_s > 0.0)) {
     throw ConfigError("video options: limits must be positive");
   }

@@ -5,6 +5,10 @@
 //   all      every decoded frame
 //   fps      the frames showing t = 0, 1/fps, 2/fps, ... (t < duration)
 //   uniform  the frames showing t = (i + 0.5)·duration/num_frames, i = 0..num_frames-1
+// Clips (fps and uniform): with clip_seconds = S > 0 (at most the duration D), sampling covers the window
+// [a, a + S) instead of the whole stream: a = (D - S)/2 for one clip; of `clips` = K windows spread evenly from the
+// start to the end (a_k = k·(D - S)/(K - 1)), `clip` picks one. clip_seconds = 0 with K > 1 cuts the stream into K
+// consecutive windows of D/K.
 // "The frame showing t" is the first frame whose display interval [pts, pts + duration) ends after t. When the next
 // target lies beyond the next keyframe, the decoder seeks to the keyframe before it (av_seek_frame, backward) and
 // decodes forward instead of decoding everything in between; frames before the target that no other frame refers
@@ -45,6 +49,9 @@ struct VideoOptions {
   FrameSampling sampling = FrameSampling::uniform;
   double fps = 1.0;    // FrameSampling::fps
   int num_frames = 8;  // FrameSampling::uniform
+  double clip_seconds = 0.0;  // window length; 0: the whole stream (one clip) or D/clips
+  int clips = 1;              // windows spread over the stream
+  int clip = 0;               // the window sampled, in [0, clips)
   ResizePolicy resize = ResizePolicy::exact;
   int height = 224, width = 224;  // output size (ResizePolicy::none: the first frame's size)
   int threads = 0;                // decoder threads; 0 lets FFmpeg choose (one per core)

@@ -204,6 +204,12 @@ PrepareConfig parse_prepare(const Section& s) {
   c.video_fps = s.number("video_fps", c.video_fps);
   if (!(c.video_fps >= 0)) s.fail("video_fps", "must be >= 0 (0: prepare.video_frames uniformly), got " +
                                                fmt_number(c.video_fps));
+  c.video_clip_seconds = s.number("video_clip_seconds", c.video_clip_seconds);
+  if (!(c.video_clip_seconds >= 0)) {
+    s.fail("video_clip_seconds", "must be >= 0 (0: the whole video), got " + fmt_number(c.video_clip_seconds));
+  }
+  c.eval_clips = s.integer("eval_clips", c.eval_clips);
+  at_least(s, "eval_clips", c.eval_clips, 1);
   c.audio_max_seconds = s.number("audio_max_seconds", c.audio_max_seconds);
   if (!(c.audio_max_seconds > 0)) s.fail("audio_max_seconds", "must be > 0, got " + fmt_number(c.audio_max_seconds));
   c.audio_seconds = s.number("audio_seconds", c.audio_seconds);
@@ -670,6 +676,8 @@ std::string to_toml(const ExperimentConfig& c) {
     w.put("video_size", p.video_size);
     w.put("video_frames", p.video_frames);
     w.put("video_fps", p.video_fps);
+    w.put("video_clip_seconds", p.video_clip_seconds);
+    w.put("eval_clips", p.eval_clips);
     w.put("video_patch", p.video_patch);
     w.put("video_tubelet", p.video_tubelet);
     w.put("audio_max_seconds", p.audio_max_seconds);

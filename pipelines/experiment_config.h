@@ -84,6 +84,8 @@ struct PrepareConfig {
   int64_t video_size = 224;            // frames resized to this square
   int64_t video_frames = 8;            // sampled uniformly over the clip (when video_fps = 0)
   double video_fps = 0.0;              // > 0: sample at this rate instead
+  double video_clip_seconds = 0.0;     // > 0: frames come from a window this long (centred for training)
+  int64_t eval_clips = 1;              // clips of held-out videos, spread over the video; evaluation averages them
   int64_t video_patch = 16;
   int64_t video_tubelet = 1;           // frames per patch
   double audio_max_seconds = 30.0;     // longer audio is cut

@@ -216,6 +216,15 @@ Batch Loader::collate(const std::vector<int64_t>& samples, int64_t epoch) const 
     batch.ids.push_back(reader->id(local));
     fields.push_back(reader->read(local));
     auto& f = fields.back();
+    if (options_.video_clip > 0 && f.count("video_patches") != 0) {
+      const std::string suffix = "_clip" + std::to_string(options_.video_clip);
+      if (f.count("video_patches" + suffix) == 0 || f.count("video_positions" + suffix) == 0) {
+        throw DataError("sample '" + batch.ids.back() + "' has no video clip " + std::to_string(options_.video_clip) +
+                        " (prepared with fewer prepare.eval_clips?)");
+      }
+      f["video_patches"] = f["video_patches" + suffix];
+      f["video_positions"] = f["video_positions" + suffix];
+    }
     if (options_.sample_captions && f.count("captions_ids") != 0 && f.count("captions_offsets") != 0) {
       const auto offsets = f["captions_offsets"].to(torch::kLong);
       const int64_t count = offsets.size(0) - 1;

@@ -67,6 +67,9 @@ struct LoaderOptions {
   // for text_ids, chosen by (seed, epoch, sample), instead of always the first.
   bool sample_captions = false;
   int64_t epoch_samples = 0;  // > 0: samples per epoch, drawn as in mixing (above); 0: see above
+  // > 0: video comes from the fields video_patches_clip<k> / video_positions_clip<k> (the extra clips `longnet
+  // prepare` stores for held-out samples, prepare.eval_clips); a video sample without them is a DataError.
+  int64_t video_clip = 0;
 };
 
 // One dataset of a mixture: its prepared samples, weight and the indices to draw from (empty: all).

@@ -411,6 +411,25 @@ std::string zero_shot_line(const json& report) {
 
 }  // namespace
 
+namespace {
+
+// The video clips of a prepared split: 1 + the video_patches_clip<k> fields of its first video sample.
+int64_t video_clips(const ShardReader& reader) {
+  for (int64_t i = 0; i < reader.size(); ++i) {
+    const auto& fields = reader.fields(i);
+    auto has = [&](const std::string& name) {
+      return std::any_of(fields.begin(), fields.end(), [&](const ShardField& f) { return f.name == name; });
+    };
+    if (!has("video_patches")) continue;
+    int64_t clips = 1;
+    while (has("video_patches_clip" + std::to_string(clips))) ++clips;
+    return clips;
+  }
+  return 1;
+}
+
+}  // namespace
+
 SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& reader, c10::Device device,
                             const EmbedOptions& options) {
   std::vector<int64_t> subset;
@@ -504,7 +523,6 @@ SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& r
       flush();
     }
   }
-  if (was_training) model->train();
   if (!caption_rows.empty()) {
     out.captions = torch::cat(caption_rows);
     out.caption_items = torch::tensor(caption_items, torch::kLong);
@@ -515,6 +533,38 @@ SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& r
   }
   out.media = torch::cat(media);
   out.media_present = torch::cat(media_present);
+  // Held-out videos prepared as several clips (prepare.eval_clips): the video and fused media embeddings are the
+  // normalised means over the clips, each clip run like the first.
+  out.video_clips = mc[Modality::video].enabled ? video_clips(reader) : 1;
+  if (out.video_clips > 1) {
+    at::Tensor video_sum = out.modality[idx(Modality::video)].clone(), media_sum = out.media.clone();
+    for (int64_t clip = 1; clip < out.video_clips; ++clip) {
+      LoaderOptions clip_options = lo;
+      clip_options.video_clip = clip;
+      Loader clip_loader(reader, clip_options, subset);
+      std::vector<at::Tensor> video_rows, media_rows;
+      while (auto batch = clip_loader.next()) {
+        auto input = batch->input;
+        const AutocastGuard autocast(options.bf16 && device.is_cuda());
+        const auto full = run_passes(model, to_device(input, device));
+        if (options.missing_rate > 0) {
+          input.present = input.present.clone();
+          drop_media(input, batch->samples, options.missing_rate, options.seed, 0);
+        }
+        const auto dropped = options.missing_rate > 0 ? run_passes(model, to_device(input, device)) : full;
+        const int64_t B = batch->input.present.size(0);
+        const auto& v = full.embeddings[idx(Modality::video)];
+        video_rows.push_back(v.defined() ? v.to(torch::kFloat).cpu() : torch::zeros({B, E}));
+        media_rows.push_back(dropped.media.defined() ? dropped.media.to(torch::kFloat).cpu() : torch::zeros({B, E}));
+      }
+      video_sum += torch::cat(video_rows);
+      media_sum += torch::cat(media_rows);
+    }
+    namespace F = torch::nn::functional;
+    out.modality[idx(Modality::video)] = F::normalize(video_sum, F::NormalizeFuncOptions().dim(1));
+    out.media = F::normalize(media_sum, F::NormalizeFuncOptions().dim(1));
+  }
+  if (was_training) model->train();
   out.labels = torch::tensor(labels, torch::kLong);
   return out;
 }
@@ -599,6 +649,12 @@ json retrieval_report(const SplitEmbeddings& e) {
       report[key] = {{"r1", r.r1}, {"r5", r.r5}, {"r10", r.r10}, {"median_rank", r.median_rank},
                      {"mean_rank", r.mean_rank}, {"queries", r.queries}, {"gallery", r.gallery_items},
                      {"chance_r1", 100.0 / static_cast<double>(r.gallery_items)}, {"protocol", r.protocol}};
+      const bool video_side = key.find("video") != std::string::npos || key.find("media") != std::string::npos;
+      if (e.video_clips > 1 && video_side) {
+        report[key]["protocol"] = r.protocol + "; each video the mean of its " + std::to_string(e.video_clips) +
+                                  " clips' embeddings";
+        report[key]["video_clips"] = e.video_clips;
+      }
     };
     one(name_a + "_to_" + name_b, a, a_q, b);
     one(name_b + "_to_" + name_a, b, b_q, a);

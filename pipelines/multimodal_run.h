@@ -44,6 +44,8 @@ struct SplitEmbeddings {
   // Every caption of every sample with text (several per sample when the shards hold captions_ids): (K, E) and the
   // sample each belongs to (K) int64. Retrieval uses these rows for the text side.
   at::Tensor captions, caption_items;
+  // Clips per video (prepare.eval_clips): above 1, `modality[video]` and `media` are normalised means over them.
+  int64_t video_clips = 1;
 };
 
 struct EmbedOptions {

@@ -195,6 +195,8 @@ void prepare(const PrepareArgs& a) {
   o.image.height = o.image.width = static_cast<int>(p.image_size);
   o.image_patch = static_cast<int>(p.image_patch);
   o.video.height = o.video.width = static_cast<int>(p.video_size);
+  o.video.clip_seconds = p.video_clip_seconds;
+  o.eval_clips = static_cast<int>(p.eval_clips);
   if (p.video_fps > 0) {
     o.video.sampling = modalities::FrameSampling::fps;
     o.video.fps = p.video_fps;

@@ -94,7 +94,7 @@ EOF
 mix=(--set 'data.manifest=""' --set 'data.shards=""' --set "data.tokenizer=$tmp/tok.model" --set "run.output_dir=$tmp/runs" --set train.batch_size=8
      --set train.steps=6 --set train.warmup_steps=2 --set train.log_every=2 --set eval.every=0 --set prepare.workers=2
      --set "data.sources=[{manifest = \"$tmp/demo/manifest.jsonl\", shards = \"$tmp/mix_a\"}, {manifest = \"$tmp/demo/manifest_b.jsonl\", shards = \"$tmp/mix_b\", weight = 2.0}]"
-     --set data.epoch_samples=40)
+     --set data.epoch_samples=40 --set prepare.eval_clips=2 --set prepare.video_clip_seconds=0.8)
 run prepare_mix prepare "$config" "${mix[@]}"
 expect_status 0
 expect_stdout_match "bad of 28 samples → $tmp/mix_a$"
@@ -105,6 +105,16 @@ if grep -qE "train samples in 2 sources \(5 batches an epoch\)" "$tmp/err"; then
   pass "training draws from both sources, 40 samples an epoch"; else fail "no mixing in the run log"; fi
 if grep -qE "weight = 2\.0" "$tmp/runs/mixed/config.toml"; then pass "the run's config.toml keeps the sources"; else
   fail "sources missing from config.toml"; fi
+last=eval_clips
+if "$python" - "$tmp/runs/mixed" "$tmp/mix_a" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1] + "/retrieval.json"))
+p = r["pairs"]["text_to_video"]
+assert p["video_clips"] == 2 and "mean of its 2 clips" in p["protocol"], p
+s = json.load(open(sys.argv[2] + "/prepare_summary.json"))
+assert s["eval_clips"] == 2 and s["video_clip_seconds"] == 0.8, s
+EOF
+then pass "held-out videos are embedded as the mean of 2 clips"; else fail "eval clips"; fi
 
 # ---- an uninterrupted run --------------------------------------------------------------------------------------
 run train run "$config" "${common[@]}" --set run.name=whole

@@ -259,6 +259,46 @@ TEST_CASE("video: 4:2:0 frames convert close to a high-quality resampler", "[vid
   }
 }
 
+TEST_CASE("video: clips sample windows spread over the stream", "[video]") {
+  TempDir dir;
+  const auto clip = counter_clip(dir.path() / "c.mp4", 4.0, 30);
+  std::vector<int> table = centre_values(decode_video_file(clip, small(FrameSampling::all)));
+  VideoOptions o = small(FrameSampling::uniform);
+  o.num_frames = 3;
+  o.clip_seconds = 1.0;
+  o.clips = 2;
+  for (o.clip = 0; o.clip < 2; ++o.clip) {
+    const VideoFrames v = decode_video_file(clip, o);
+    REQUIRE(v.frames == 3);
+    // Windows [0, 1) and [D - 1, D): frames at a + (i + 0.5)/3 s.
+    const double a = o.clip == 0 ? 0.0 : v.info.duration_s - 1.0;
+    for (int t = 0; t < 3; ++t) {
+      INFO("clip " << o.clip << " frame " << t);
+      CHECK(frame_number(v, t, table) == static_cast<int>(std::floor((a + (t + 0.5) / 3) * 30 + 1e-9)));
+    }
+  }
+  // One clip: the centred window.
+  o.clips = 1;
+  o.clip = 0;
+  o.clip_seconds = 2.0;
+  const VideoFrames centred = decode_video_file(clip, o);
+  const double a = (centred.info.duration_s - 2.0) / 2;
+  for (int t = 0; t < 3; ++t) {
+    CHECK(frame_number(centred, t, table) == static_cast<int>(std::floor((a + (t + 0.5) * 2 / 3) * 30 + 1e-9)));
+  }
+  // No clip length and several clips: consecutive quarters at 1 frame/s.
+  o.sampling = FrameSampling::fps;
+  o.fps = 1.0;
+  o.clip_seconds = 0.0;
+  o.clips = 4;
+  o.clip = 2;
+  const VideoFrames quarter = decode_video_file(clip, o);
+  REQUIRE(quarter.frames == 1);
+  CHECK(frame_number(quarter, 0, table) == static_cast<int>(std::floor(2 * quarter.info.duration_s / 4 * 30 + 1e-9)));
+  o.clip = 4;
+  CHECK_THROWS_AS(decode_video_file(clip, o), longnet::ConfigError);
+}
+
 TEST_CASE("video: streaming callback and tubelet patches", "[video][patchify]") {
   TempDir dir;
   const auto clip = counter_clip(dir.path() / "c.mp4", 2.0, 30);

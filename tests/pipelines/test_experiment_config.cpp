@@ -637,6 +637,14 @@ patch_dim = 320
         "clips keep their length), got 40");
   CHECK(parse_experiment(text, "mm.toml", {"prepare.audio_seconds=4", "prepare.audio_fit=\"loop\""}).prepare.audio_fit ==
         "loop");
+  const auto clips = parse_experiment(text, "mm.toml", {"prepare.eval_clips=3", "prepare.video_clip_seconds=2.5"});
+  CHECK(clips.prepare.eval_clips == 3);
+  CHECK(clips.prepare.video_clip_seconds == 2.5);
+  check_same(parse_experiment(to_toml(clips), "printed.toml"), clips);
+  CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"prepare.eval_clips=0"}); }) ==
+        "--set prepare.eval_clips=0: 'prepare.eval_clips' must be >= 1, got 0");
+  CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"prepare.video_clip_seconds=-1"}); }) ==
+        "--set prepare.video_clip_seconds=-1: 'prepare.video_clip_seconds' must be >= 0 (0: the whole video), got -1");
   CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"data.missing_rate=1.0"}); }) ==
         "--set data.missing_rate=1.0: 'data.missing_rate' must be in [0, 1), got 1");
   CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"ablate.seeds=[1,-2]"}); }) ==

@@ -350,3 +350,31 @@ TEST_CASE("epoch_samples defines an epoch by samples seen, one dataset repeating
   }
   CHECK(std::vector<int64_t>(flat.begin(), flat.begin() + 37) != std::vector<int64_t>(flat.begin() + 37, flat.begin() + 74));
 }
+
+TEST_CASE("video_clip takes a held-out sample's extra clip in place of the first", "[pipelines]") {
+  TempDir tmp;
+  const auto dir = tmp.path() / "clips";
+  {
+    ShardWriter writer(dir);
+    for (int i = 0; i < 2; ++i) {
+      SampleTensors s{{"video_patches", torch::zeros({2, 3})}, {"video_positions", torch::zeros({2, 3}, torch::kInt32)}};
+      if (i == 0) {
+        s.emplace_back("video_patches_clip1", torch::ones({3, 3}));
+        s.emplace_back("video_positions_clip1", torch::ones({3, 3}, torch::kInt32));
+      }
+      writer.add("v" + std::to_string(i), s);
+    }
+    writer.finish();
+  }
+  const ShardReader reader(dir);
+  LoaderOptions options{.batch_size = 1, .shuffle = false};
+  options.video_clip = 1;
+  Loader loader(reader, options);
+  const Batch first = loader.collate({0});
+  const auto& video = first.input.modalities[static_cast<size_t>(Modality::video)];
+  REQUIRE(video.has_value());
+  CHECK(video->data.sizes() == std::vector<int64_t>{1, 3, 3});
+  CHECK(video->data.eq(1).all().item<bool>());
+  CHECK(video->positions.eq(1).all().item<bool>());
+  CHECK_THROWS_WITH(loader.collate({1}), Catch::Contains("sample 'v1' has no video clip 1"));
+}
