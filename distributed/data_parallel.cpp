@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/torch.h>
 
 #include "core/error.h"
@@ -133,6 +135,42 @@ void GradientAllReduce::finish() {
     }
   }
   armed_ = false;
+}
+
+namespace {
+
+class GatherRowsBackward : public torch::autograd::Node {
+ public:
+  GatherRowsBackward(int64_t start, int64_t rows) : start_(start), rows_(rows) {}
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    return {grads.at(0).narrow(0, start_, rows_)};
+  }
+  std::string name() const override { return "GatherRowsBackward"; }
+
+ private:
+  int64_t start_, rows_;
+};
+
+}  // namespace
+
+at::Tensor gather_rows(const at::Tensor& x, const ProcessGroup& group) {
+  if (!group.valid() || group.size() <= 1) return x;
+  if (x.dim() < 1) throw Error("gather_rows: needs a tensor with a row dimension, got a scalar");
+  // Gloo has no bool all-gather: bytes travel instead.
+  const bool boolean = x.scalar_type() == at::kBool;
+  const at::Tensor in = (boolean ? x.to(at::kByte) : x.detach()).contiguous();
+  auto sizes = in.sizes().vec();
+  sizes[0] *= group.size();
+  at::Tensor out = at::empty(sizes, in.options());
+  group.all_gather(out, in);
+  if (boolean) return out.to(at::kBool);
+  if (torch::autograd::GradMode::is_enabled() && x.requires_grad()) {
+    auto node = std::shared_ptr<GatherRowsBackward>(new GatherRowsBackward(group.rank() * x.size(0), x.size(0)),
+                                                    torch::autograd::deleteNode);
+    node->set_next_edges(torch::autograd::collect_next_edges(x));
+    torch::autograd::set_history(out, node);
+  }
+  return out;
 }
 
 }  // namespace longnet::distributed

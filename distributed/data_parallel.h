@@ -74,4 +74,12 @@ class GradientAllReduce {
   CommStats* stats_ = nullptr;
 };
 
+// The rows of every rank, in rank order: (size·B, ...) from this rank's (B, ...) (B equal on every rank), for a loss
+// over the global batch such as a contrastive one (every sample of every rank a negative for every other). Every
+// rank computes the same loss over the gathered rows, so each already holds the whole gradient of its own rows: the
+// backward passes back the slice of this rank and communicates nothing. Sum the parameters' gradients over ranks
+// (GradientAllReduce with divide_by = 1) to get the gradient of that loss; a parameter every rank uses directly in
+// the loss (a learned temperature) already has it whole on each rank. A group of one returns x.
+at::Tensor gather_rows(const at::Tensor& x, const ProcessGroup& group);
+
 }  // namespace longnet::distributed

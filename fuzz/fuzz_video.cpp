@@ -1,5 +1,6 @@
 // libFuzzer target: container bytes through demux (a custom AVIOContext over memory), threaded decode, sampling,
-// seeking, conversion and tubelet patches (modalities/video.h). Built and run by tools/fuzz.sh. Typed errors
+// seeking, clip windows, conversion (including 4:2:0 frames averaged 2×2 before scaling) and tubelet patches
+// (modalities/video.h). Built and run by tools/fuzz.sh. Typed errors
 // (longnet::Error) are the expected outcome for bad input; anything else is a finding.
 #include <cstddef>
 #include <cstdint>
@@ -17,7 +18,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   opt.num_frames = 3;
   opt.fps = 5.0;
   opt.height = 16;
-  opt.width = 16;
+  opt.width = size % 7 == 0 ? 13 : 16;  // also a width that is no multiple of the SIMD block
+  opt.clips = 1 + static_cast<int>(size % 3);  // windows of the stream (VideoOptions: clips)
+  opt.clip = static_cast<int>(size / 3 % static_cast<size_t>(opt.clips));
+  opt.clip_seconds = static_cast<double>(size % 5) * 0.3;
   opt.resize = size % 2 ? ResizePolicy::shorter_center_crop : ResizePolicy::exact;
   opt.threads = 1;
   opt.seek_gap_s = 0.1;
@@ -28,7 +32,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
     const VideoFrames v = decode_video_bytes(std::span<const uint8_t>(data, size), "fuzz input", opt);
     const Patches p = patchify_video(v, {0.5F, 0.5F, 0.5F}, {0.25F, 0.25F, 0.25F}, 8, 2);
-    if (p.count != ((v.frames + 1) / 2) * 4) __builtin_trap();
+    if (p.count != ((v.frames + 1) / 2) * (v.height / 8) * (v.width / 8)) __builtin_trap();
   } catch (const longnet::Error&) {
   }
   return 0;

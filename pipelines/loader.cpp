@@ -47,6 +47,10 @@ Loader::Loader(std::vector<LoaderSource> sources, LoaderOptions options)
     throw ConfigError("loader: epochs, bucket_batches and epoch_samples must be >= 0");
   }
   if (sources_.empty()) throw ConfigError("loader: no sources");
+  if (options_.shard_count < 1 || options_.shard_rank < 0 || options_.shard_rank >= options_.shard_count ||
+      options_.batch_size % options_.shard_count != 0) {
+    throw ConfigError("loader: shard_rank must be in [0, shard_count) and shard_count must divide batch_size");
+  }
   mixing_ = sources_.size() > 1 || options_.epoch_samples > 0;
   double total_weight = 0;
   for (size_t s = 0; s < sources_.size(); ++s) {
@@ -202,7 +206,13 @@ std::vector<int64_t> Loader::batch_samples(int64_t epoch, int64_t index) const {
   const auto order = epoch_order(epoch);
   const auto begin = static_cast<size_t>(index * options_.batch_size);
   const size_t end = std::min(order.size(), begin + static_cast<size_t>(options_.batch_size));
-  return {order.begin() + static_cast<std::ptrdiff_t>(begin), order.begin() + static_cast<std::ptrdiff_t>(end)};
+  std::vector<int64_t> batch(order.begin() + static_cast<std::ptrdiff_t>(begin),
+                             order.begin() + static_cast<std::ptrdiff_t>(end));
+  if (options_.shard_count == 1) return batch;
+  const auto part = static_cast<size_t>(options_.batch_size / options_.shard_count);
+  const size_t from = std::min(batch.size(), static_cast<size_t>(options_.shard_rank) * part);
+  const size_t to = std::min(batch.size(), from + part);
+  return {batch.begin() + static_cast<std::ptrdiff_t>(from), batch.begin() + static_cast<std::ptrdiff_t>(to)};
 }
 
 Batch Loader::collate(const std::vector<int64_t>& samples, int64_t epoch) const {

@@ -70,6 +70,9 @@ struct LoaderOptions {
   // > 0: video comes from the fields video_patches_clip<k> / video_positions_clip<k> (the extra clips `longnet
   // prepare` stores for held-out samples, prepare.eval_clips); a video sample without them is a DataError.
   int64_t video_clip = 0;
+  // Data-parallel ranks: every rank orders the same global batches of batch_size samples and collates its own
+  // contiguous slice of batch_size / shard_count of them (batch_size must divide evenly).
+  int64_t shard_rank = 0, shard_count = 1;
 };
 
 // One dataset of a mixture: its prepared samples, weight and the indices to draw from (empty: all).

@@ -17,6 +17,7 @@
 #include "core/error.h"
 #include "core/keyed_random.h"
 #include "core/log.h"
+#include "distributed/data_parallel.h"
 #include "distributed/process_group.h"
 #include "fusion/losses.h"
 #include "pipelines/loader.h"
@@ -179,31 +180,57 @@ at::Tensor caption_lm_loss(const Passes& p) {
 struct Losses {
   at::Tensor total;
   std::map<std::string, at::Tensor> parts;  // unweighted, detached (read at log time: no synchronisation per step)
+  std::map<std::string, double> weights;
 };
 
-Losses compute_losses(const Passes& p, const ObjectivesConfig& o, const at::Tensor& temperature) {
+// The weighted objectives of one batch. With data-parallel ranks (`group` of several), the contrastive losses run over
+// the global batch: embeddings and masks are gathered from every rank (distributed::gather_rows), every rank computes
+// the same loss, and the model's gradients are summed over ranks; the caption LM loss stays per rank and is divided
+// by the number of ranks, so the sum averages it. Every enabled medium then has an embedding on every rank (zeros
+// where the local batch lacks it), so that all ranks make the same collective calls.
+Losses compute_losses(const Passes& p, const ExperimentConfig& c, const at::Tensor& temperature,
+                      const distributed::ProcessGroup& group) {
+  const auto& o = c.objectives;
+  const bool ranks = group.valid() && group.size() > 1;
+  const int64_t B = p.present.size(0), E = c.multimodal.fusion.embed_dim;
+  auto filled = [&](const at::Tensor& e, Modality m) {
+    if (e.defined() || !ranks || !c.multimodal[m].enabled) return e;
+    return torch::zeros({B, E}, p.present.options().dtype(torch::kFloat));
+  };
+  auto gather = [&](const at::Tensor& t) { return ranks ? distributed::gather_rows(t, group) : t; };
   Losses l;
-  const auto& text = p.embeddings[idx(Modality::text)];
-  auto add = [&](const std::string& name, double weight, const at::Tensor& loss) {
+  auto add = [&](const std::string& name, double weight, const at::Tensor& loss, double scale = 1.0) {
     l.parts[name] = loss.detach();
-    const auto weighted = loss * weight;
+    l.weights[name] = weight;
+    const auto weighted = loss * (weight * scale);
     l.total = l.total.defined() ? l.total + weighted : weighted;
   };
+  const auto text = filled(p.embeddings[idx(Modality::text)], Modality::text);
   if (text.defined()) {
     const auto has_text = p.present.select(1, static_cast<int64_t>(idx(Modality::text)));
+    const auto all_text = gather(text.to(torch::kFloat));
     const std::pair<Modality, double> pairs[] = {
         {Modality::video, o.video_text}, {Modality::audio, o.audio_text}, {Modality::image, o.image_text}};
     for (const auto& [m, weight] : pairs) {
-      if (weight <= 0 || !p.embeddings[idx(m)].defined()) continue;
+      const auto emb = filled(p.embeddings[idx(m)], m);
+      if (weight <= 0 || !emb.defined()) continue;
       const auto both = has_text & p.present.select(1, static_cast<int64_t>(idx(m)));
       add(modalities::to_string(m) + "_text", weight,
-          fusion::info_nce(p.embeddings[idx(m)].to(torch::kFloat), text.to(torch::kFloat), temperature, both));
+          fusion::info_nce(gather(emb.to(torch::kFloat)), all_text, temperature, gather(both)));
     }
-    if (o.media_text > 0 && p.media.defined()) {
+    const bool any_media = c.multimodal[Modality::image].enabled || c.multimodal[Modality::video].enabled ||
+                           c.multimodal[Modality::audio].enabled;
+    const auto media = p.media.defined() || !ranks || !any_media
+                           ? p.media
+                           : torch::zeros({B, E}, p.present.options().dtype(torch::kFloat));
+    if (o.media_text > 0 && media.defined()) {
+      const auto media_present = p.media.defined() ? p.media_present : torch::zeros({B}, p.present.options());
       add("media_text", o.media_text,
-          fusion::info_nce(p.media.to(torch::kFloat), text.to(torch::kFloat), temperature, has_text & p.media_present));
+          fusion::info_nce(gather(media.to(torch::kFloat)), all_text, temperature, gather(has_text & media_present)));
     }
-    if (o.lm > 0 && p.lm_logits.defined() && p.text_ids.size(1) > 1) add("lm", o.lm, caption_lm_loss(p));
+    if (o.lm > 0 && p.lm_logits.defined() && p.text_ids.size(1) > 1) {
+      add("lm", o.lm, caption_lm_loss(p), ranks ? 1.0 / group.size() : 1.0);
+    }
   }
   if (!l.total.defined()) throw DataError("a batch gave no loss (no sample has text and another modality)");
   return l;
@@ -700,11 +727,18 @@ TrainedModel load_trained_model(const fs::path& run_dir, const fs::path& checkpo
 }
 
 fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) {
-  if (const auto launch = distributed::launch_env_from_environment(); launch && launch->world_size > 1) {
-    throw ConfigError("run.task = \"multimodal\" trains in one process; data-parallel ranks (--nproc) are for "
-                      "run.task = \"lm\"");
+  // A distributed launch (`longnet run --nproc N`, or a launcher's RANK/WORLD_SIZE): data parallelism; each rank
+  // takes its slice of every global batch of train.batch_size × ranks samples, rank 0 alone evaluates and writes.
+  const auto launch = distributed::launch_env_from_environment();
+  const int rank = launch ? launch->rank : 0, world = launch ? launch->world_size : 1;
+  if (world > 1 && c.train.skip_oom) {
+    throw ConfigError("train.skip_oom works in one process only: ranks would disagree on which steps to skip");
   }
-  const c10::Device device = choose_device(c.run);
+  c10::Device device = choose_device(c.run);
+  if (world > 1 && device.is_cuda()) {
+    device = c10::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(launch->local_rank %
+                                                                     static_cast<int>(torch::cuda::device_count())));
+  }
   if (c.train.precision == "bf16" && !device.is_cuda()) {
     throw ConfigError("train.precision = \"bf16\" needs a CUDA device; this run uses the CPU");
   }
@@ -737,8 +771,20 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   auto optimizer = make_adamw(parameters, c.train);
   const CheckpointModules modules{.model = model.ptr().get(), .extras = {temperature.ptr().get()}};
 
+  distributed::ProcessGroups groups;
+  std::unique_ptr<distributed::GradientAllReduce> grad_sync;
+  if (world > 1) {
+    groups = distributed::make_process_groups(*launch, /*sequence_size=*/1, device.type());
+    // Summed, not averaged: the contrastive losses are the global batch's on every rank (compute_losses). The
+    // temperature is left out: every rank already has its whole gradient.
+    grad_sync = std::make_unique<distributed::GradientAllReduce>(model->parameters(), groups.world,
+                                                                 distributed::GradientAllReduceOptions{.divide_by = 1});
+  }
+
   LoaderOptions lo;
-  lo.batch_size = c.train.batch_size;
+  lo.batch_size = c.train.batch_size * world;
+  lo.shard_rank = rank;
+  lo.shard_count = world;
   lo.seed = static_cast<uint64_t>(c.run.seed);
   lo.bucket_batches = c.data.bucket_batches;
   lo.workers = c.data.loader_workers;
@@ -757,10 +803,10 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
     loader.restore({.epoch = resumed.state.at("loader").at("epoch").get<int64_t>(),
                     .batch = resumed.state.at("loader").at("batch").get<int64_t>()});
   }
-  const fs::path run_dir = !options.resume.empty() ? options.resume : fresh_run_dir(c.run);
-  write_file_atomic(run_dir / "config.toml", to_toml(c));
+  const fs::path run_dir = rank != 0 ? fs::path() : !options.resume.empty() ? options.resume : fresh_run_dir(c.run);
+  if (rank == 0) write_file_atomic(run_dir / "config.toml", to_toml(c));
   RunLogger logger(run_dir, resume_step);
-  if (bad_media > 0) {
+  if (bad_media > 0 && rank == 0) {
     std::ostringstream text;
     for (const DataSource& source : sources) {
       std::ifstream in(fs::path(source.shards) / "bad_samples.jsonl", std::ios::binary);
@@ -776,7 +822,10 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
             " parameters | fusion " + c.multimodal.fusion.strategy + " | " + std::to_string(train_samples) +
             " train samples" + (sources.size() > 1 ? " in " + std::to_string(sources.size()) + " sources" : std::string()) +
             " (" + std::to_string(loader.batches_per_epoch()) + " batches an epoch), " +
-            std::to_string(eval_shards.size()) + " " + c.eval.split + " samples");
+            std::to_string(eval_shards.size()) + " " + c.eval.split + " samples" +
+            (world > 1 ? " | " + std::to_string(world) + " data-parallel ranks, rank " + std::to_string(rank) +
+                             ", global batch " + std::to_string(lo.batch_size)
+                       : std::string()));
 
   const double peak = peak_flops(device);
   FlopCounter flop_counter(model);
@@ -798,6 +847,8 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
     optimizer->zero_grad();
     at::Tensor step_loss_t;
     std::map<std::string, at::Tensor> step_parts;
+    std::map<std::string, double> step_weights;
+    int64_t step_tokens = 0;  // this rank's; summed over the ranks below
     double step_loss = std::numeric_limits<double>::quiet_NaN(), grad_norm = 0;
     bool apply = false;
     try {
@@ -809,21 +860,23 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
           drop_media(input, batch->samples, c.data.missing_rate, static_cast<uint64_t>(c.run.seed), batch->epoch);
         }
         for (const auto& lengths : sample_lengths(input)) {
-          window_flops += flop_counter.training_flops(lengths);
-          for (int64_t n : lengths) window_tokens += n;
+          window_flops += flop_counter.training_flops(lengths);  // this rank's (MFU is per device)
+          for (int64_t n : lengths) step_tokens += n;
         }
-        window_samples += input.present.size(0);
+        window_samples += input.present.size(0) * world;  // ranks take equal slices of each global batch
         Losses losses;
         {
           const AutocastGuard autocast(c.train.precision == "bf16");
           const auto passes = run_passes(model, to_device(input, device));
-          losses = compute_losses(passes, c.objectives, temperature->value());
+          losses = compute_losses(passes, c, temperature->value(), groups.world);
         }
         if (injected_at(options.inject_nonfinite_steps, step)) {
           losses.total = losses.total * std::numeric_limits<double>::quiet_NaN();
         }
         if (injected_at(options.inject_oom_steps, step)) throw_injected_oom(step);
+        if (grad_sync && micro + 1 == c.train.grad_accumulation) grad_sync->arm();  // the last backward all-reduces
         (losses.total / static_cast<double>(c.train.grad_accumulation)).backward();
+        step_weights = losses.weights;
         step_loss_t = step_loss_t.defined() ? step_loss_t + losses.total.detach() : losses.total.detach();
         for (const auto& [k, v] : losses.parts) {
           auto& sum = step_parts[k];
@@ -832,6 +885,27 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
         }
       }
       step_loss = step_loss_t.item<double>() / static_cast<double>(c.train.grad_accumulation);
+      if (grad_sync) {
+        grad_sync->finish();
+        // Every rank logs the same loss and takes the same decision: the parts averaged over the ranks (the
+        // contrastive ones are the global batch's on each already), weighted; a non-finite loss anywhere shows in
+        // the sum.
+        std::vector<at::Tensor> values{step_loss_t.reshape({1}).to(torch::kDouble),
+                                       torch::full({1}, static_cast<double>(step_tokens), step_loss_t.options().dtype(torch::kDouble))};
+        for (const auto& [k, v] : step_parts) values.push_back(v.reshape({1}).to(torch::kDouble));
+        auto packed = torch::cat(values);
+        groups.world.all_reduce(packed);
+        packed = (packed / static_cast<double>(world)).cpu();
+        step_tokens = std::llround(packed[1].item<double>() * world);
+        double weighted = 0;
+        int64_t i = 2;
+        for (auto& [k, v] : step_parts) {
+          const double average = packed[i++].item<double>();
+          v = torch::tensor(average, torch::kDouble);
+          weighted += step_weights[k] * average;
+        }
+        step_loss = std::isfinite(packed[0].item<double>()) ? weighted : packed[0].item<double>();
+      }
       if (std::isfinite(step_loss) && c.train.grad_clip > 0) {
         grad_norm = torch::nn::utils::clip_grad_norm_(parameters, c.train.grad_clip);
       }
@@ -840,6 +914,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
       if (device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
       failures.out_of_memory(step, e);
     }
+    window_tokens += step_tokens;
     if (apply) {
       optimizer->step();
       last_loss = step_loss;
@@ -901,7 +976,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
       window_steps = window_samples = window_tokens = 0;
       window_parts.clear();
     }
-    if ((c.eval.every > 0 && done % c.eval.every == 0) || last) {
+    if (rank == 0 && ((c.eval.every > 0 && done % c.eval.every == 0) || last)) {
       const auto eval_start = std::chrono::steady_clock::now();
       last_eval = evaluate(model, eval_shards, c, device);
       log::info("step " + std::to_string(done) + " " + c.eval.split + ": " + retrieval_line(last_eval.retrieval) +
@@ -912,7 +987,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
       logger.log(c.eval.split, done, flatten_report(last_eval));
       window_start += std::chrono::steady_clock::now() - eval_start;  // evaluation time is not training throughput
     }
-    if ((c.train.checkpoint_every > 0 && done % c.train.checkpoint_every == 0) || last) {
+    if (rank == 0 && ((c.train.checkpoint_every > 0 && done % c.train.checkpoint_every == 0) || last)) {
       const auto save_start = std::chrono::steady_clock::now();
       const auto position = loader.state();
       save_checkpoint(run_dir, done, modules, *optimizer,
@@ -922,6 +997,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   }
 
   const double seconds = progress.elapsed_seconds();
+  if (rank != 0) return run_dir;
   json summary = {{"task", "multimodal"},
                   {"fusion", c.multimodal.fusion.strategy},
                   {"missing_rate", c.data.missing_rate},
@@ -937,6 +1013,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
                   {"data_wait_fraction", total_wait / std::max(total_train_seconds, 1e-9)},
                   {"tokens_per_s", static_cast<double>(total_tokens) / std::max(total_train_seconds, 1e-9)},
                   {"device", device.str()},
+                  {"data_parallel_ranks", world},
                   {"skipped_nonfinite_steps", failures.skipped_nonfinite()},
                   {"skipped_oom_steps", failures.skipped_oom()}};
   // Throughput figures count training steps only (evaluation and checkpoints excluded).
