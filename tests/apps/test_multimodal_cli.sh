@@ -105,6 +105,16 @@ if grep -qE "train samples in 2 sources \(5 batches an epoch\)" "$tmp/err"; then
   pass "training draws from both sources, 40 samples an epoch"; else fail "no mixing in the run log"; fi
 if grep -qE "weight = 2\.0" "$tmp/runs/mixed/config.toml"; then pass "the run's config.toml keeps the sources"; else
   fail "sources missing from config.toml"; fi
+# The resolved config in the run folder repeats the run: the same losses on the CPU.
+run repeat_run run "$tmp/runs/mixed/config.toml" --set run.name=mixed_again
+expect_status 0
+last=repeat_compare
+if "$python" - "$tmp/runs/mixed" "$tmp/runs/mixed_again" <<'EOF'
+import json, sys
+a, b = (json.load(open(d + "/summary.json")) for d in sys.argv[1:3])
+assert a["final_train_loss"] == b["final_train_loss"] and a["retrieval"] == b["retrieval"], (a, b)
+EOF
+then pass "longnet run RUN/config.toml repeats the run"; else fail "the repeated run differs"; fi
 last=eval_clips
 if "$python" - "$tmp/runs/mixed" "$tmp/mix_a" <<'EOF'
 import json, sys
