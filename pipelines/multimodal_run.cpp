@@ -455,6 +455,19 @@ int64_t video_clips(const ShardReader& reader) {
   return 1;
 }
 
+// The passes of one evaluation batch: the per-medium embeddings see every medium, the media fusion sees what is left
+// after the drops (EmbedOptions::missing_rate).
+std::pair<Passes, Passes> eval_passes(fusion::MultimodalModel& model, const Batch& batch, c10::Device device,
+                                      const EmbedOptions& options) {
+  auto input = batch.input;
+  const AutocastGuard autocast(options.bf16 && device.is_cuda());
+  auto full = run_passes(model, to_device(input, device));
+  if (options.missing_rate <= 0) return {full, full};
+  input.present = input.present.clone();
+  drop_media(input, batch.samples, options.missing_rate, options.seed, 0);
+  return {full, run_passes(model, to_device(input, device))};
+}
+
 }  // namespace
 
 SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& reader, c10::Device device,
@@ -489,15 +502,7 @@ SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& r
       const bool labelled = std::any_of(fields.begin(), fields.end(), [](const ShardField& f) { return f.name == "label"; });
       labels.push_back(labelled ? reader.read(index, "label").view({-1})[0].item<int64_t>() : -1);
     }
-    auto input = batch->input;
-    // The per-medium embeddings see every medium; the media fusion sees what is left after the drops.
-    const AutocastGuard autocast(options.bf16 && device.is_cuda());
-    const auto full = run_passes(model, to_device(input, device));
-    if (options.missing_rate > 0) {
-      input.present = input.present.clone();
-      drop_media(input, batch->samples, options.missing_rate, options.seed, 0);
-    }
-    const auto dropped = options.missing_rate > 0 ? run_passes(model, to_device(input, device)) : full;
+    const auto [full, dropped] = eval_passes(model, *batch, device, options);
     const int64_t B = batch->input.present.size(0);
     present.push_back(batch->input.present);
     for (const Modality m : modalities::kAllModalities) {
@@ -571,14 +576,7 @@ SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& r
       Loader clip_loader(reader, clip_options, subset);
       std::vector<at::Tensor> video_rows, media_rows;
       while (auto batch = clip_loader.next()) {
-        auto input = batch->input;
-        const AutocastGuard autocast(options.bf16 && device.is_cuda());
-        const auto full = run_passes(model, to_device(input, device));
-        if (options.missing_rate > 0) {
-          input.present = input.present.clone();
-          drop_media(input, batch->samples, options.missing_rate, options.seed, 0);
-        }
-        const auto dropped = options.missing_rate > 0 ? run_passes(model, to_device(input, device)) : full;
+        const auto [full, dropped] = eval_passes(model, *batch, device, options);
         const int64_t B = batch->input.present.size(0);
         const auto& v = full.embeddings[idx(Modality::video)];
         video_rows.push_back(v.defined() ? v.to(torch::kFloat).cpu() : torch::zeros({B, E}));
@@ -774,7 +772,8 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   distributed::ProcessGroups groups;
   std::unique_ptr<distributed::GradientAllReduce> grad_sync;
   if (world > 1) {
-    groups = distributed::make_process_groups(*launch, /*sequence_size=*/1, device.type());
+    // Rank 0 evaluates while the others wait in the next step's first collective: the timeout covers an evaluation.
+    groups = distributed::make_process_groups(*launch, /*sequence_size=*/1, device.type(), std::chrono::minutes(60));
     // Summed, not averaged: the contrastive losses are the global batch's on every rank (compute_losses). The
     // temperature is left out: every rank already has its whole gradient.
     grad_sync = std::make_unique<distributed::GradientAllReduce>(model->parameters(), groups.world,
