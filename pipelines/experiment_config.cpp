@@ -210,6 +210,8 @@ PrepareConfig parse_prepare(const Section& s) {
   }
   c.eval_clips = s.integer("eval_clips", c.eval_clips);
   at_least(s, "eval_clips", c.eval_clips, 1);
+  c.train_clips = s.integer("train_clips", c.train_clips);
+  at_least(s, "train_clips", c.train_clips, 1);
   c.audio_max_seconds = s.number("audio_max_seconds", c.audio_max_seconds);
   if (!(c.audio_max_seconds > 0)) s.fail("audio_max_seconds", "must be > 0, got " + fmt_number(c.audio_max_seconds));
   c.audio_seconds = s.number("audio_seconds", c.audio_seconds);
@@ -678,6 +680,7 @@ std::string to_toml(const ExperimentConfig& c) {
     w.put("video_fps", p.video_fps);
     w.put("video_clip_seconds", p.video_clip_seconds);
     w.put("eval_clips", p.eval_clips);
+    w.put("train_clips", p.train_clips);
     w.put("video_patch", p.video_patch);
     w.put("video_tubelet", p.video_tubelet);
     w.put("audio_max_seconds", p.audio_max_seconds);

@@ -86,6 +86,7 @@ struct PrepareConfig {
   double video_fps = 0.0;              // > 0: sample at this rate instead
   double video_clip_seconds = 0.0;     // > 0: frames come from a window this long (centred for training)
   int64_t eval_clips = 1;              // clips of held-out videos, spread over the video; evaluation averages them
+  int64_t train_clips = 1;             // clips of training videos, spread over the video; each epoch takes one
   int64_t video_patch = 16;
   int64_t video_tubelet = 1;           // frames per patch
   double audio_max_seconds = 30.0;     // longer audio is cut

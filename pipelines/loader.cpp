@@ -226,10 +226,18 @@ Batch Loader::collate(const std::vector<int64_t>& samples, int64_t epoch) const 
     batch.ids.push_back(reader->id(local));
     fields.push_back(reader->read(local));
     auto& f = fields.back();
-    if (options_.video_clip > 0 && f.count("video_patches") != 0) {
-      const std::string suffix = "_clip" + std::to_string(options_.video_clip);
+    int64_t clip = options_.video_clip;
+    if (clip == 0 && options_.sample_video_clips && f.count("video_patches_clip1") != 0) {
+      int64_t clips = 2;
+      while (f.count("video_patches_clip" + std::to_string(clips)) != 0) ++clips;
+      clip = static_cast<int64_t>(keyed_hash({options_.seed, static_cast<uint64_t>(epoch), static_cast<uint64_t>(s),
+                                              0x636c6970ULL}) %
+                                  static_cast<uint64_t>(clips));
+    }
+    if (clip > 0 && f.count("video_patches") != 0) {
+      const std::string suffix = "_clip" + std::to_string(clip);
       if (f.count("video_patches" + suffix) == 0 || f.count("video_positions" + suffix) == 0) {
-        throw DataError("sample '" + batch.ids.back() + "' has no video clip " + std::to_string(options_.video_clip) +
+        throw DataError("sample '" + batch.ids.back() + "' has no video clip " + std::to_string(clip) +
                         " (prepared with fewer prepare.eval_clips?)");
       }
       f["video_patches"] = f["video_patches" + suffix];

@@ -70,6 +70,9 @@ struct LoaderOptions {
   // > 0: video comes from the fields video_patches_clip<k> / video_positions_clip<k> (the extra clips `longnet
   // prepare` stores for held-out samples, prepare.eval_clips); a video sample without them is a DataError.
   int64_t video_clip = 0;
+  // Samples with several video clips: each epoch takes one, chosen by (seed, epoch, sample), like sample_captions
+  // (video_clip > 0 overrides it).
+  bool sample_video_clips = false;
   // Data-parallel ranks: every rank orders the same global batches of batch_size samples and collates its own
   // contiguous slice of batch_size / shard_count of them (batch_size must divide evenly).
   int64_t shard_rank = 0, shard_count = 1;

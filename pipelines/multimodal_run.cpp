@@ -791,7 +791,8 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   lo.pad_id = kTextPadId;
   lo.modalities = enabled_modalities(c);
   lo.half_patches = lo.pin_memory = device.is_cuda();
-  lo.sample_captions = true;  // every caption of a sample takes turns, epoch by epoch
+  lo.sample_captions = true;     // every caption of a sample takes turns, epoch by epoch
+  lo.sample_video_clips = true;  // and every clip of its video (prepare.train_clips)
   lo.epoch_samples = c.data.epoch_samples;
   Loader loader(std::move(loader_sources), lo);
 

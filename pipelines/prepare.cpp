@@ -92,7 +92,7 @@ Prepared prepare_sample(const ManifestSample& s, const PrepareOptions& o, const 
     if (s.video) {
       stage = "video";
       modalities::VideoOptions video = o.video;
-      video.clips = s.split == Split::train ? 1 : o.eval_clips;
+      video.clips = s.split == Split::train ? o.train_clips : o.eval_clips;
       for (video.clip = 0; video.clip < video.clips; ++video.clip) {
         const auto frames = modalities::decode_video_file(*s.video, video);
         const auto patches = modalities::patchify_video(frames, o.image.mean, o.image.std, o.video_patch,
@@ -184,7 +184,7 @@ void PrepareOptions::validate() const {
     fail("patch sizes (image_patch, video_patch, video_tubelet, mel_frames_per_patch) must be >= 1");
   }
   if (!(audio_max_seconds > 0)) fail("audio_max_seconds must be > 0");
-  if (eval_clips < 1) fail("eval_clips must be >= 1, got " + std::to_string(eval_clips));
+  if (eval_clips < 1 || train_clips < 1) fail("eval_clips and train_clips must be >= 1");
   if (!(audio_seconds >= 0) || audio_seconds > audio_max_seconds) {
     fail("audio_seconds must be in [0, audio_max_seconds], got " + std::to_string(audio_seconds));
   }
@@ -310,6 +310,7 @@ PrepareSummary prepare_dataset(const PrepareOptions& options) {
                          {"audio_seconds", options.audio_seconds},
                          {"video_clip_seconds", options.video.clip_seconds},
                          {"eval_clips", options.eval_clips},
+                         {"train_clips", options.train_clips},
                          {"audio_fit", options.audio_fit},
                          {"audio_cropped", summary.audio_cropped},
                          {"audio_padded", summary.audio_padded},

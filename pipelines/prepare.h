@@ -46,11 +46,13 @@ struct PrepareOptions {
 
   modalities::ImageOptions image{.height = 224, .width = 224};
   int image_patch = 16;
-  modalities::VideoOptions video{};  // train samples: one clip (video.clip_seconds, centred; 0: the whole video)
-  // Held-out samples (val, test) get this many clips of video.clip_seconds spread over the video: clip 0 as
-  // video_patches / video_positions, clip k as video_patches_clip<k> / video_positions_clip<k>. Evaluation embeds
-  // each clip and averages (pipelines/multimodal_run.h).
+  modalities::VideoOptions video{};  // frames of video.clip_seconds windows (0: the whole video)
+  // Clips per video, spread over it (one: the centred window): clip 0 as video_patches / video_positions, clip k as
+  // video_patches_clip<k> / video_positions_clip<k>. Evaluation embeds each clip of a held-out (val, test) sample
+  // and averages (pipelines/multimodal_run.h); training takes one clip of a train sample per epoch
+  // (LoaderOptions::sample_video_clips).
   int eval_clips = 1;
+  int train_clips = 1;
   int video_patch = 16;
   int video_tubelet = 1;
   modalities::AudioOptions audio{};

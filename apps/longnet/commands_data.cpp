@@ -197,6 +197,7 @@ void prepare(const PrepareArgs& a) {
   o.video.height = o.video.width = static_cast<int>(p.video_size);
   o.video.clip_seconds = p.video_clip_seconds;
   o.eval_clips = static_cast<int>(p.eval_clips);
+  o.train_clips = static_cast<int>(p.train_clips);
   if (p.video_fps > 0) {
     o.video.sampling = modalities::FrameSampling::fps;
     o.video.fps = p.video_fps;

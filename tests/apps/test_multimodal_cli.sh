@@ -94,7 +94,8 @@ EOF
 mix=(--set 'data.manifest=""' --set 'data.shards=""' --set "data.tokenizer=$tmp/tok.model" --set "run.output_dir=$tmp/runs" --set train.batch_size=8
      --set train.steps=6 --set train.warmup_steps=2 --set train.log_every=2 --set eval.every=0 --set prepare.workers=2
      --set "data.sources=[{manifest = \"$tmp/demo/manifest.jsonl\", shards = \"$tmp/mix_a\"}, {manifest = \"$tmp/demo/manifest_b.jsonl\", shards = \"$tmp/mix_b\", weight = 2.0}]"
-     --set data.epoch_samples=40 --set prepare.eval_clips=2 --set prepare.video_clip_seconds=0.8)
+     --set data.epoch_samples=40 --set prepare.eval_clips=2 --set prepare.video_clip_seconds=0.8
+     --set prepare.train_clips=2)
 run prepare_mix prepare "$config" "${mix[@]}"
 expect_status 0
 expect_stdout_match "bad of 28 samples → $tmp/mix_a$"
@@ -122,7 +123,9 @@ r = json.load(open(sys.argv[1] + "/retrieval.json"))
 p = r["pairs"]["text_to_video"]
 assert p["video_clips"] == 2 and "mean of its 2 clips" in p["protocol"], p
 s = json.load(open(sys.argv[2] + "/prepare_summary.json"))
-assert s["eval_clips"] == 2 and s["video_clip_seconds"] == 0.8, s
+assert s["eval_clips"] == 2 and s["train_clips"] == 2 and s["video_clip_seconds"] == 0.8, s
+index = json.load(open(sys.argv[2] + "/train/index.json"))
+assert "video_patches_clip1" in json.dumps(index), "train samples lack their second clip"
 EOF
 then pass "held-out videos are embedded as the mean of 2 clips"; else fail "eval clips"; fi
 

@@ -643,6 +643,9 @@ patch_dim = 320
   check_same(parse_experiment(to_toml(clips), "printed.toml"), clips);
   CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"prepare.eval_clips=0"}); }) ==
         "--set prepare.eval_clips=0: 'prepare.eval_clips' must be >= 1, got 0");
+  CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"prepare.train_clips=0"}); }) ==
+        "--set prepare.train_clips=0: 'prepare.train_clips' must be >= 1, got 0");
+  CHECK(parse_experiment(text, "mm.toml", {"prepare.train_clips=4"}).prepare.train_clips == 4);
   CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"prepare.video_clip_seconds=-1"}); }) ==
         "--set prepare.video_clip_seconds=-1: 'prepare.video_clip_seconds' must be >= 0 (0: the whole video), got -1");
   CHECK(config_error([&] { parse_experiment(text, "mm.toml", {"data.missing_rate=1.0"}); }) ==

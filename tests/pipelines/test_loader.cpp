@@ -378,3 +378,34 @@ TEST_CASE("video_clip takes a held-out sample's extra clip in place of the first
   CHECK(video->positions.eq(1).all().item<bool>());
   CHECK_THROWS_WITH(loader.collate({1}), Catch::Contains("sample 'v1' has no video clip 1"));
 }
+
+TEST_CASE("sample_video_clips takes one clip of a training video per epoch, fixed by seed and epoch", "[pipelines]") {
+  TempDir tmp;
+  const auto dir = tmp.path() / "clips";
+  {
+    ShardWriter writer(dir);
+    SampleTensors s{{"video_patches", torch::zeros({2, 3})}, {"video_positions", torch::zeros({2, 3}, torch::kInt32)}};
+    for (int k = 1; k < 3; ++k) {
+      s.emplace_back("video_patches_clip" + std::to_string(k), torch::full({2, 3}, static_cast<double>(k)));
+      s.emplace_back("video_positions_clip" + std::to_string(k), torch::zeros({2, 3}, torch::kInt32));
+    }
+    writer.add("v", s);
+    writer.finish();
+  }
+  const ShardReader reader(dir);
+  LoaderOptions options{.batch_size = 1, .seed = 4};
+  options.sample_video_clips = true;
+  Loader loader(reader, options);
+  auto clip_of = [&](const Loader& l, int64_t epoch) {
+    return l.collate({0}, epoch).input.modalities[static_cast<size_t>(Modality::video)]->data[0][0][0].item<float>();
+  };
+  std::set<float> seen;
+  for (int64_t epoch = 0; epoch < 30; ++epoch) {
+    seen.insert(clip_of(loader, epoch));
+    CHECK(clip_of(loader, epoch) == clip_of(loader, epoch));
+  }
+  CHECK(seen == std::set<float>{0.0F, 1.0F, 2.0F});
+  options.video_clip = 2;  // a fixed clip wins
+  Loader fixed(reader, options);
+  for (int64_t epoch = 0; epoch < 5; ++epoch) CHECK(clip_of(fixed, epoch) == 2.0F);
+}
