@@ -94,7 +94,8 @@ Loader::Loader(std::vector<LoaderSource> sources, LoaderOptions options)
   }
   double running = 0;
   for (const LoaderSource& source : sources_) cumulative_.push_back(running += source.weight / total_weight);
-  const auto n = mixing_ && options_.epoch_samples > 0 ? options_.epoch_samples : static_cast<int64_t>(subset_.size());
+  const int64_t n = epoch_samples_ =
+      options_.epoch_samples > 0 ? options_.epoch_samples : static_cast<int64_t>(subset_.size());
   batches_per_epoch_ = options_.drop_last ? n / options_.batch_size : (n + options_.batch_size - 1) / options_.batch_size;
   if (batches_per_epoch_ == 0) {
     throw DataError("loader: " + std::to_string(n) + " samples per epoch cannot fill a batch of " +
@@ -147,7 +148,7 @@ std::vector<int64_t> Loader::epoch_order(int64_t epoch) const {
 }
 
 std::vector<int64_t> Loader::mixed_order(int64_t epoch) const {
-  const int64_t per_epoch = options_.epoch_samples > 0 ? options_.epoch_samples : static_cast<int64_t>(subset_.size());
+  const int64_t per_epoch = epoch_samples_;
   const size_t sources = sources_.size();
   auto pick = [&](int64_t draw) {
     const double u = keyed_uniform({options_.seed, static_cast<uint64_t>(draw), 0x6d6978ULL});

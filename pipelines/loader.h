@@ -141,6 +141,7 @@ class Loader {
   std::vector<int64_t> lengths_;  // per subset entry: total tokens, for bucketing
   std::vector<std::vector<int64_t>> source_positions_;  // per source: its positions in subset_
   mutable std::map<int64_t, std::vector<int64_t>> draws_before_;  // epoch -> draws per source before it (mutex_)
+  int64_t epoch_samples_ = 0;  // samples an epoch: LoaderOptions::epoch_samples, else every usable one
   int64_t batches_per_epoch_ = 0;
 
   mutable std::mutex mutex_;

@@ -193,11 +193,11 @@ Losses compute_losses(const Passes& p, const ExperimentConfig& c, const at::Tens
   const auto& o = c.objectives;
   const bool ranks = group.valid() && group.size() > 1;
   const int64_t B = p.present.size(0), E = c.multimodal.fusion.embed_dim;
-  auto filled = [&](const at::Tensor& e, Modality m) {
-    if (e.defined() || !ranks || !c.multimodal[m].enabled) return e;
+  auto filled = [&](const at::Tensor& e, bool enabled) {
+    if (e.defined() || !ranks || !enabled) return e;
     return torch::zeros({B, E}, p.present.options().dtype(torch::kFloat));
   };
-  auto gather = [&](const at::Tensor& t) { return ranks ? distributed::gather_rows(t, group) : t; };
+  auto gather = [&](const at::Tensor& t) { return distributed::gather_rows(t, group); };  // t itself in one process
   Losses l;
   auto add = [&](const std::string& name, double weight, const at::Tensor& loss, double scale = 1.0) {
     l.parts[name] = loss.detach();
@@ -205,14 +205,14 @@ Losses compute_losses(const Passes& p, const ExperimentConfig& c, const at::Tens
     const auto weighted = loss * (weight * scale);
     l.total = l.total.defined() ? l.total + weighted : weighted;
   };
-  const auto text = filled(p.embeddings[idx(Modality::text)], Modality::text);
+  const auto text = filled(p.embeddings[idx(Modality::text)], c.multimodal[Modality::text].enabled);
   if (text.defined()) {
     const auto has_text = p.present.select(1, static_cast<int64_t>(idx(Modality::text)));
     const auto all_text = gather(text.to(torch::kFloat));
     const std::pair<Modality, double> pairs[] = {
         {Modality::video, o.video_text}, {Modality::audio, o.audio_text}, {Modality::image, o.image_text}};
     for (const auto& [m, weight] : pairs) {
-      const auto emb = filled(p.embeddings[idx(m)], m);
+      const auto emb = filled(p.embeddings[idx(m)], c.multimodal[m].enabled);
       if (weight <= 0 || !emb.defined()) continue;
       const auto both = has_text & p.present.select(1, static_cast<int64_t>(idx(m)));
       add(modalities::to_string(m) + "_text", weight,
@@ -220,9 +220,7 @@ Losses compute_losses(const Passes& p, const ExperimentConfig& c, const at::Tens
     }
     const bool any_media = c.multimodal[Modality::image].enabled || c.multimodal[Modality::video].enabled ||
                            c.multimodal[Modality::audio].enabled;
-    const auto media = p.media.defined() || !ranks || !any_media
-                           ? p.media
-                           : torch::zeros({B, E}, p.present.options().dtype(torch::kFloat));
+    const auto media = filled(p.media, any_media);
     if (o.media_text > 0 && media.defined()) {
       const auto media_present = p.media.defined() ? p.media_present : torch::zeros({B}, p.present.options());
       add("media_text", o.media_text,
