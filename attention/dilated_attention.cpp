@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include "attention/flash_backend.h"
+#include "attention/fused_backend.h"
 #include "attention/reference.h"
 #include "core/error.h"
 
@@ -16,7 +17,8 @@ Backend parse_backend(const std::string& name) {
   if (name == "auto") return Backend::automatic;
   if (name == "reference") return Backend::reference;
   if (name == "flash") return Backend::flash;
-  throw ConfigError("unknown attention backend '" + name + "' (expected auto, reference or flash)");
+  if (name == "fused") return Backend::fused;
+  throw ConfigError("unknown attention backend '" + name + "' (expected auto, reference, flash or fused)");
 }
 
 std::string to_string(Backend backend) {
@@ -24,6 +26,7 @@ std::string to_string(Backend backend) {
     case Backend::automatic: return "auto";
     case Backend::reference: return "reference";
     case Backend::flash: return "flash";
+    case Backend::fused: return "fused";
   }
   return "auto";
 }
@@ -103,6 +106,12 @@ std::vector<std::string> DilatedAttentionConfig::coverage_warnings(int64_t heads
     }
   }
   return warnings;
+}
+
+std::pair<int64_t, int64_t> DilatedAttentionConfig::branch_heads(size_t branch, int64_t heads) const {
+  if (mix == Mix::lse) return {0, heads};
+  const auto K = static_cast<int64_t>(segment_lengths.size()), i = static_cast<int64_t>(branch);
+  return {i * heads / K, (i + 1) * heads / K};
 }
 
 double DilatedAttentionConfig::forward_flops(int64_t batch, int64_t n, int64_t heads, int64_t head_dim) const {
@@ -210,6 +219,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 Backend resolve_backend(const at::Tensor& q, const DilatedAttentionConfig& config, const AttentionOptions& options) {
   if (config.backend != Backend::automatic) return config.backend;
   const bool half = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
+  // The fused kernels are exact but slower than cuDNN on the strided views (bench/results/README.md), so `auto`
+  // keeps the flash backend; `fused` is chosen explicitly.
   return q.is_cuda() && half && !options.relative_bias ? Backend::flash : Backend::reference;
 }
 
@@ -220,7 +231,16 @@ AttentionResult dilated_attention(const at::Tensor& q, const at::Tensor& k, cons
   if (config.mix == Mix::head_split) {
     check_head_split_heads(q.size(2), static_cast<int64_t>(config.segment_lengths.size()));
   }
-  if (resolve_backend(q, config, options) == Backend::flash) {
+  const Backend backend = resolve_backend(q, config, options);
+  if (backend == Backend::fused) {
+    std::string why;
+    if (!fused_backend_supports(q, options, &why)) {
+      throw ConfigError("dilated_attention: the fused backend cannot run these inputs: " + why +
+                        " (choose 'flash' or 'auto')");
+    }
+    return fused_dilated_attention(q, k, v, config, options);
+  }
+  if (backend == Backend::flash) {
     // Never a quiet switch to the reference: inputs the flash backend cannot run are an error naming what is missing.
     std::string why;
     if (!flash_backend_supports(q, options, &why)) {

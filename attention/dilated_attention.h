@@ -22,25 +22,28 @@
 //   cfg.validate();
 //   auto [out, lse] = dilated_attention(q, k, v, cfg);
 //
-// Backends: `reference` (torch ops; any device and dtype; the CPU path; differentiable through autograd) and
+// Backends: `reference` (torch ops; any device and dtype; the CPU path; differentiable through autograd),
 // `flash` (CUDA, bf16/fp16: torch's fused attention on zero-copy strided views, branches combined by our kernel,
-// exact backward through a custom autograd function; both mix modes). `automatic` picks `flash` for CUDA bf16/fp16
-// inputs without a relative position bias, and `reference` otherwise; an explicitly requested backend that cannot run
-// the inputs raises an error naming what is missing. Thread-safe (no global state besides torch's).
+// exact backward through a custom autograd function; both mix modes) and `fused` (CUDA sm_80+, bf16/fp16, D = 64 or
+// 128: our own tensor-core kernels, one pass per branch with the merge in the epilogue; attention/fused_backend.h).
+// `automatic` picks `flash` for CUDA bf16/fp16 inputs without a relative position bias (it is the fastest on H100 and
+// H200), and `reference` otherwise; an explicitly requested backend that cannot run the inputs raises an error
+// naming what is missing. Thread-safe (no global state besides torch's).
 #pragma once
 
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 
 namespace longnet::attention {
 
-enum class Backend { automatic, reference, flash };
+enum class Backend { automatic, reference, flash, fused };
 
-// "auto" | "reference" | "flash"
+// "auto" | "reference" | "flash" | "fused"
 Backend parse_backend(const std::string& name);
 std::string to_string(Backend backend);
 
@@ -66,6 +69,8 @@ struct DilatedAttentionConfig {
   // output zeros. Empty when every position of every head is covered. Throws ConfigError for head_split with
   // heads < K.
   std::vector<std::string> coverage_warnings(int64_t heads) const;
+  // The query heads [lo, hi) that branch `branch` attends for: all of them with lse; its group with head_split.
+  std::pair<int64_t, int64_t> branch_heads(size_t branch, int64_t heads) const;
   // Effective forward FLOPs of the branches at length n (Σ_i (n/w_i)·H_i·4·(w_i/r_i)²·D, ragged tail included;
   // H_i = H with lse, the size of branch i's group of heads with head_split).
   double forward_flops(int64_t batch, int64_t n, int64_t heads, int64_t head_dim) const;

@@ -98,14 +98,6 @@ std::pair<int64_t, int64_t> heads_with_offset(int64_t lo, int64_t hi, int64_t r,
   return {first, first < hi ? (hi - 1 - first) / r + 1 : 0};
 }
 
-// The query heads each branch attends for: all of them with mix = lse; group i = [floor(i·H/K), floor((i+1)·H/K))
-// with head_split (dilated_attention.h).
-std::pair<int64_t, int64_t> branch_heads(const DilatedAttentionConfig& config, size_t branch, int64_t H) {
-  if (config.mix == Mix::lse) return {0, H};
-  const auto K = static_cast<int64_t>(config.segment_lengths.size()), i = static_cast<int64_t>(branch);
-  return {i * H / K, (i + 1) * H / K};
-}
-
 // Splits every branch into calls. Segments of one batch merge into the call's batch dimension for free; batches
 // merge too when the segments tile the whole sequence (the view's batch stride is then ns·w tokens), or for the
 // ragged last segment (one per batch). Calls are cut so that no view spans more than kMaxSpanPerCall elements.
@@ -117,7 +109,7 @@ std::vector<Call> plan_calls(const Geometry& g, const DilatedAttentionConfig& co
     const int64_t w = std::min(config.segment_lengths[i], g.N);  // w > N is clamped to N
     const int64_t r = config.dilation_rates[i];
     const int64_t full = g.N / w, tail = g.N % w;
-    const auto [lo, hi] = branch_heads(config, i, g.H);
+    const auto [lo, hi] = config.branch_heads(i, g.H);
     for (int64_t o = 0; o < r; ++o) {
       const auto [head0, heads] = heads_with_offset(lo, hi, r, o);
       if (heads == 0) continue;
@@ -483,18 +475,11 @@ bool flash_backend_supports(const at::Tensor& q, const AttentionOptions& options
 #endif
 }
 
-AttentionResult flash_dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                        const DilatedAttentionConfig& config, const AttentionOptions& options) {
-  config.validate();
-  std::string why;
-  if (!flash_backend_supports(q, options, &why)) throw Error("flash attention backend: " + why);
-#ifndef LONGNET_WITH_CUDA
-  (void)k;
-  (void)v;
-  throw Error("flash attention backend: " + why);
-#else
-  auto expect = [](bool ok, const std::string& message) {
-    if (!ok) throw Error("flash attention backend: " + message);
+#ifdef LONGNET_WITH_CUDA
+CudaInputs check_cuda_backend_inputs(const std::string& backend, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const AttentionOptions& options) {
+  auto expect = [&backend](bool ok, const std::string& message) {
+    if (!ok) throw Error(backend + " attention backend: " + message);
   };
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"k", &k}, {"v", &v}}) {
     expect(t->defined(), std::string(name) + " is undefined");
@@ -511,7 +496,7 @@ AttentionResult flash_dilated_attention(const at::Tensor& q, const at::Tensor& k
   expect(v.sizes() == k.sizes(), "v must have k's shape " + sizes_of(k) + ", got " + sizes_of(v));
   expect(H % k.size(2) == 0, "q's heads H = " + std::to_string(H) + " must be a multiple of k's heads Hkv = " +
                                  std::to_string(k.size(2)));
-  std::optional<at::Tensor> mask;
+  CudaInputs checked;
   if (options.key_padding_mask) {
     const at::Tensor& m = *options.key_padding_mask;
     expect(m.defined() && m.dim() == 2 && m.size(0) == B && m.size(1) == N,
@@ -520,11 +505,26 @@ AttentionResult flash_dilated_attention(const at::Tensor& q, const at::Tensor& k
     expect(m.scalar_type() == at::kBool,
            std::string("key_padding_mask must be bool (true = padding), got ") + c10::toString(m.scalar_type()));
     expect(m.device() == q.device(), "key_padding_mask is on " + m.device().str() + ", q on " + q.device().str());
-    mask = m.contiguous();
+    checked.mask = m.contiguous();
   }
-  const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
-  expect(std::isfinite(scale), "scale must be finite, got " + std::to_string(scale));
+  checked.scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
+  expect(std::isfinite(checked.scale), "scale must be finite, got " + std::to_string(checked.scale));
+  return checked;
+}
+#endif
 
+AttentionResult flash_dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const DilatedAttentionConfig& config, const AttentionOptions& options) {
+  config.validate();
+  std::string why;
+  if (!flash_backend_supports(q, options, &why)) throw Error("flash attention backend: " + why);
+#ifndef LONGNET_WITH_CUDA
+  (void)k;
+  (void)v;
+  throw Error("flash attention backend: " + why);
+#else
+  const auto [mask, scale] = check_cuda_backend_inputs("flash", q, k, v, options);
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2);
   const c10::cuda::CUDAGuard guard(q.device());
   if (B == 0 || N == 0 || H == 0) {
     return {at::zeros_like(q), at::full({B, H, N}, -std::numeric_limits<double>::infinity(),

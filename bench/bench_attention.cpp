@@ -22,6 +22,7 @@
 
 #include "attention/dilated_attention.h"
 #include "attention/flash_backend.h"
+#include "attention/fused_backend.h"
 #include "core/atomic_file.h"
 #include "core/error.h"
 
@@ -145,9 +146,23 @@ at::Tensor composed_dilated_attention(const at::Tensor& q, const at::Tensor& k, 
   return mixed.to(q.scalar_type());
 }
 
+// `ours`: the flash backend (cuDNN on strided views, combine kernel); `fused`: the fused kernels.
 at::Tensor ours(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const DilatedAttentionConfig& config) {
   return attention::flash_dilated_attention(q, k, v, config, {}).out;
 }
+
+at::Tensor fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const DilatedAttentionConfig& config) {
+  return attention::fused_dilated_attention(q, k, v, config, {}).out;
+}
+
+using Method = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const DilatedAttentionConfig&);
+
+// Our two backends, in the order they run at each length.
+struct OwnMethod {
+  const char* name;
+  Method fn;
+  bool fits;
+};
 
 at::Tensor dense_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal) {
   return at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0, causal)
@@ -276,7 +291,8 @@ void add_attention_bench_options(CLI::App& app, AttentionBenchOptions& options) 
   app.add_flag("!--no-inference", options.inference, "Skip the no-grad forward runs");
   app.add_option("--mode", options.mode, "fwd, fwdbwd or both")->capture_default_str();
   app.add_option("--mix", options.mix, "lse or head_split (attention.mix)")->capture_default_str();
-  app.add_option("--methods", options.methods, "Methods to run: ours, composed, dense_sdpa")->capture_default_str();
+  app.add_option("--methods", options.methods, "Methods to run: fused, ours (the flash backend), composed, dense_sdpa")
+      ->capture_default_str();
   app.add_option("--repetitions", options.repetitions, "Timed repetitions per measurement")->capture_default_str();
   app.add_option("--warmup", options.warmup, "Untimed runs before timing")->capture_default_str();
   app.add_option("--json", options.output_json, "Write the records to this JSON file");
@@ -304,8 +320,14 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
     return std::find(options.methods.begin(), options.methods.end(), method) != options.methods.end();
   };
   for (const auto& m : options.methods) {
-    if (m != "ours" && m != "composed" && m != "dense_sdpa") {
-      throw ConfigError("bench attention: unknown method '" + m + "' (expected ours, composed or dense_sdpa)");
+    if (m != "fused" && m != "ours" && m != "composed" && m != "dense_sdpa") {
+      throw ConfigError("bench attention: unknown method '" + m + "' (expected fused, ours, composed or dense_sdpa)");
+    }
+  }
+  if (wanted("fused")) {
+    std::string why;
+    if (!attention::fused_backend_supports(torch::empty({1, 1, config.heads, config.head_dim}, opts), {}, &why)) {
+      throw Error("bench attention: the fused backend cannot run here: " + why);
     }
   }
   Runner runner(options, config);
@@ -325,7 +347,12 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
   std::printf("%-10s %-9s %6s %10s %9s %9s %8s %12s %8s\n", "method", "mode", "N", "median_ms", "p10_ms", "p90_ms",
               "TFLOP/s", "tokens/s", "peak_GB");
 
-  if (options.inference && wanted("ours")) {
+  std::vector<OwnMethod> own;
+  for (const OwnMethod m : {OwnMethod{"fused", fused, true}, OwnMethod{"ours", ours, true}}) {
+    if (wanted(m.name)) own.push_back(m);
+  }
+  for (OwnMethod& method : own) {
+    if (!options.inference) break;
     // Forward only, no autograd state: how long a sequence one card holds.
     torch::NoGradGuard no_grad;
     for (const int64_t n : options.inference_lengths) {
@@ -338,13 +365,17 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
         std::printf("inputs for N=%s do not fit; stopping\n", human_tokens(n).c_str());
         break;
       }
-      if (!runner.measure("ours", "inference", n, cfg.forward_flops(1, n, H, D), [&] { ours(q, k, v, cfg); })) break;
+      if (!runner.measure(method.name, "inference", n, cfg.forward_flops(1, n, H, D),
+                          [&] { method.fn(q, k, v, cfg); })) {
+        break;
+      }
     }
   }
 
-  bool ours_fits = wanted("ours"), composed_fits = wanted("composed"), dense_fits = wanted("dense_sdpa");
+  bool composed_fits = wanted("composed"), dense_fits = wanted("dense_sdpa");
   for (const int64_t n : lengths) {
-    if (!ours_fits && !composed_fits) break;
+    const bool any_own = std::any_of(own.begin(), own.end(), [](const OwnMethod& m) { return m.fits; });
+    if (!any_own && !composed_fits) break;
     const double flops = cfg.forward_flops(1, n, H, D);
     const double dense_flops = 4.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(H * D) *
                                (cfg.causal ? 0.5 : 1.0);
@@ -363,31 +394,32 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
       for (auto* t : {&q, &k, &v}) t->mutable_grad().reset();
     };
 
-    // Correctness before timing: our forward against the composed one (exact in the forward pass).
-    json check = json::object();
-    if (composed_fits && ours_fits) {
-      try {
-        torch::NoGradGuard no_grad;
-        const Errors e = compare(ours(q, k, v, cfg), composed_dilated_attention(q, k, v, cfg));
-        check = {{"against", "composed"}, {"max_abs_error", e.max_abs}, {"relative_error", e.relative}};
-        std::printf("check N=%s: ours vs composed forward: max abs error %.3g, relative %.3g\n",
-                    human_tokens(n).c_str(), e.max_abs, e.relative);
-        if (!(e.relative <= 2e-2)) ++failed_checks;
-      } catch (const c10::OutOfMemoryError&) {
-        check = {{"against", "composed"}, {"status", "oom"}};
+    // Correctness before timing: each of our forwards against the composed one (exact in the forward pass).
+    for (OwnMethod& method : own) {
+      json check = json::object();
+      if (composed_fits && method.fits) {
+        try {
+          torch::NoGradGuard no_grad;
+          const Errors e = compare(method.fn(q, k, v, cfg), composed_dilated_attention(q, k, v, cfg));
+          check = {{"against", "composed"}, {"max_abs_error", e.max_abs}, {"relative_error", e.relative}};
+          std::printf("check N=%s: %s vs composed forward: max abs error %.3g, relative %.3g\n",
+                      human_tokens(n).c_str(), method.name, e.max_abs, e.relative);
+          if (!(e.relative <= 2e-2)) ++failed_checks;
+        } catch (const c10::OutOfMemoryError&) {
+          check = {{"against", "composed"}, {"status", "oom"}};
+        }
+        c10::cuda::CUDACachingAllocator::emptyCache();
       }
-      c10::cuda::CUDACachingAllocator::emptyCache();
-    }
-
-    if (ours_fits && fwd) {
-      torch::NoGradGuard no_grad;
-      ours_fits = runner.measure("ours", "fwd", n, flops, [&] { ours(q, k, v, cfg); }, check);
-    }
-    if (ours_fits && fwdbwd) {
-      ours_fits = runner.measure("ours", "fwdbwd", n, 3.5 * flops, [&] {
-        clear_grads();
-        ours(q, k, v, cfg).backward(dout);
-      }, check);
+      if (method.fits && fwd) {
+        torch::NoGradGuard no_grad;
+        method.fits = runner.measure(method.name, "fwd", n, flops, [&] { method.fn(q, k, v, cfg); }, check);
+      }
+      if (method.fits && fwdbwd) {
+        method.fits = runner.measure(method.name, "fwdbwd", n, 3.5 * flops, [&] {
+          clear_grads();
+          method.fn(q, k, v, cfg).backward(dout);
+        }, check);
+      }
     }
     if (composed_fits && fwd) {
       torch::NoGradGuard no_grad;

@@ -1,4 +1,4 @@
-// Attention benchmark: the flash backend against dense torch SDPA and a torch-composed dilated attention (one flash
+// Attention benchmark: the fused and flash backends against dense torch SDPA and a torch-composed dilated attention (one flash
 // call per branch and head offset, merged by torch ops, autograd through it: how public Python implementations do
 // it), in one process on one card. Configurations are those of BENCHMARKS.md (`local5`, `wide`, `causal`).
 //
@@ -24,7 +24,7 @@ struct AttentionBenchOptions {
   std::vector<int64_t> inference_lengths{int64_t{1} << 20, int64_t{1} << 21, int64_t{1} << 22, int64_t{1} << 23};
   std::string mode = "both";                        // fwd | fwdbwd | both (training lengths)
   std::string mix = "lse";                          // lse | head_split (attention.mix)
-  std::vector<std::string> methods{"ours", "composed", "dense_sdpa"};  // which ones run
+  std::vector<std::string> methods{"fused", "ours", "composed", "dense_sdpa"};  // which ones run (ours = flash)
   bool inference = true;                            // also forward under no-grad at inference_lengths
   int repetitions = 10;
   int warmup = 3;

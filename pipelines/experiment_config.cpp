@@ -83,7 +83,7 @@ fusion::AttentionConfig parse_attention(const Section& s) {
   auto& d = c.dilated;
   config::read_dilated_pattern(s, d.segment_lengths, d.dilation_rates);
   d.causal = s.boolean("causal", d.causal);
-  d.backend = attention::parse_backend(s.choice("backend", "auto", {"auto", "reference", "flash"}));
+  d.backend = attention::parse_backend(s.choice("backend", "auto", {"auto", "reference", "flash", "fused"}));
   d.mix = attention::parse_mix(s.choice("mix", "lse", {"lse", "head_split"}));
   c.position = attention::parse_position_encoding(
       s.choice("position", "rope", {"none", "rope", "xpos", "relative_bias"}));

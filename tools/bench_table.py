@@ -10,7 +10,7 @@ import json
 import sys
 from collections import defaultdict
 
-METHODS = ["ours", "composed", "fkodom", "dense_sdpa"]
+METHODS = ["fused", "ours", "composed", "fkodom", "dense_sdpa"]
 MODE_TITLES = {"fwd": "forward", "fwdbwd": "forward + backward", "inference": "forward, no grad (inference)"}
 
 

@@ -39,4 +39,53 @@ struct LseCombineParams {
   cudaStream_t stream = nullptr;
 };
 
+// Fused dilated attention: one branch (w, r) of dilated_attention.h's semantics per launch, in place.
+//
+// Forward: each query tile of a branch's sparse segment runs one online-softmax pass over the branch's keys and merges
+// its rows into the running (out, lse) in the epilogue (the combine_by_lse formula), so no branch output, branch LSE
+// or combine pass ever reaches memory. Launches for the branches of one call run in stream order.
+// Backward: each key tile accumulates its dk and dv over the branch's query tiles in registers; dq goes to a float32
+// accumulator through atomics. All three accumulators are float32 and receive one term per branch.
+//
+// q, out, dout: (B, N, H, D); k, v: (B, N, Hkv, D); strides in elements for (batch, token, head), head dim stride 1.
+// lse, lse_log2, delta: (B, H, N) float32 contiguous. Accumulators: (B, N, heads of the chunk, D) float32 contiguous,
+// head h at index h - acc_head0 (dq) and h / group - acc_kv_head0 (dk, dv).
+struct FusedDilatedParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t q_strides[3] = {0, 0, 0};
+  int64_t k_strides[3] = {0, 0, 0};
+  int64_t v_strides[3] = {0, 0, 0};
+  const bool* key_padding = nullptr;  // (B, N) contiguous, true = key removed; null = no mask
+
+  // forward
+  void* out = nullptr;
+  int64_t out_strides[3] = {0, 0, 0};
+  float* lse = nullptr;
+  bool first = false;  // no branch has written these heads yet: out is zero and lse -inf, nothing to read
+
+  // backward
+  const void* dout = nullptr;
+  int64_t dout_strides[3] = {0, 0, 0};
+  const float* lse_log2 = nullptr;  // merged lse · log2(e); +inf where a query has no key
+  const float* delta = nullptr;     // rowsum(dout · out)
+  float* dq_acc = nullptr;
+  float* dk_acc = nullptr;
+  float* dv_acc = nullptr;
+  int64_t acc_heads = 0;     // heads of dq_acc
+  int64_t acc_kv_heads = 0;  // heads of dk_acc and dv_acc
+  int64_t acc_head0 = 0;
+  int64_t acc_kv_head0 = 0;
+
+  int64_t batch = 0, n = 0, heads = 0, kv_heads = 0, head_dim = 0;
+  int64_t w = 0, r = 1;                // the branch; w already clamped to n
+  int64_t head_lo = 0, head_hi = 0;    // query heads this launch attends for
+  bool causal = false;
+  float scale = 1.f;
+
+  ElementType dtype = ElementType::bfloat16;
+  cudaStream_t stream = nullptr;
+};
+
 }  // namespace longnet::attention::kernels

@@ -1,4 +1,5 @@
-// GPU tests of the flash backend (attention/flash_backend.h) and its combine_by_lse kernel. Registered as their own
+// GPU tests of the flash backend (attention/flash_backend.h) and its combine_by_lse kernel, and of the fused backend
+// (attention/fused_backend.h) against the same oracle cases. Registered as their own
 // suite with the `gpu` label: every test REQUIREs a CUDA device, so on a machine without one they fail, never pass.
 // Assertions use Catch's REQUIRE family only: torch's headers define their own fatal CHECK macro.
 #include <catch2/catch.hpp>
@@ -18,6 +19,7 @@
 
 #include "attention/dilated_attention.h"
 #include "attention/flash_backend.h"
+#include "attention/fused_backend.h"
 #include "attention/kernels/lse_combine.h"
 #include "attention/reference.h"
 #include "core/error.h"
@@ -28,6 +30,8 @@ using longnet::attention::DilatedAttentionConfig;
 using longnet::attention::Mix;
 using longnet::attention::flash_backend_supports;
 using longnet::attention::flash_dilated_attention;
+using longnet::attention::fused_backend_supports;
+using longnet::attention::fused_dilated_attention;
 using longnet::attention::reference_dilated_attention;
 using longnet::test::oracle_dilated_attention;
 using longnet::test::relative_error;
@@ -110,6 +114,13 @@ std::vector<Case> hand_picked_cases() {
        .padding = Padding::right, .mix = Mix::head_split});
   add({.n = 200, .heads = 3, .kv_heads = 3, .segments = {1024, 64, 32}, .rates = {2, 1, 4}, .dtype = at::kHalf,
        .mix = Mix::head_split});
+  // Several query and key tiles per segment (the fused kernels' tiles are 128 queries × 64 keys forward, 64 × 64
+  // backward): long sparse segments, causal, a ragged tail that ends inside a tile, padding across tiles.
+  add({.n = 2048, .heads = 4, .kv_heads = 4, .segments = {512, 2048}, .rates = {1, 4}, .causal = true});
+  add({.batch = 2, .n = 1500, .heads = 4, .kv_heads = 2, .segments = {1024, 256}, .rates = {2, 1},
+       .padding = Padding::right});
+  add({.n = 1100, .heads = 3, .kv_heads = 3, .head_dim = 128, .segments = {1024, 512}, .rates = {1, 2},
+       .causal = true, .padding = Padding::left});
   return cases;
 }
 
@@ -162,12 +173,16 @@ at::Tensor padding_mask(const Case& c) {
 
 }  // namespace
 
-TEST_CASE("flash backend matches the float64 oracle: forward, LSE, dq, dk, dv", "[attention][cuda]") {
+TEST_CASE("flash and fused backends match the float64 oracle: forward, LSE, dq, dk, dv", "[attention][cuda]") {
   require_gpu();
   std::vector<Case> cases = hand_picked_cases();
   for (uint64_t seed = 1; seed <= 20; ++seed) cases.push_back(random_case(seed));
-  const Case c = GENERATE_COPY(from_range(cases));
-  CAPTURE(c);
+  const bool fused = GENERATE(false, true);
+  Case c = GENERATE_COPY(from_range(cases));
+  // The fused kernels are built for D = 64 and 128: other cases run there with D = 64.
+  if (fused && c.head_dim != 64 && c.head_dim != 128) c.head_dim = 64;
+  const std::string backend = fused ? "fused" : "flash";
+  CAPTURE(c, backend);
 
   torch::manual_seed(static_cast<uint64_t>(c.seed * 7919 + c.n));
   const auto dev = torch::Device(torch::kCUDA);
@@ -187,13 +202,18 @@ TEST_CASE("flash backend matches the float64 oracle: forward, LSE, dq, dk, dv", 
   if (c.padding != Padding::none) options.key_padding_mask = padding_mask(c).to(dev);
 
   std::string why;
-  REQUIRE(flash_backend_supports(q, options, &why));
-  if (options.key_padding_mask && forced_engine() == "flash") {
-    REQUIRE_THROWS_WITH(flash_dilated_attention(q, k, v, config, options), Catch::Contains("key_padding_mask"));
-    return;
+  if (fused) {
+    REQUIRE(fused_backend_supports(q, options, &why));
+  } else {
+    REQUIRE(flash_backend_supports(q, options, &why));
+    if (options.key_padding_mask && forced_engine() == "flash") {
+      REQUIRE_THROWS_WITH(flash_dilated_attention(q, k, v, config, options), Catch::Contains("key_padding_mask"));
+      return;
+    }
   }
 
-  const auto flash = flash_dilated_attention(q, k, v, config, options);
+  const auto flash = fused ? fused_dilated_attention(q, k, v, config, options)
+                           : flash_dilated_attention(q, k, v, config, options);
   REQUIRE(flash.out.scalar_type() == c.dtype);
   REQUIRE(flash.lse.scalar_type() == at::kFloat);
   REQUIRE(flash.out.sizes() == q.sizes());
@@ -223,7 +243,8 @@ TEST_CASE("flash backend matches the float64 oracle: forward, LSE, dq, dk, dv", 
   const double e_dv = relative_error(v.grad(), v64.grad());
   const double ref_out = relative_error(ref.out, oracle.out), ref_dq = relative_error(q32.grad(), q64.grad());
   const double vs_ref_out = relative_error(flash.out, ref.out), vs_ref_dq = relative_error(q.grad(), q32.grad());
-  std::cout << "[flash vs oracle] " << c << " engine=" << (forced_engine().empty() ? "auto" : forced_engine())
+  std::cout << "[" << backend << " vs oracle] " << c << " engine="
+            << (fused ? "fused" : forced_engine().empty() ? "auto" : forced_engine())
             << " out " << e_out << " lse " << e_lse << " dq " << e_dq << " dk " << e_dk << " dv " << e_dv
             << " | reference(f32, gpu) vs oracle: out " << ref_out << " dq " << ref_dq << " | flash vs reference: out "
             << vs_ref_out << " dq " << vs_ref_dq << "\n";
@@ -380,4 +401,66 @@ TEST_CASE("flash backend reports what it cannot run and names bad arguments", "[
   AttentionOptions bad_mask;
   bad_mask.key_padding_mask = torch::zeros({1, 64}, torch::TensorOptions().device(torch::kCUDA));
   REQUIRE_THROWS_WITH(flash_dilated_attention(q, q, q, config, bad_mask), Catch::Contains("key_padding_mask"));
+}
+
+TEST_CASE("fused backend reports what it cannot run and runs only when chosen", "[attention][cuda]") {
+  require_gpu();
+  const auto cuda_bf16 = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kBFloat16);
+  const auto q = torch::randn({1, 64, 2, 64}, cuda_bf16);
+  std::string why;
+  REQUIRE(fused_backend_supports(q, {}, &why));
+  REQUIRE_FALSE(fused_backend_supports(torch::randn({1, 64, 2, 32}, cuda_bf16), {}, &why));
+  REQUIRE_THAT(why, Catch::Contains("D = 64 and 128"));
+  REQUIRE_FALSE(fused_backend_supports(q.to(torch::kFloat), {}, &why));
+  REQUIRE_THAT(why, Catch::Contains("bfloat16 or float16"));
+
+  DilatedAttentionConfig config;
+  config.segment_lengths = {32};
+  const auto k_bad = torch::randn({1, 32, 2, 64}, cuda_bf16);
+  REQUIRE_THROWS_WITH(fused_dilated_attention(q, k_bad, k_bad, config, {}),
+                      Catch::Contains("fused attention backend") && Catch::Contains("k must be"));
+
+  REQUIRE(longnet::attention::resolve_backend(q, config, {}) == longnet::attention::Backend::flash);
+  config.backend = longnet::attention::Backend::fused;
+  REQUIRE_THROWS_WITH(longnet::attention::dilated_attention(torch::randn({1, 64, 2, 32}, cuda_bf16),
+                                                           torch::randn({1, 64, 2, 32}, cuda_bf16),
+                                                           torch::randn({1, 64, 2, 32}, cuda_bf16), config, {}),
+                      Catch::Contains("fused backend cannot run"));
+}
+
+// The benchmark's branch pattern at a smaller scale (5 branches, w/r = 256 rows, 12 heads): many tiles per segment,
+// against the reference backend in float32 on the same rounded inputs.
+TEST_CASE("fused backend matches the float32 reference on a LongNet branch pattern", "[attention][cuda]") {
+  require_gpu();
+  const bool causal = GENERATE(false, true);
+  CAPTURE(causal);
+  torch::manual_seed(17);
+  const auto opts = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kBFloat16);
+  const int64_t B = 1, N = 8192, H = 12, D = 64;
+  const auto q = torch::randn({B, N, H, D}, opts).requires_grad_();
+  const auto k = torch::randn({B, N, H, D}, opts).requires_grad_();
+  const auto v = torch::randn({B, N, H, D}, opts).requires_grad_();
+  const auto dout = torch::randn({B, N, H, D}, opts);
+  DilatedAttentionConfig config;
+  config.segment_lengths = {256, 512, 1024, 2048, 4096};
+  config.dilation_rates = {1, 2, 4, 8, 16};
+  config.causal = causal;
+  const auto fused = fused_dilated_attention(q, k, v, config, {});
+  fused.out.backward(dout);
+  const auto q32 = q.detach().to(at::kFloat).requires_grad_();
+  const auto k32 = k.detach().to(at::kFloat).requires_grad_();
+  const auto v32 = v.detach().to(at::kFloat).requires_grad_();
+  const auto ref = reference_dilated_attention(q32, k32, v32, config, {});
+  ref.out.backward(dout.to(at::kFloat));
+  const double e_out = relative_error(fused.out, ref.out), e_lse = relative_error(fused.lse, ref.lse);
+  const double e_dq = relative_error(q.grad(), q32.grad()), e_dk = relative_error(k.grad(), k32.grad());
+  const double e_dv = relative_error(v.grad(), v32.grad());
+  std::cout << "[fused vs reference f32, N=8192 5 branches] causal=" << causal << " out " << e_out << " lse " << e_lse
+            << " dq " << e_dq << " dk " << e_dk << " dv " << e_dv << "\n";
+  CAPTURE(e_out, e_lse, e_dq, e_dk, e_dv);
+  REQUIRE(e_out <= kTolerance);
+  REQUIRE(e_lse <= kTolerance);
+  REQUIRE(e_dq <= kTolerance);
+  REQUIRE(e_dk <= kTolerance);
+  REQUIRE(e_dv <= kTolerance);
 }

@@ -1,0 +1,260 @@
+// The `fused` backend: torch glue around attention/kernels/fused_dilated.cu (see fused_backend.h).
+// GCC 13 at -O3 reports false -Warray-bounds and -Wstringop-overflow inside libstdc++'s vector<bool>, inlined from
+// torch's autograd::Function::apply (as in flash_backend.cpp); the pragmas precede every include.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Warray-bounds"
+#pragma GCC diagnostic ignored "-Wstringop-overflow"
+#pragma GCC diagnostic ignored "-Wstringop-overread"
+#pragma GCC diagnostic ignored "-Wrestrict"
+#endif
+#include "attention/fused_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "attention/flash_backend.h"
+#include "core/error.h"
+
+#ifdef LONGNET_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "attention/kernels/fused_dilated.h"
+#endif
+
+namespace longnet::attention {
+namespace {
+
+#ifdef LONGNET_WITH_CUDA
+
+// The backward's float32 accumulators (dq of a chunk of heads, dk and dv of their kv heads) stay below this many
+// bytes, a chunk of whole grouped-query groups at a time (as in the flash backend).
+constexpr int64_t kAccumulatorBytes = int64_t{4} << 30;
+
+kernels::ElementType element_type(at::ScalarType t) {
+  return t == at::kHalf ? kernels::ElementType::float16 : kernels::ElementType::bfloat16;
+}
+
+void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
+  for (int d = 0; d < 3; ++d) dst[d] = t.stride(d);
+}
+
+struct Geometry {
+  std::vector<int64_t> segment_lengths, dilation_rates;
+  Mix mix;
+  bool causal;
+  double scale;
+
+  DilatedAttentionConfig config() const {
+    DilatedAttentionConfig c;
+    c.segment_lengths = segment_lengths;
+    c.dilation_rates = dilation_rates;
+    c.mix = mix;
+    c.causal = causal;
+    return c;
+  }
+};
+
+kernels::FusedDilatedParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const std::optional<at::Tensor>& mask, const Geometry& geo) {
+  kernels::FusedDilatedParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  set_strides(p.q_strides, q);
+  set_strides(p.k_strides, k);
+  set_strides(p.v_strides, v);
+  p.key_padding = mask ? mask->data_ptr<bool>() : nullptr;
+  p.batch = q.size(0);
+  p.n = q.size(1);
+  p.heads = q.size(2);
+  p.kv_heads = k.size(2);
+  p.head_dim = q.size(3);
+  p.causal = geo.causal;
+  p.scale = static_cast<float>(geo.scale);
+  p.dtype = element_type(q.scalar_type());
+  p.stream = at::cuda::getCurrentCUDAStream(q.get_device()).stream();
+  return p;
+}
+
+// Sets the branch (w clamped to N, r) and its heads restricted to [lo, hi); false when it has none there.
+bool set_branch(kernels::FusedDilatedParams& p, const DilatedAttentionConfig& config, size_t i, int64_t lo,
+                int64_t hi) {
+  const auto [first, last] = config.branch_heads(i, p.heads);
+  p.w = std::min(config.segment_lengths[i], p.n);
+  p.r = config.dilation_rates[i];
+  p.head_lo = std::max(first, lo);
+  p.head_hi = std::min(last, hi);
+  return p.head_lo < p.head_hi;
+}
+
+std::pair<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const std::optional<at::Tensor>& mask, const Geometry& geo) {
+  auto out = at::zeros_like(q);
+  auto lse = at::full({q.size(0), q.size(2), q.size(1)}, -std::numeric_limits<double>::infinity(),
+                      q.options().dtype(at::kFloat));
+  const auto config = geo.config();
+  auto p = base_params(q, k, v, mask, geo);
+  p.out = out.data_ptr();
+  set_strides(p.out_strides, out);
+  p.lse = lse.data_ptr<float>();
+  for (size_t i = 0; i < config.segment_lengths.size(); ++i) {
+    if (!set_branch(p, config, i, 0, p.heads)) continue;
+    p.first = config.mix == Mix::head_split || i == 0;  // nothing merged into these heads yet
+    kernels::launch_fused_dilated_fwd(p);
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& out,
+                                                             const at::Tensor& lse, const at::Tensor& dout,
+                                                             const std::optional<at::Tensor>& mask,
+                                                             const Geometry& geo) {
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2), Hkv = k.size(2), D = q.size(3), group = H / Hkv;
+  const auto f32 = q.options().dtype(at::kFloat);
+  const auto config = geo.config();
+  auto p = base_params(q, k, v, mask, geo);
+  p.out = out.data_ptr();
+  set_strides(p.out_strides, out);
+  p.lse = lse.data_ptr<float>();
+  p.dout = dout.data_ptr();
+  set_strides(p.dout_strides, dout);
+  auto delta = at::empty({B, H, N}, f32), lse_log2 = at::empty({B, H, N}, f32);
+  kernels::launch_fused_dilated_bwd_prepare(p, delta.data_ptr<float>(), lse_log2.data_ptr<float>());
+  p.delta = delta.data_ptr<float>();
+  p.lse_log2 = lse_log2.data_ptr<float>();
+
+  const int64_t group_bytes = (group + 2) * B * N * D * static_cast<int64_t>(sizeof(float));
+  const int64_t chunk = std::clamp<int64_t>(kAccumulatorBytes / std::max<int64_t>(group_bytes, 1), 1, Hkv) * group;
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  for (int64_t h0 = 0; h0 < H; h0 += chunk) {
+    const int64_t hc = std::min(chunk, H - h0);
+    auto dq_acc = at::zeros({B, N, hc, D}, f32);
+    auto dk_acc = at::zeros({B, N, hc / group, D}, f32);
+    auto dv_acc = at::zeros({B, N, hc / group, D}, f32);
+    p.dq_acc = dq_acc.data_ptr<float>();
+    p.dk_acc = dk_acc.data_ptr<float>();
+    p.dv_acc = dv_acc.data_ptr<float>();
+    p.acc_heads = hc;
+    p.acc_kv_heads = hc / group;
+    p.acc_head0 = h0;
+    p.acc_kv_head0 = h0 / group;
+    for (size_t i = 0; i < config.segment_lengths.size(); ++i) {
+      if (set_branch(p, config, i, h0, h0 + hc)) kernels::launch_fused_dilated_bwd(p);
+    }
+    dq.narrow(2, h0, hc).copy_(dq_acc);
+    dk.narrow(2, h0 / group, hc / group).copy_(dk_acc);
+    dv.narrow(2, h0 / group, hc / group).copy_(dv_acc);
+  }
+  return {dq, dk, dv};
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class FusedDilatedFunction : public torch::autograd::Function<FusedDilatedFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& mask, const std::vector<int64_t>& segment_lengths,
+                               const std::vector<int64_t>& dilation_rates, bool head_split, bool causal,
+                               double scale) {
+    const Geometry geo{segment_lengths, dilation_rates, head_split ? Mix::head_split : Mix::lse, causal, scale};
+    auto [out, lse] = forward_impl(q, k, v, mask, geo);
+    ctx->save_for_backward({q, k, v, out, lse});
+    ctx->saved_data["mask"] = mask ? c10::IValue(*mask) : c10::IValue();
+    ctx->saved_data["segment_lengths"] = segment_lengths;
+    ctx->saved_data["dilation_rates"] = dilation_rates;
+    ctx->saved_data["head_split"] = head_split;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    variable_list grads(9);
+    if (!grad_outputs[0].defined()) return grads;
+    std::optional<at::Tensor> mask;
+    if (!ctx->saved_data["mask"].isNone()) mask = ctx->saved_data["mask"].toTensor();
+    const Geometry geo{ctx->saved_data["segment_lengths"].toIntVector(),
+                       ctx->saved_data["dilation_rates"].toIntVector(),
+                       ctx->saved_data["head_split"].toBool() ? Mix::head_split : Mix::lse,
+                       ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble()};
+    const c10::cuda::CUDAGuard guard(saved[0].device());
+    auto [dq, dk, dv] = backward_impl(saved[0], saved[1], saved[2], saved[3], saved[4],
+                                      grad_outputs[0].to(saved[0].scalar_type()).contiguous(), mask, geo);
+    grads[0] = dq;
+    grads[1] = dk;
+    grads[2] = dv;
+    return grads;
+  }
+};
+
+#endif  // LONGNET_WITH_CUDA
+
+}  // namespace
+
+bool fused_backend_supports(const at::Tensor& q, const AttentionOptions& options, std::string* why) {
+  auto fail = [why](std::string reason) {
+    if (why != nullptr) *why = std::move(reason);
+    return false;
+  };
+#ifndef LONGNET_WITH_CUDA
+  (void)q;
+  (void)options;
+  return fail("this build has no CUDA kernels (configure with -DLONGNET_CUDA=ON)");
+#else
+  if (!q.defined()) return fail("q is undefined");
+  if (!q.is_cuda()) return fail("q is on " + q.device().str() + "; the fused backend needs a CUDA tensor");
+  if (q.scalar_type() != at::kBFloat16 && q.scalar_type() != at::kHalf) {
+    return fail(std::string("q is ") + c10::toString(q.scalar_type()) +
+                "; the fused backend needs bfloat16 or float16 (the reference backend takes any dtype)");
+  }
+  if (q.dim() != 4) return fail("q must be (B, N, H, D)");
+  if (!kernels::fused_dilated_supports_head_dim(q.size(3))) {
+    return fail("head dim D = " + std::to_string(q.size(3)) +
+                "; the fused kernels are built for D = 64 and 128 (the flash backend takes multiples of 8 to 256)");
+  }
+  if (options.relative_bias) return fail("the fused backend has no relative position bias (the reference backend has)");
+  const auto* props = at::cuda::getDeviceProperties(q.get_device());
+  if (props->major < 8) {
+    return fail("the fused kernels need compute capability 8.0 or later, " + std::string(props->name) + " has " +
+                std::to_string(props->major) + "." + std::to_string(props->minor));
+  }
+  return true;
+#endif
+}
+
+AttentionResult fused_dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const DilatedAttentionConfig& config, const AttentionOptions& options) {
+  config.validate();
+  std::string why;
+  if (!fused_backend_supports(q, options, &why)) throw Error("fused attention backend: " + why);
+#ifndef LONGNET_WITH_CUDA
+  (void)k;
+  (void)v;
+  throw Error("fused attention backend: " + why);
+#else
+  const auto [mask, scale] = check_cuda_backend_inputs("fused", q, k, v, options);
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2);
+  const c10::cuda::CUDAGuard guard(q.device());
+  if (B == 0 || N == 0 || H == 0) {
+    return {at::zeros_like(q), at::full({B, H, N}, -std::numeric_limits<double>::infinity(),
+                                        q.options().dtype(at::kFloat))};
+  }
+  auto result = FusedDilatedFunction::apply(q.contiguous(), k.contiguous(), v.contiguous(), mask,
+                                            config.segment_lengths, config.dilation_rates,
+                                            config.mix == Mix::head_split, config.causal, scale);
+  return {result[0], result[1]};
+#endif
+}
+
+}  // namespace longnet::attention

@@ -1,0 +1,28 @@
+// The `fused` backend of dilated attention: our own tensor-core kernels (attention/kernels/fused_dilated.cu), one
+// launch per branch in each direction. The forward merges every query tile's rows into the running output and LSE in
+// its epilogue, so there are no branch outputs, no gather copies and no combine pass; the backward recomputes each
+// branch's probabilities from the merged LSE (exact for the whole mix) and accumulates dq, dk, dv in float32.
+//
+// Semantics: exactly those of attention/dilated_attention.h (both mix modes, causal, key padding, grouped-query
+// heads, ragged last segments, w > N). Thread-safe.
+#pragma once
+
+#include <string>
+
+#include <ATen/core/Tensor.h>
+
+#include "attention/dilated_attention.h"
+
+namespace longnet::attention {
+
+// q: (B, N, H, D); k, v: (B, N, Hkv, D); bf16 or fp16 on one CUDA device of compute capability 8.0 or later,
+// D ∈ {64, 128}. Returns out (B, N, H, D) in q's dtype and lse (B, H, N) float32 (-inf where a query has no key);
+// differentiable w.r.t. q, k, v through `out`. Throws longnet::Error naming what is missing when
+// fused_backend_supports is false. Gradients use float32 atomics, so they are not bitwise reproducible.
+AttentionResult fused_dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const DilatedAttentionConfig& config, const AttentionOptions& options);
+
+// Whether fused_dilated_attention can run these inputs; when false and `why` is given, *why says what is missing.
+bool fused_backend_supports(const at::Tensor& q, const AttentionOptions& options, std::string* why);
+
+}  // namespace longnet::attention
