@@ -73,6 +73,17 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   return y;
 }
 
+// dst[0] += a, dst[1] += b (dst 8-byte aligned): one vector atomic on Hopper, which halves the atomic traffic of
+// the backward's float32 accumulators; two scalar ones before it.
+__device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a, b));
+#else
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+#endif
+}
+
 template <typename T>
 struct Mma;
 template <>
@@ -608,10 +619,7 @@ __global__ void __launch_bounds__(kBwdThreads) fused_bwd_kernel(const FusedDilat
       const int64_t token = br.first + static_cast<int64_t>(row) * p.r;
       float* dst = p.dq_acc + ((br.b * p.n + token) * p.acc_heads + (br.h - p.acc_head0)) * D + 2 * c;
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        atomicAdd(dst + dt * 8, p.scale * dq[dt][2 * i]);
-        atomicAdd(dst + dt * 8 + 1, p.scale * dq[dt][2 * i + 1]);
-      }
+      for (int dt = 0; dt < D / 8; ++dt) atomic_add2(dst + dt * 8, p.scale * dq[dt][2 * i], p.scale * dq[dt][2 * i + 1]);
     }
     __syncthreads();  // the next tile overwrites this stage and sS
   }
@@ -625,10 +633,8 @@ __global__ void __launch_bounds__(kBwdThreads) fused_bwd_kernel(const FusedDilat
     const int64_t off = ((br.b * p.n + token) * p.acc_kv_heads + (br.hk - p.acc_kv_head0)) * D + 2 * c;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
-      atomicAdd(p.dk_acc + off + dt * 8, p.scale * dk[dt][2 * i]);
-      atomicAdd(p.dk_acc + off + dt * 8 + 1, p.scale * dk[dt][2 * i + 1]);
-      atomicAdd(p.dv_acc + off + dt * 8, dv[dt][2 * i]);
-      atomicAdd(p.dv_acc + off + dt * 8 + 1, dv[dt][2 * i + 1]);
+      atomic_add2(p.dk_acc + off + dt * 8, p.scale * dk[dt][2 * i], p.scale * dk[dt][2 * i + 1]);
+      atomic_add2(p.dv_acc + off + dt * 8, dv[dt][2 * i], dv[dt][2 * i + 1]);
     }
   }
 }
