@@ -4,7 +4,7 @@
     tools/bench_table.py bench/results/h100_attention_local5.json [more.json ...] > table.md
 
 One table per (config, mode): a row per length N, a column per method with median ms (p10–p90) and effective
-TFLOP/s; then the no-grad forward lengths and time(4M)/time(1M). Nothing is typed by hand.
+TFLOP/s; then the no-grad forward lengths and time(4M)/time(1M), time(8M)/time(1M) per backend. Nothing is typed by hand.
 """
 import json
 import sys
@@ -52,17 +52,22 @@ def tables(records):
         out.append(f"### `{config}` {MODE_TITLES.get(mode, mode)}, mix = {mix}: B={p['B']}, H={p['H']}, D={p['D']}, "
                    f"w={p['segment_lengths']}, r={p['dilation_rates']}, causal={str(p['causal']).lower()}")
         out.append("")
-        header = ["N"] + methods + ["tokens/s (ours)", "peak GiB (ours)", "max error vs composed"]
+        own = [m for m in ("fused", "ours") if m in methods]  # our backends: throughput, memory, check
+        header = (["N"] + methods + [f"tokens/s ({m})" for m in own] + [f"peak GiB ({m})" for m in own]
+                  + [f"max error vs composed ({m})" for m in own])
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "---|" * len(header))
         for n in sorted({k[0] for k in recs}):
-            ours = recs.get((n, "ours"))
-            tps = f"{ours['tokens_per_s']:.3g}" if ours and ours["status"] == "ok" else ""
-            mem = f"{ours['peak_memory_bytes'] / 2**30:.1f}" if ours and ours["status"] == "ok" else ""
-            chk = ours.get("check", {}) if ours else {}
-            err = (f"{chk['max_abs_error']:.2g} (rel {chk['relative_error']:.2g})"
-                   if "max_abs_error" in chk else "")
-            out.append("| " + " | ".join([tokens(n)] + [cell(recs.get((n, m))) for m in methods] + [tps, mem, err])
+            tps, mem, err = [], [], []
+            for m in own:
+                r = recs.get((n, m))
+                ok = r is not None and r["status"] == "ok"
+                tps.append(f"{r['tokens_per_s']:.3g}" if ok else "")
+                mem.append(f"{r['peak_memory_bytes'] / 2**30:.1f}" if ok else "")
+                chk = r.get("check", {}) if r else {}
+                err.append(f"{chk['max_abs_error']:.2g} (rel {chk['relative_error']:.2g})" if "max_abs_error" in chk
+                           else "")
+            out.append("| " + " | ".join([tokens(n)] + [cell(recs.get((n, m))) for m in methods] + tps + mem + err)
                        + " |")
         for other in ("composed", "fkodom"):
             ratios = [f"{tokens(n)}: {recs[(n, other)]['stats']['median_ms'] / recs[(n, 'ours')]['stats']['median_ms']:.2f}×"
@@ -72,11 +77,13 @@ def tables(records):
                 out.append("")
                 out.append(f"ours faster than {other} by: " + ", ".join(ratios) + ".")
         if mode == "inference":
-            t = {n: r["stats"]["median_ms"] for (n, m), r in recs.items() if m == "ours" and r["status"] == "ok"}
-            if (1 << 20) in t and (1 << 22) in t:
-                out.append("")
-                out.append(f"time(4M) / time(1M) = {t[1 << 22] / t[1 << 20]:.2f} (linear scaling: 4.00); "
-                           f"largest length run: {tokens(max(t))}.")
+            for m in ("fused", "ours"):
+                t = {n: r["stats"]["median_ms"] for (n, mm), r in recs.items() if mm == m and r["status"] == "ok"}
+                for big in (1 << 22, 1 << 23):
+                    if (1 << 20) in t and big in t:
+                        out.append("")
+                        out.append(f"{m}: time({tokens(big)}) / time(1M) = {t[big] / t[1 << 20]:.2f} (linear scaling: "
+                                   f"{big >> 20}.00); largest length run: {tokens(max(t))}.")
     return "\n".join(out)
 
 

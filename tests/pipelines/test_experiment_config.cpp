@@ -240,7 +240,7 @@ const std::vector<BadCase> kBadFiles = {
 
     // ---- choices, with a suggestion when one is close ------------------------------------------------------------
     {"backend typo", "[attention]\nbackend = \"flsh\"\n", {},
-     "bad.toml:2:11: 'attention.backend' must be one of \"auto\", \"reference\", \"flash\", got \"flsh\"; did you "
+     "bad.toml:2:11: 'attention.backend' must be one of \"auto\", \"reference\", \"flash\", \"fused\", got \"flsh\"; did you "
      "mean \"flash\"?"},
     {"position with no close choice", "[attention]\nposition = \"rotary\"\n", {},
      "bad.toml:2:12: 'attention.position' must be one of \"none\", \"rope\", \"xpos\", \"relative_bias\", got "
@@ -339,7 +339,7 @@ const std::vector<BadCase> kBadOverrides = {
     {"list element via --set", kMinimal, {"attention.segment_lengths=[64,128]", "attention.dilation_rates=[1,0]"},
      "--set attention.dilation_rates=[1,0]: 'attention.dilation_rates[1]' must be >= 1, got 0"},
     {"choice typo via --set", kMinimal, {"attention.backend=flsh"},
-     "--set attention.backend=flsh: 'attention.backend' must be one of \"auto\", \"reference\", \"flash\", got "
+     "--set attention.backend=flsh: 'attention.backend' must be one of \"auto\", \"reference\", \"flash\", \"fused\", got "
      "\"flsh\"; did you mean \"flash\"?"},
     {"--set without '='", kMinimal, {"train.steps"}, "--set train.steps: expected key.path=value"},
     {"--set with an empty key part", kMinimal, {"train..steps=1"},
