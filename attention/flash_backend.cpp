@@ -23,6 +23,7 @@
 
 #include <torch/torch.h>
 
+#include "attention/cuda_backend.h"
 #include "core/error.h"
 
 #ifdef LONGNET_WITH_CUDA
@@ -37,12 +38,6 @@ namespace {
 
 constexpr int64_t kMaxHeadDim = 256;     // flash's limit; both engines need D % 8 == 0
 constexpr int64_t kMaxCudnnHeadDim = 128;  // cuDNN fused SDPA forward+backward on sm_80/sm_90
-
-[[maybe_unused]] std::string sizes_of(const at::Tensor& t) {
-  std::string s = "(";
-  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-  return s + ")";
-}
 
 #ifdef LONGNET_WITH_CUDA
 
@@ -235,15 +230,6 @@ Attended attend(Engine engine, const at::Tensor& q, const at::Tensor& k, const a
   return {std::get<0>(res), std::get<1>(res)};
 }
 
-kernels::ElementType element_type(at::ScalarType t) {
-  switch (t) {
-    case at::kBFloat16: return kernels::ElementType::bfloat16;
-    case at::kHalf: return kernels::ElementType::float16;
-    case at::kFloat: return kernels::ElementType::float32;
-    default: throw Error(std::string("combine_by_lse: unsupported element type ") + c10::toString(t));
-  }
-}
-
 // combine_by_lse: merges the call's (out_i, lse_i) into the running out (B, N, H, D) and lse (B, H, N) in place.
 void combine_by_lse(at::Tensor& out, at::Tensor& lse, const Attended& branch, const Call& c) {
   TORCH_CHECK(branch.out.stride(3) == 1, "combine_by_lse: the fused kernel returned an output with inner stride ",
@@ -285,14 +271,9 @@ struct Problem {
   double scale;
 };
 
-Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::vector<int64_t>& segment_lengths,
-                     const std::vector<int64_t>& dilation_rates, Mix mix, bool causal, double scale) {
-  DilatedAttentionConfig config;
-  config.segment_lengths = segment_lengths;
-  config.dilation_rates = dilation_rates;
-  config.mix = mix;
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const DilatedAttentionConfig& config, double scale) {
   const Geometry g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
-  return {g, plan_calls(g, config), choose_engine(g.D), causal, scale};
+  return {g, plan_calls(g, config), choose_engine(g.D), config.causal, scale};
 }
 
 // Forward: out (B, N, H, D) in q's dtype, lse (B, H, N) float32. Branch rows are merged into `out` as they come, so
@@ -393,48 +374,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const Problem& pb, 
   return {dq, dk, dv};
 }
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-class FlashDilatedFunction : public torch::autograd::Function<FlashDilatedFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const std::optional<at::Tensor>& mask, const std::vector<int64_t>& segment_lengths,
-                               const std::vector<int64_t>& dilation_rates, bool head_split, bool causal,
-                               double scale) {
-    const Problem pb = make_problem(q, k, segment_lengths, dilation_rates, head_split ? Mix::head_split : Mix::lse,
-                                    causal, scale);
-    auto [out, lse] = forward_impl(pb, q, k, v, mask);
-    ctx->save_for_backward({q, k, v, out, lse});
-    ctx->saved_data["mask"] = mask ? c10::IValue(*mask) : c10::IValue();
-    ctx->saved_data["segment_lengths"] = segment_lengths;
-    ctx->saved_data["dilation_rates"] = dilation_rates;
-    ctx->saved_data["head_split"] = head_split;
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["scale"] = scale;
-    // The backward differentiates `out`; the LSE is returned as a statistic (no gradient flows through it).
-    ctx->mark_non_differentiable({lse});
-    ctx->set_materialize_grads(false);
-    return {out, lse};
+// The flash backend for DilatedFunction (cuda_backend.h).
+struct FlashImpl {
+  static std::pair<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const std::optional<at::Tensor>& mask,
+                                                   const DilatedAttentionConfig& config, double scale) {
+    return forward_impl(make_problem(q, k, config, scale), q, k, v, mask);
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
-    variable_list grads(9);
-    if (!grad_outputs[0].defined()) return grads;
-    const at::Tensor dout = grad_outputs[0].contiguous();
-    std::optional<at::Tensor> mask;
-    if (!ctx->saved_data["mask"].isNone()) mask = ctx->saved_data["mask"].toTensor();
-    const Problem pb = make_problem(q, k, ctx->saved_data["segment_lengths"].toIntVector(),
-                                    ctx->saved_data["dilation_rates"].toIntVector(),
-                                    ctx->saved_data["head_split"].toBool() ? Mix::head_split : Mix::lse,
-                                    ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble());
-    auto [dq, dk, dv] = backward_impl(pb, q, k, v, out, lse, dout, mask);
-    grads[0] = dq;
-    grads[1] = dk;
-    grads[2] = dv;
-    return grads;
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+      const at::Tensor& dout, const std::optional<at::Tensor>& mask, const DilatedAttentionConfig& config,
+      double scale) {
+    return backward_impl(make_problem(q, k, config, scale), q, k, v, out, lse, dout, mask);
   }
 };
 
@@ -447,18 +398,7 @@ bool flash_backend_supports(const at::Tensor& q, const AttentionOptions& options
     if (why != nullptr) *why = std::move(reason);
     return false;
   };
-#ifndef LONGNET_WITH_CUDA
-  (void)q;
-  (void)options;
-  return fail("this build has no CUDA kernels (configure with -DLONGNET_CUDA=ON)");
-#else
-  if (!q.defined()) return fail("q is undefined");
-  if (!q.is_cuda()) return fail("q is on " + q.device().str() + "; the flash backend needs a CUDA tensor");
-  if (q.scalar_type() != at::kBFloat16 && q.scalar_type() != at::kHalf) {
-    return fail(std::string("q is ") + c10::toString(q.scalar_type()) +
-                "; the flash backend needs bfloat16 or float16 (the reference backend takes any dtype)");
-  }
-  if (q.dim() != 4) return fail("q must be (B, N, H, D), got " + sizes_of(q));
+  if (!cuda_backend_accepts("flash", q, why)) return false;
   const int64_t D = q.size(3);
   if (D % 8 != 0 || D < 8 || D > kMaxHeadDim) {
     return fail("head dim D = " + std::to_string(D) + "; the flash backend needs a multiple of 8 in [8, " +
@@ -472,46 +412,7 @@ bool flash_backend_supports(const at::Tensor& q, const AttentionOptions& options
                 std::to_string(kMaxCudnnHeadDim) + ", got D = " + std::to_string(D));
   }
   return true;
-#endif
 }
-
-#ifdef LONGNET_WITH_CUDA
-CudaInputs check_cuda_backend_inputs(const std::string& backend, const at::Tensor& q, const at::Tensor& k,
-                                     const at::Tensor& v, const AttentionOptions& options) {
-  auto expect = [&backend](bool ok, const std::string& message) {
-    if (!ok) throw Error(backend + " attention backend: " + message);
-  };
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"k", &k}, {"v", &v}}) {
-    expect(t->defined(), std::string(name) + " is undefined");
-    expect(t->dim() == 4, std::string(name) + " must be (B, N, Hkv, D), got " + sizes_of(*t));
-    expect(t->device() == q.device(), std::string(name) + " is on " + t->device().str() + ", q on " +
-                                          q.device().str());
-    expect(t->scalar_type() == q.scalar_type(), std::string(name) + " is " + c10::toString(t->scalar_type()) +
-                                                    ", q is " + c10::toString(q.scalar_type()));
-  }
-  const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
-  expect(k.size(0) == B && k.size(1) == N && k.size(3) == D && k.size(2) >= 1,
-         "k must be (B, N, Hkv, D) = (" + std::to_string(B) + ", " + std::to_string(N) + ", Hkv, " +
-             std::to_string(D) + ") for q " + sizes_of(q) + ", got " + sizes_of(k));
-  expect(v.sizes() == k.sizes(), "v must have k's shape " + sizes_of(k) + ", got " + sizes_of(v));
-  expect(H % k.size(2) == 0, "q's heads H = " + std::to_string(H) + " must be a multiple of k's heads Hkv = " +
-                                 std::to_string(k.size(2)));
-  CudaInputs checked;
-  if (options.key_padding_mask) {
-    const at::Tensor& m = *options.key_padding_mask;
-    expect(m.defined() && m.dim() == 2 && m.size(0) == B && m.size(1) == N,
-           "key_padding_mask must be (B, N) = (" + std::to_string(B) + ", " + std::to_string(N) + "), got " +
-               (m.defined() ? sizes_of(m) : std::string("undefined")));
-    expect(m.scalar_type() == at::kBool,
-           std::string("key_padding_mask must be bool (true = padding), got ") + c10::toString(m.scalar_type()));
-    expect(m.device() == q.device(), "key_padding_mask is on " + m.device().str() + ", q on " + q.device().str());
-    checked.mask = m.contiguous();
-  }
-  checked.scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
-  expect(std::isfinite(checked.scale), "scale must be finite, got " + std::to_string(checked.scale));
-  return checked;
-}
-#endif
 
 AttentionResult flash_dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                         const DilatedAttentionConfig& config, const AttentionOptions& options) {
@@ -523,19 +424,7 @@ AttentionResult flash_dilated_attention(const at::Tensor& q, const at::Tensor& k
   (void)v;
   throw Error("flash attention backend: " + why);
 #else
-  const auto [mask, scale] = check_cuda_backend_inputs("flash", q, k, v, options);
-  const int64_t B = q.size(0), N = q.size(1), H = q.size(2);
-  const c10::cuda::CUDAGuard guard(q.device());
-  if (B == 0 || N == 0 || H == 0) {
-    return {at::zeros_like(q), at::full({B, H, N}, -std::numeric_limits<double>::infinity(),
-                                        q.options().dtype(at::kFloat))};
-  }
-  // The views assume the (B, N, H, D) row-major layout; a non-contiguous input (a slice of a fused qkv projection,
-  // say) is copied once here.
-  auto result = FlashDilatedFunction::apply(q.contiguous(), k.contiguous(), v.contiguous(), mask,
-                                            config.segment_lengths, config.dilation_rates,
-                                            config.mix == Mix::head_split, config.causal, scale);
-  return {result[0], result[1]};
+  return run_dilated_function<FlashImpl>(q, k, v, check_cuda_backend_inputs("flash", q, k, v, options), config);
 #endif
 }
 
@@ -566,7 +455,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_dilated_attention_backward(
   std::optional<at::Tensor> mask;
   if (options.key_padding_mask) mask = options.key_padding_mask->contiguous();
   const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(3))));
-  const Problem pb = make_problem(q, k, config.segment_lengths, config.dilation_rates, config.mix, config.causal, scale);
+  const Problem pb = make_problem(q, k, config, scale);
   const auto dtype = q.scalar_type();
   return backward_impl(pb, q.contiguous(), k.contiguous(), v.contiguous(), out.to(dtype).contiguous(),
                        lse.contiguous(), dout.to(dtype).contiguous(), mask);

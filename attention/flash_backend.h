@@ -6,7 +6,6 @@
 // to `flash`; both functions are thread-safe (no global state besides torch's).
 #pragma once
 
-#include <optional>
 #include <string>
 #include <tuple>
 
@@ -33,17 +32,6 @@ AttentionResult flash_dilated_attention(const at::Tensor& q, const at::Tensor& k
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_dilated_attention_backward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& dout, const DilatedAttentionConfig& config, const AttentionOptions& options);
-
-#ifdef LONGNET_WITH_CUDA
-// The checks both CUDA backends (flash, fused) make of k, v and the options against q (shapes, devices, dtypes, the
-// mask), with the scale resolved; throws longnet::Error prefixed with "<backend> attention backend: ".
-struct CudaInputs {
-  std::optional<at::Tensor> mask;  // contiguous
-  double scale = 1.0;
-};
-CudaInputs check_cuda_backend_inputs(const std::string& backend, const at::Tensor& q, const at::Tensor& k,
-                                     const at::Tensor& v, const AttentionOptions& options);
-#endif
 
 // Whether flash_dilated_attention can run these inputs: a build with LONGNET_WITH_CUDA, q on a CUDA device,
 // bf16/fp16, D ≤ 256 and a multiple of 8, no relative position bias. When false and `why` is given, *why says what is

@@ -17,7 +17,7 @@
 
 #include <torch/torch.h>
 
-#include "attention/flash_backend.h"
+#include "attention/cuda_backend.h"
 #include "core/error.h"
 
 #ifdef LONGNET_WITH_CUDA
@@ -36,32 +36,13 @@ namespace {
 // bytes, a chunk of whole grouped-query groups at a time (as in the flash backend).
 constexpr int64_t kAccumulatorBytes = int64_t{4} << 30;
 
-kernels::ElementType element_type(at::ScalarType t) {
-  return t == at::kHalf ? kernels::ElementType::float16 : kernels::ElementType::bfloat16;
-}
-
 void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
   for (int d = 0; d < 3; ++d) dst[d] = t.stride(d);
 }
 
-struct Geometry {
-  std::vector<int64_t> segment_lengths, dilation_rates;
-  Mix mix;
-  bool causal;
-  double scale;
-
-  DilatedAttentionConfig config() const {
-    DilatedAttentionConfig c;
-    c.segment_lengths = segment_lengths;
-    c.dilation_rates = dilation_rates;
-    c.mix = mix;
-    c.causal = causal;
-    return c;
-  }
-};
-
 kernels::FusedDilatedParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                        const std::optional<at::Tensor>& mask, const Geometry& geo) {
+                                        const std::optional<at::Tensor>& mask, const DilatedAttentionConfig& config,
+                                        double scale) {
   kernels::FusedDilatedParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -75,8 +56,8 @@ kernels::FusedDilatedParams base_params(const at::Tensor& q, const at::Tensor& k
   p.heads = q.size(2);
   p.kv_heads = k.size(2);
   p.head_dim = q.size(3);
-  p.causal = geo.causal;
-  p.scale = static_cast<float>(geo.scale);
+  p.causal = config.causal;
+  p.scale = static_cast<float>(scale);
   p.dtype = element_type(q.scalar_type());
   p.stream = at::cuda::getCurrentCUDAStream(q.get_device()).stream();
   return p;
@@ -94,12 +75,12 @@ bool set_branch(kernels::FusedDilatedParams& p, const DilatedAttentionConfig& co
 }
 
 std::pair<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               const std::optional<at::Tensor>& mask, const Geometry& geo) {
+                                               const std::optional<at::Tensor>& mask,
+                                               const DilatedAttentionConfig& config, double scale) {
   auto out = at::zeros_like(q);
   auto lse = at::full({q.size(0), q.size(2), q.size(1)}, -std::numeric_limits<double>::infinity(),
                       q.options().dtype(at::kFloat));
-  const auto config = geo.config();
-  auto p = base_params(q, k, v, mask, geo);
+  auto p = base_params(q, k, v, mask, config, scale);
   p.out = out.data_ptr();
   set_strides(p.out_strides, out);
   p.lse = lse.data_ptr<float>();
@@ -115,11 +96,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& q
                                                              const at::Tensor& v, const at::Tensor& out,
                                                              const at::Tensor& lse, const at::Tensor& dout,
                                                              const std::optional<at::Tensor>& mask,
-                                                             const Geometry& geo) {
+                                                             const DilatedAttentionConfig& config, double scale) {
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), Hkv = k.size(2), D = q.size(3), group = H / Hkv;
   const auto f32 = q.options().dtype(at::kFloat);
-  const auto config = geo.config();
-  auto p = base_params(q, k, v, mask, geo);
+  auto p = base_params(q, k, v, mask, config, scale);
   p.out = out.data_ptr();
   set_strides(p.out_strides, out);
   p.lse = lse.data_ptr<float>();
@@ -155,46 +135,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& q
   return {dq, dk, dv};
 }
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-class FusedDilatedFunction : public torch::autograd::Function<FusedDilatedFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const std::optional<at::Tensor>& mask, const std::vector<int64_t>& segment_lengths,
-                               const std::vector<int64_t>& dilation_rates, bool head_split, bool causal,
-                               double scale) {
-    const Geometry geo{segment_lengths, dilation_rates, head_split ? Mix::head_split : Mix::lse, causal, scale};
-    auto [out, lse] = forward_impl(q, k, v, mask, geo);
-    ctx->save_for_backward({q, k, v, out, lse});
-    ctx->saved_data["mask"] = mask ? c10::IValue(*mask) : c10::IValue();
-    ctx->saved_data["segment_lengths"] = segment_lengths;
-    ctx->saved_data["dilation_rates"] = dilation_rates;
-    ctx->saved_data["head_split"] = head_split;
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["scale"] = scale;
-    ctx->mark_non_differentiable({lse});
-    ctx->set_materialize_grads(false);
-    return {out, lse};
+// The fused backend for DilatedFunction (cuda_backend.h).
+struct FusedImpl {
+  static std::pair<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const std::optional<at::Tensor>& mask,
+                                                   const DilatedAttentionConfig& config, double scale) {
+    return forward_impl(q, k, v, mask, config, scale);
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    variable_list grads(9);
-    if (!grad_outputs[0].defined()) return grads;
-    std::optional<at::Tensor> mask;
-    if (!ctx->saved_data["mask"].isNone()) mask = ctx->saved_data["mask"].toTensor();
-    const Geometry geo{ctx->saved_data["segment_lengths"].toIntVector(),
-                       ctx->saved_data["dilation_rates"].toIntVector(),
-                       ctx->saved_data["head_split"].toBool() ? Mix::head_split : Mix::lse,
-                       ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble()};
-    const c10::cuda::CUDAGuard guard(saved[0].device());
-    auto [dq, dk, dv] = backward_impl(saved[0], saved[1], saved[2], saved[3], saved[4],
-                                      grad_outputs[0].to(saved[0].scalar_type()).contiguous(), mask, geo);
-    grads[0] = dq;
-    grads[1] = dk;
-    grads[2] = dv;
-    return grads;
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+      const at::Tensor& dout, const std::optional<at::Tensor>& mask, const DilatedAttentionConfig& config,
+      double scale) {
+    return backward_impl(q, k, v, out, lse, dout, mask, config, scale);
   }
 };
 
@@ -207,18 +159,8 @@ bool fused_backend_supports(const at::Tensor& q, const AttentionOptions& options
     if (why != nullptr) *why = std::move(reason);
     return false;
   };
-#ifndef LONGNET_WITH_CUDA
-  (void)q;
-  (void)options;
-  return fail("this build has no CUDA kernels (configure with -DLONGNET_CUDA=ON)");
-#else
-  if (!q.defined()) return fail("q is undefined");
-  if (!q.is_cuda()) return fail("q is on " + q.device().str() + "; the fused backend needs a CUDA tensor");
-  if (q.scalar_type() != at::kBFloat16 && q.scalar_type() != at::kHalf) {
-    return fail(std::string("q is ") + c10::toString(q.scalar_type()) +
-                "; the fused backend needs bfloat16 or float16 (the reference backend takes any dtype)");
-  }
-  if (q.dim() != 4) return fail("q must be (B, N, H, D)");
+  if (!cuda_backend_accepts("fused", q, why)) return false;
+#ifdef LONGNET_WITH_CUDA
   if (!kernels::fused_dilated_supports_head_dim(q.size(3))) {
     return fail("head dim D = " + std::to_string(q.size(3)) +
                 "; the fused kernels are built for D = 64 and 128 (the flash backend takes multiples of 8 to 256)");
@@ -229,8 +171,10 @@ bool fused_backend_supports(const at::Tensor& q, const AttentionOptions& options
     return fail("the fused kernels need compute capability 8.0 or later, " + std::string(props->name) + " has " +
                 std::to_string(props->major) + "." + std::to_string(props->minor));
   }
-  return true;
+#else
+  (void)options;
 #endif
+  return true;
 }
 
 AttentionResult fused_dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -243,17 +187,7 @@ AttentionResult fused_dilated_attention(const at::Tensor& q, const at::Tensor& k
   (void)v;
   throw Error("fused attention backend: " + why);
 #else
-  const auto [mask, scale] = check_cuda_backend_inputs("fused", q, k, v, options);
-  const int64_t B = q.size(0), N = q.size(1), H = q.size(2);
-  const c10::cuda::CUDAGuard guard(q.device());
-  if (B == 0 || N == 0 || H == 0) {
-    return {at::zeros_like(q), at::full({B, H, N}, -std::numeric_limits<double>::infinity(),
-                                        q.options().dtype(at::kFloat))};
-  }
-  auto result = FusedDilatedFunction::apply(q.contiguous(), k.contiguous(), v.contiguous(), mask,
-                                            config.segment_lengths, config.dilation_rates,
-                                            config.mix == Mix::head_split, config.causal, scale);
-  return {result[0], result[1]};
+  return run_dilated_function<FusedImpl>(q, k, v, check_cuda_backend_inputs("fused", q, k, v, options), config);
 #endif
 }
 

@@ -16,21 +16,14 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "attention/kernels/cuda_check.h"
 #include "attention/kernels/fused_dilated.h"
-
-#define LONGNET_CUDA_CHECK(expr)                                                                             \
-  do {                                                                                                       \
-    const cudaError_t longnet_err_ = (expr);                                                                 \
-    if (longnet_err_ != cudaSuccess) {                                                                       \
-      throw std::runtime_error(std::string(__FILE__) + ":" + std::to_string(__LINE__) + ": " + #expr + ": " + \
-                               cudaGetErrorName(longnet_err_) + ": " + cudaGetErrorString(longnet_err_));    \
-    }                                                                                                        \
-  } while (0)
 
 namespace longnet::attention::kernels {
 namespace {
@@ -691,39 +684,33 @@ dim3 grid_for(const FusedDilatedParams& p, int rows_per_cta, const char* what) {
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(p.batch));
 }
 
-template <typename T, int D>
-void fwd_typed(const FusedDilatedParams& p) {
-  constexpr int bytes = fwd_smem_bytes<D>();
-  LONGNET_CUDA_CHECK(cudaFuncSetAttribute(fused_fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  fused_fwd_kernel<T, D><<<grid_for(p, fwd_rows<D>(), "launch_fused_dilated_fwd"), kFwdThreads, bytes, p.stream>>>(
-      p);
-  LONGNET_CUDA_CHECK(cudaGetLastError());
-}
-
-template <typename T, int D>
-void bwd_typed(const FusedDilatedParams& p) {
-  constexpr int bytes = bwd_smem_bytes<D>();
-  LONGNET_CUDA_CHECK(cudaFuncSetAttribute(fused_bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  fused_bwd_kernel<T, D><<<grid_for(p, kBwdKeys, "launch_fused_dilated_bwd"), kBwdThreads, bytes, p.stream>>>(p);
-  LONGNET_CUDA_CHECK(cudaGetLastError());
-}
-
-template <typename T>
-void dispatch_fwd(const FusedDilatedParams& p) {
-  if (p.head_dim == 64) {
-    fwd_typed<T, 64>(p);
-  } else {
-    fwd_typed<T, 128>(p);
+// launch(T{}) for the element type: bf16 or fp16 (the tensor-core path has no float32).
+template <typename Launch>
+void by_dtype(const FusedDilatedParams& p, const char* what, Launch&& launch) {
+  switch (p.dtype) {
+    case ElementType::bfloat16: launch(__nv_bfloat16{}); break;
+    case ElementType::float16: launch(__half{}); break;
+    case ElementType::float32: throw std::invalid_argument(std::string(what) + ": float32 inputs are not supported");
   }
 }
 
-template <typename T>
-void dispatch_bwd(const FusedDilatedParams& p) {
-  if (p.head_dim == 64) {
-    bwd_typed<T, 64>(p);
-  } else {
-    bwd_typed<T, 128>(p);
-  }
+// launch(T{}, std::integral_constant<int, D>{}) for the element type and a compiled head dim.
+template <typename Launch>
+void by_dtype_and_dim(const FusedDilatedParams& p, const char* what, Launch&& launch) {
+  by_dtype(p, what, [&](auto t) {
+    if (p.head_dim == 64) {
+      launch(t, std::integral_constant<int, 64>{});
+    } else {
+      launch(t, std::integral_constant<int, 128>{});
+    }
+  });
+}
+
+void launch_kernel(void (*kernel)(FusedDilatedParams), dim3 grid, int threads, int smem_bytes,
+                   const FusedDilatedParams& p) {
+  LONGNET_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  kernel<<<grid, threads, smem_bytes, p.stream>>>(p);
+  LONGNET_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
@@ -736,11 +723,12 @@ void launch_fused_dilated_fwd(const FusedDilatedParams& params) {
     throw std::invalid_argument("launch_fused_dilated_fwd: out and lse must be device pointers");
   }
   if (params.n == 0 || params.batch == 0 || params.head_hi == params.head_lo) return;
-  switch (params.dtype) {
-    case ElementType::bfloat16: dispatch_fwd<__nv_bfloat16>(params); break;
-    case ElementType::float16: dispatch_fwd<__half>(params); break;
-    case ElementType::float32: throw std::invalid_argument("launch_fused_dilated_fwd: float32 inputs are not supported");
-  }
+  constexpr const char* what = "launch_fused_dilated_fwd";
+  by_dtype_and_dim(params, what, [&](auto t, auto dim) {
+    constexpr int D = decltype(dim)::value;
+    launch_kernel(fused_fwd_kernel<decltype(t), D>, grid_for(params, fwd_rows<D>(), what), kFwdThreads,
+                  fwd_smem_bytes<D>(), params);
+  });
 }
 
 void launch_fused_dilated_bwd_prepare(const FusedDilatedParams& params, float* delta, float* lse_log2) {
@@ -751,19 +739,10 @@ void launch_fused_dilated_bwd_prepare(const FusedDilatedParams& params, float* d
   const int64_t rows = params.batch * params.n * params.heads;
   if (rows == 0) return;
   constexpr int kThreads = 256;
-  const int64_t blocks = (rows + kThreads - 1) / kThreads;
-  switch (params.dtype) {
-    case ElementType::bfloat16:
-      bwd_prepare_kernel<__nv_bfloat16><<<static_cast<unsigned>(blocks), kThreads, 0, params.stream>>>(params, delta,
-                                                                                                         lse_log2);
-      break;
-    case ElementType::float16:
-      bwd_prepare_kernel<__half><<<static_cast<unsigned>(blocks), kThreads, 0, params.stream>>>(params, delta,
-                                                                                                  lse_log2);
-      break;
-    case ElementType::float32:
-      throw std::invalid_argument("launch_fused_dilated_bwd_prepare: float32 inputs are not supported");
-  }
+  const auto blocks = static_cast<unsigned>((rows + kThreads - 1) / kThreads);
+  by_dtype(params, "launch_fused_dilated_bwd_prepare", [&](auto t) {
+    bwd_prepare_kernel<decltype(t)><<<blocks, kThreads, 0, params.stream>>>(params, delta, lse_log2);
+  });
   LONGNET_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -774,11 +753,12 @@ void launch_fused_dilated_bwd(const FusedDilatedParams& params) {
     throw std::invalid_argument("launch_fused_dilated_bwd: dout, lse_log2, delta and the accumulators must be set");
   }
   if (params.n == 0 || params.batch == 0 || params.head_hi == params.head_lo) return;
-  switch (params.dtype) {
-    case ElementType::bfloat16: dispatch_bwd<__nv_bfloat16>(params); break;
-    case ElementType::float16: dispatch_bwd<__half>(params); break;
-    case ElementType::float32: throw std::invalid_argument("launch_fused_dilated_bwd: float32 inputs are not supported");
-  }
+  constexpr const char* what = "launch_fused_dilated_bwd";
+  by_dtype_and_dim(params, what, [&](auto t, auto dim) {
+    constexpr int D = decltype(dim)::value;
+    launch_kernel(fused_bwd_kernel<decltype(t), D>, grid_for(params, kBwdKeys, what), kBwdThreads, bwd_smem_bytes<D>(),
+                  params);
+  });
 }
 
 }  // namespace longnet::attention::kernels

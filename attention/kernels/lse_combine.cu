@@ -13,16 +13,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "attention/kernels/cuda_check.h"
 #include "attention/kernels/lse_combine.h"
-
-#define LONGNET_CUDA_CHECK(expr)                                                                             \
-  do {                                                                                                       \
-    const cudaError_t longnet_err_ = (expr);                                                                 \
-    if (longnet_err_ != cudaSuccess) {                                                                       \
-      throw std::runtime_error(std::string(__FILE__) + ":" + std::to_string(__LINE__) + ": " + #expr + ": " + \
-                               cudaGetErrorName(longnet_err_) + ": " + cudaGetErrorString(longnet_err_));    \
-    }                                                                                                        \
-  } while (0)
 
 namespace longnet::attention::kernels {
 namespace {

@@ -14,16 +14,11 @@
 #include "attention/positional.h"
 #include "attention/reference.h"
 #include "core/error.h"
+#include "tests/support/single_threaded.h"
 
 using namespace longnet::attention;
 
 namespace {
-
-// Tensors here are tiny: intra-op threads only add overhead, and on shared CI cores their spinning dominates.
-const bool kSingleThreaded = [] {
-  at::set_num_threads(1);
-  return true;
-}();
 
 constexpr double kTol = 1e-10;
 

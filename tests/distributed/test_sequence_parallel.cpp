@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "distributed/sequence_parallel.h"
 #include "tests/distributed/world.h"
+#include "tests/support/single_threaded.h"
 
 #include <catch2/catch.hpp>
 
@@ -20,11 +21,6 @@ using namespace longnet::distributed;
 using attention::DilatedAttentionConfig;
 
 namespace {
-
-const bool kSingleThreaded = [] {
-  at::set_num_threads(1);
-  return true;
-}();
 
 constexpr double kTol = 1e-10;
 

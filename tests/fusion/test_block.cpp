@@ -8,17 +8,12 @@
 
 #include "core/error.h"
 #include "fusion/block.h"
+#include "tests/support/single_threaded.h"
 
 using namespace longnet;
 using namespace longnet::fusion;
 
 namespace {
-
-// Tensors here are tiny: intra-op threads only add overhead, and on shared CI cores their spinning dominates.
-const bool kSingleThreaded = [] {
-  at::set_num_threads(1);
-  return true;
-}();
 
 constexpr double kTol = 1e-10;
 

@@ -10,6 +10,7 @@
 #include "fusion/checkpoint.h"
 #include "fusion/longnet_lm.h"
 #include "tests/fusion/multimodal_fixture.h"
+#include "tests/support/single_threaded.h"
 
 #include <catch2/catch.hpp>
 
@@ -17,11 +18,6 @@ using namespace longnet;
 using namespace longnet::fusion;
 
 namespace {
-
-const bool kSingleThreaded = [] {
-  at::set_num_threads(1);
-  return true;
-}();
 
 ModelConfig model_config(bool checkpoint) {
   return ModelConfig{.width = 16, .depth = 3, .heads = 4, .kv_heads = 2, .mlp = MlpKind::swiglu, .mlp_ratio = 2.0,

@@ -10,17 +10,12 @@
 
 #include "core/error.h"
 #include "fusion/longnet_lm.h"
+#include "tests/support/single_threaded.h"
 
 using namespace longnet;
 using namespace longnet::fusion;
 
 namespace {
-
-// Tensors here are tiny: intra-op threads only add overhead, and on shared CI cores their spinning dominates.
-const bool kSingleThreaded = [] {
-  at::set_num_threads(1);
-  return true;
-}();
 
 ModelConfig tiny_model() {
   return ModelConfig{.width = 16, .depth = 2, .heads = 4, .kv_heads = 2, .mlp = MlpKind::swiglu, .mlp_ratio = 2.0,

@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "fusion/multimodal_model.h"
 #include "tests/fusion/multimodal_fixture.h"
+#include "tests/support/single_threaded.h"
 
 #include <catch2/catch.hpp>
 
@@ -17,11 +18,6 @@ using namespace longnet::test;
 using fusion::MultimodalOutput;
 
 namespace {
-
-const bool kSingleThreaded = [] {
-  at::set_num_threads(1);
-  return true;
-}();
 
 // Every output of sample `b` of `out` against sample `ob` of `other`, bit for bit (tol 0) or to `tol`; modalities
 // missing from `other` are skipped.

@@ -11,6 +11,7 @@
 #include "fusion/multimodal_model.h"
 #include "fusion/strategies.h"
 #include "tests/fusion/multimodal_fixture.h"
+#include "tests/support/single_threaded.h"
 
 #include <catch2/catch.hpp>
 
@@ -18,14 +19,6 @@ using namespace longnet;
 using namespace longnet::test;
 using fusion::MultimodalOutput;
 
-namespace {
-
-const bool kSingleThreaded = [] {
-  at::set_num_threads(1);
-  return true;
-}();
-
-}  // namespace
 
 TEST_CASE("the registry lists the five strategies and builds each by name", "[fusion][strategies][cpu]") {
   CHECK(fusion::registered_strategies() == all_strategies());

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "modalities/encoders.h"
+#include "tests/support/single_threaded.h"
 
 #include <catch2/catch.hpp>
 
@@ -14,11 +15,6 @@ using namespace longnet;
 using namespace longnet::modalities;
 
 namespace {
-
-const bool kSingleThreaded = [] {
-  at::set_num_threads(1);
-  return true;
-}();
 
 constexpr int64_t kWidth = 12;
 
