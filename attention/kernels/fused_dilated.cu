@@ -151,6 +151,33 @@ __device__ __forceinline__ uint32_t b_operand_addr(const void* tile, int row0, i
   return smem_addr(static_cast<const char*>(tile) + swizzle<D>(row, chunk) * 2);
 }
 
+// acc[m] (16 × D) += a[m] (16 × 16) · tile[row0, row0 + 16) × [0, D) for m < MT, where `tile` is a row-major
+// [k][n] shared tile read by transposed loads; each B fragment serves all MT products.
+template <typename T, int D, int MT>
+__device__ __forceinline__ void mma_by_tile_rows(float (*acc)[D / 8][4], const uint32_t (*a)[4], const void* tile,
+                                                 int row0, int lane) {
+#pragma unroll
+  for (int dd = 0; dd < D / 16; ++dd) {
+    uint32_t bf[4];
+    ldmatrix_x4_trans(bf, a_operand_addr<D>(tile, row0, dd, lane));
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      Mma<T>::run(acc[m][2 * dd], a[m], bf[0], bf[1]);
+      Mma<T>::run(acc[m][2 * dd + 1], a[m], bf[2], bf[3]);
+    }
+  }
+}
+
+// The A operand for columns [16·kk, 16·kk + 16) of a 16-row product held as accumulator fragments s[n-tile][4],
+// rounded to T (an accumulator's layout is the A operand's, two n-tiles at a time).
+template <typename T, int NT>
+__device__ __forceinline__ void a_from_accumulator(uint32_t (&a)[4], const float (&s)[NT][4], int kk) {
+  a[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
 struct Branch {
   int64_t b, h, hk, first;  // batch, query head, kv head, token of sparse row 0
   int L;                    // sparse rows of this segment
@@ -352,22 +379,8 @@ __global__ void __launch_bounds__(kFwdThreads) fused_fwd_kernel(const FusedDilat
     for (int kk = 0; kk < kFwdKeys / 16; ++kk) {
       uint32_t a[MT][4];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        a[mt][0] = M::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        a[mt][1] = M::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        a[mt][2] = M::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        a[mt][3] = M::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t bf[4];
-        ldmatrix_x4_trans(bf, a_operand_addr<D>(tV, kk * 16, dp, lane));
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          M::run(acc[mt][2 * dp], a[mt], bf[0], bf[1]);
-          M::run(acc[mt][2 * dp + 1], a[mt], bf[2], bf[3]);
-        }
-      }
+      for (int mt = 0; mt < MT; ++mt) a_from_accumulator<T>(a[mt], s[mt], kk);
+      mma_by_tile_rows<T, D, MT>(acc, a, tV, kk * 16, lane);
     }
     __syncthreads();
   }
@@ -546,15 +559,9 @@ __global__ void __launch_bounds__(kBwdThreads) fused_bwd_kernel(const FusedDilat
     // dV += P^T dout
 #pragma unroll
     for (int kk = 0; kk < kBwdRows / 16; ++kk) {
-      const uint32_t a[4] = {M::pack(s[2 * kk][0], s[2 * kk][1]), M::pack(s[2 * kk][2], s[2 * kk][3]),
-                             M::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), M::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int dd = 0; dd < D / 16; ++dd) {
-        uint32_t bf[4];
-        ldmatrix_x4_trans(bf, a_operand_addr<D>(sO, kk * 16, dd, lane));
-        M::run(dv[2 * dd], a, bf[0], bf[1]);
-        M::run(dv[2 * dd + 1], a, bf[2], bf[3]);
-      }
+      uint32_t a[4];
+      a_from_accumulator<T>(a, s, kk);
+      mma_by_tile_rows<T, D, 1>(&dv, &a, sO, kk * 16, lane);
     }
     // dS^T = P^T ∘ (dP^T − delta); dK += dS^T Q; dS^T to shared memory for dQ.
 #pragma unroll
@@ -564,15 +571,9 @@ __global__ void __launch_bounds__(kBwdThreads) fused_bwd_kernel(const FusedDilat
     }
 #pragma unroll
     for (int kk = 0; kk < kBwdRows / 16; ++kk) {
-      const uint32_t a[4] = {M::pack(s[2 * kk][0], s[2 * kk][1]), M::pack(s[2 * kk][2], s[2 * kk][3]),
-                             M::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), M::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int dd = 0; dd < D / 16; ++dd) {
-        uint32_t bf[4];
-        ldmatrix_x4_trans(bf, a_operand_addr<D>(sQ, kk * 16, dd, lane));
-        M::run(dk[2 * dd], a, bf[0], bf[1]);
-        M::run(dk[2 * dd + 1], a, bf[2], bf[3]);
-      }
+      uint32_t a[4];
+      a_from_accumulator<T>(a, s, kk);
+      mma_by_tile_rows<T, D, 1>(&dk, &a, sQ, kk * 16, lane);
     }
 #pragma unroll
     for (int nt = 0; nt < kBwdRows / 8; ++nt) {
@@ -597,13 +598,7 @@ __global__ void __launch_bounds__(kBwdThreads) fused_bwd_kernel(const FusedDilat
         const int chunk = warp * 2 + ((lane >> 3) & 1);
         ldmatrix_x4_trans(a, smem_addr(sS + swizzle<kBwdRows>(key, chunk)));
       }
-#pragma unroll
-      for (int dd = 0; dd < D / 16; ++dd) {
-        uint32_t bf[4];
-        ldmatrix_x4_trans(bf, a_operand_addr<D>(sK, kk * 16, dd, lane));
-        M::run(dq[2 * dd], a, bf[0], bf[1]);
-        M::run(dq[2 * dd + 1], a, bf[2], bf[3]);
-      }
+      mma_by_tile_rows<T, D, 1>(&dq, &a, sK, kk * 16, lane);
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
