@@ -5,6 +5,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <torch/torch.h>
@@ -82,40 +83,63 @@ struct SpanningBranch {
   int64_t rate = 1;
 };
 
-// One spanning branch on this rank's queries: out (B, n, H, D) and lse (B, H, n) in dtype `acc`; rows the branch
-// does not select keep out = 0, lse = -inf. q, k, v: (B, n, H, D) (kv heads already expanded); keep: (B, n) bool
-// (true = the key takes part) or undefined. `gathered`: this branch's all-gathered rows from an earlier forward to
-// reuse, or undefined to communicate; receives the all-gathered rows (without autograd history).
-AttentionResult spanning_branch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& keep,
-                                const SpanningBranch& branch, bool causal, double scale, at::ScalarType acc,
-                                const ProcessGroup& group, int64_t global_n, CommStats* stats, at::Tensor& gathered) {
-  const int64_t B = q.size(0), n = q.size(1), H = q.size(2), D = q.size(3);
-  const int64_t P = group.size(), w = branch.segment_length, r = branch.rate;
-  const SequencePart part = sequence_part(global_n, P, group.rank());
-  const int64_t rows_max = (sequence_part(global_n, P, 0).length + r - 1) / r;  // part 0 is the longest
-  const int64_t offsets = std::min(r, H);                                      // offsets >= H have no heads
+// The rows of this rank one head offset of a spanning branch selects: local rows f, f + r, ... (count of them) of
+// heads o, o + r, ... Every other row and head is untouched by the branch, so its results stay in this compact form.
+struct OffsetRows {
+  int64_t o = 0, f = 0, count = 0;
+};
 
-  // Send buffer: for head h, row j holds the key/value at local row first_row(o) + j·r, o = h mod r; the last channel
-  // is 1 for a real, unpadded key and 0 otherwise (rows past the part's count stay 0).
+std::vector<OffsetRows> offset_rows(const SequencePart& part, int64_t r, int64_t heads) {
+  std::vector<OffsetRows> rows;
+  for (int64_t o = 0; o < std::min(r, heads); ++o) {  // offsets >= H have no heads
+    const int64_t f = first_row(part.start, o, r), count = row_count(f, part.length, r);
+    if (count > 0) rows.push_back({o, f, count});
+  }
+  return rows;
+}
+
+// The selected rows of a (B, n, H, ...) tensor as a (B, count, H_o, ...) view.
+at::Tensor token_rows(const at::Tensor& x, const OffsetRows& s, int64_t r) {
+  return strided_rows(x, s.f, s.count, r).slice(2, s.o, x.size(2), r);
+}
+
+// The selected entries of a (B, H, n) LSE as a (B, H_o, count) view.
+at::Tensor lse_rows(const at::Tensor& lse, const OffsetRows& s, int64_t r) {
+  return lse.slice(1, s.o, lse.size(1), r).narrow(2, s.f, (s.count - 1) * r + 1).slice(2, 0, std::nullopt, r);
+}
+
+// Send buffer of a spanning branch (B, rows_max, H, 2D+1): for head h, row j holds the key/value at local row
+// first_row(o) + j·r, o = h mod r; the last channel is 1 for a real, unpadded key and 0 otherwise (rows past the
+// part's count stay 0). k, v: (B, n, H, D) (kv heads already expanded); keep: (B, n) bool or undefined.
+at::Tensor pack_rows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& keep,
+                     const std::vector<OffsetRows>& selected, int64_t r, int64_t rows_max) {
+  const int64_t B = k.size(0), n = k.size(1), H = k.size(2), D = k.size(3);
   auto send = at::zeros({B, rows_max, H, 2 * D + 1}, k.options());
   const auto keep_value = keep.defined() ? keep.to(k.scalar_type()) : at::ones({B, n}, k.options());
-  for (int64_t o = 0; o < offsets; ++o) {
-    const int64_t f = first_row(part.start, o, r), count = row_count(f, n, r);
-    if (count == 0) continue;
-    auto rows = send.narrow(1, 0, count).slice(2, o, H, r);  // (B, count, H_o, 2D+1)
-    rows.narrow(3, 0, D).copy_(strided_rows(k, f, count, r).slice(2, o, H, r));
-    rows.narrow(3, D, D).copy_(strided_rows(v, f, count, r).slice(2, o, H, r));
-    rows.narrow(3, 2 * D, 1).copy_(strided_rows(keep_value, f, count, r).view({B, count, 1, 1}).expand_as(
+  for (const OffsetRows& s : selected) {
+    auto rows = send.narrow(1, 0, s.count).slice(2, s.o, H, r);  // (B, count, H_o, 2D+1)
+    rows.narrow(3, 0, D).copy_(token_rows(k, s, r));
+    rows.narrow(3, D, D).copy_(token_rows(v, s, r));
+    rows.narrow(3, 2 * D, 1).copy_(strided_rows(keep_value, s.f, s.count, r).view({B, s.count, 1, 1}).expand_as(
         rows.narrow(3, 2 * D, 1)));
   }
-  const auto all_rows =
-      GatherRows::apply(send, reinterpret_cast<int64_t>(&gathered), reinterpret_cast<int64_t>(&group),
-                        reinterpret_cast<int64_t>(stats));
-  gathered = all_rows.detach();
+  return send;
+}
+
+// One spanning branch on this rank's selected queries q_rows[i] (B, H_o, count, D) of selected[i], against the
+// all-gathered rows of every rank (P, B, rows_max, H, 2D+1): out (B, H_o, count, D) and lse (B, H_o, count) in dtype
+// `acc` per offset.
+std::vector<AttentionResult> attend_gathered(const std::vector<at::Tensor>& q_rows,
+                                             const std::vector<OffsetRows>& selected, const at::Tensor& all_rows,
+                                             const SpanningBranch& branch, bool causal, double scale,
+                                             at::ScalarType acc, int64_t P, int64_t rank, int64_t global_n) {
+  const int64_t B = all_rows.size(1), rows_max = all_rows.size(2), H = all_rows.size(3);
+  const int64_t D = (all_rows.size(4) - 1) / 2, w = branch.segment_length, r = branch.rate;
+  const SequencePart part = sequence_part(global_n, P, rank);
 
   // Only the ranks whose parts meet the segments of this part's rows hold keys these queries can read.
   const int64_t seg_lo = (part.start / w) * w;
-  const int64_t seg_hi = std::min(global_n, ((part.start + n - 1) / w + 1) * w);
+  const int64_t seg_hi = std::min(global_n, ((part.start + part.length - 1) / w + 1) * w);
   int64_t rank_lo = P, rank_hi = -1;
   for (int64_t p = 0; p < P; ++p) {
     const SequencePart other = sequence_part(global_n, P, p);
@@ -127,40 +151,33 @@ AttentionResult spanning_branch(const at::Tensor& q, const at::Tensor& k, const 
   const int64_t R = rank_hi - rank_lo + 1;
   const auto window = all_rows.narrow(0, rank_lo, R);  // (R, B, rows_max, H, 2D+1)
 
-  auto out_full = at::zeros({B, n, H, D}, q.options().dtype(acc));
-  auto lse_full = at::full({B, H, n}, kNegInf, q.options().dtype(acc));
-  for (int64_t o = 0; o < offsets; ++o) {
-    const int64_t f = first_row(part.start, o, r), count = row_count(f, n, r);
-    if (count == 0) continue;
-    const auto q_o = strided_rows(q, f, count, r).slice(2, o, H, r).permute({0, 2, 1, 3});  // (B, H_o, c, D)
+  std::vector<AttentionResult> results;
+  for (size_t i = 0; i < selected.size(); ++i) {
+    const OffsetRows& s = selected[i];
+    const at::Tensor& q_o = q_rows[i];
     const int64_t H_o = q_o.size(1);
-    const auto kv = window.slice(3, o, H, r).permute({1, 3, 0, 2, 4}).reshape({B, H_o, R * rows_max, 2 * D + 1});
+    const auto kv = window.slice(3, s.o, H, r).permute({1, 3, 0, 2, 4}).reshape({B, H_o, R * rows_max, 2 * D + 1});
     const auto k_o = kv.narrow(3, 0, D), v_o = kv.narrow(3, D, D);
     const auto key_ok = kv.select(3, 2 * D).gt(0.5).unsqueeze(2);  // (B, H_o, 1, R·rows_max)
 
     // Which gathered rows each query may read: same segment, and not after the query when causal. Positions are
-    // arithmetic progressions (row j of rank p sits at start_p + first_row + j·r), built on the device.
-    const auto long_options = q.options().dtype(at::kLong);
-    std::vector<int64_t> rank_first(static_cast<size_t>(R));
-    for (int64_t i = 0; i < R; ++i) {
-      const SequencePart other = sequence_part(global_n, P, rank_lo + i);
-      rank_first[static_cast<size_t>(i)] = other.start + first_row(other.start, o, r);
-    }
-    const auto key_pos = (torch::tensor(rank_first, torch::dtype(torch::kLong)).to(q.device()).view({R, 1}) +
-                          at::arange(rows_max, long_options).mul(r).view({1, rows_max}))
-                             .view({1, R * rows_max});
-    const auto query_pos = at::arange(count, long_options).mul(r).add(part.start + f).view({count, 1});
+    // arithmetic progressions (row j of rank p sits at start_p + first_row(start_p, o) + j·r), built on the device
+    // (sequence_part's and first_row's formulas as tensor ops): a host-to-device copy here would stall the stream.
+    const auto long_options = q_o.options().dtype(at::kLong);
+    const auto ranks = at::arange(rank_lo, rank_lo + R, long_options);
+    const auto rank_start = ranks * (global_n / P) + at::clamp_max(ranks, global_n % P);
+    const auto rank_first = rank_start + at::remainder(rank_start.neg() + s.o, r);
+    const auto key_pos =
+        (rank_first.view({R, 1}) + at::arange(rows_max, long_options).mul(r).view({1, rows_max})).view({1, R * rows_max});
+    const auto query_pos = at::arange(s.count, long_options).mul(r).add(part.start + s.f).view({s.count, 1});
     auto allowed = key_pos.div(w, "floor").eq(query_pos.div(w, "floor"));
     if (causal) allowed = allowed.logical_and(key_pos.le(query_pos));
-    allowed = allowed.view({1, 1, count, R * rows_max}).logical_and(key_ok);
+    allowed = allowed.view({1, 1, s.count, R * rows_max}).logical_and(key_ok);
 
     // Masked softmax as in the reference backend: rows without keys get out = 0 and lse = -inf with finite gradients.
-    const auto [out, lse] = attention::masked_softmax_attention(q_o, k_o, v_o, allowed, at::Tensor(), scale, acc);
-
-    strided_rows(out_full, f, count, r).slice(2, o, H, r).copy_(out.permute({0, 2, 1, 3}));
-    lse_full.slice(1, o, H, r).narrow(2, f, (count - 1) * r + 1).slice(2, 0, std::nullopt, r).copy_(lse);
+    results.push_back(attention::masked_softmax_attention(q_o, k_o, v_o, allowed, at::Tensor(), scale, acc));
   }
-  return {out_full, lse_full};
+  return results;
 }
 
 // What the forward of SequenceParallelFunction needs besides q, k and v (held by the caller for the forward only).
@@ -183,23 +200,63 @@ at::Tensor mix_weight(const at::Tensor& lse_b, const at::Tensor& lse) {
 // (B, H, n) -> (B, n, H, 1), to scale the rows of an output
 at::Tensor rows_of(const at::Tensor& x) { return x.permute({0, 2, 1}).unsqueeze(-1); }
 
-// The local branches and the spanning branches, mixed by their LSEs. The forward runs without autograd; the backward
-// differentiates each part with the merged output F and LSE L: a part b with output O_b and LSE L_b enters F with
-// weight w_b = exp(L_b - L), so dO_b = w_b·dF and dL_b = w_b·(dF·(O_b - F) + dL). The local branches may run on a
-// backend whose LSE carries no gradient (flash): their dL_b is applied as Σ_j P_ij·dL_b,i, i.e.
+// (B, H_o, c, D) <-> (B, c, H_o, D)
+at::Tensor heads_first(const at::Tensor& x) { return x.permute({0, 2, 1, 3}); }
+
+// The local branches and the spanning branches, mixed by their LSEs. The forward runs without autograd: the local
+// branches give the full-size output F and LSE L, and each spanning branch, whose queries are a 1/r subset of the
+// rows, is merged into the rows it selects in place, so its cost follows the rows it selects, not N.
+// The backward differentiates each part with the merged output F and LSE L: a part b with output O_b and LSE L_b
+// enters F with weight w_b = exp(L_b - L), so dO_b = w_b·dF and dL_b = w_b·(dF·(O_b - F) + dL). The local branches may
+// run on a backend whose LSE carries no gradient (flash): their dL_b is applied as Σ_j P_ij·dL_b,i, i.e.
 //   dq_i += scale·dL_b,i·Σ_j P_ij k_j       (attention with the keys as values), and
 //   dk_j += Σ_i P_ij·scale·dL_b,i·q_i       (the value gradient of that same attention),
 // so only the output gradients of the backend are used. The spanning branches are recomputed with autograd on the
-// rows the forward all-gathered (kept); the backward of that all-gather reduce-scatters.
+// selected query rows and the rows the forward all-gathered (kept); the backward of that all-gather reduce-scatters,
+// and the compact gradients are added into the selected rows of dq, dk, dv.
 class SequenceParallelFunction : public torch::autograd::Function<SequenceParallelFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
                                                 const at::Tensor& k, const at::Tensor& v, int64_t plan_address) {
     const Plan& plan = *reinterpret_cast<const Plan*>(plan_address);
     const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const int64_t H = q.size(2), P = plan.group->size();
+    const SequencePart part = sequence_part(plan.global_n, P, plan.group->rank());
+
+    at::Tensor out, lse;  // F in q's dtype, L in `acc`
+    if (!plan.local.segment_lengths.empty()) {
+      const auto result = attention::dilated_attention(q, k, v, plan.local, plan.options);
+      out = result.out.to(q.scalar_type());
+      lse = result.lse.to(acc);
+    } else {
+      out = at::zeros_like(q);
+      lse = at::full({q.size(0), H, q.size(1)}, kNegInf, q.options().dtype(acc));
+    }
+    at::Tensor keep;
+    if (plan.options.key_padding_mask) keep = plan.options.key_padding_mask->logical_not();
+    const auto k_h = expand_kv_heads(k, H), v_h = expand_kv_heads(v, H);
     std::vector<at::Tensor> gathered(plan.spanning.size());
-    const auto [out, lse] = mix(q, k, v, plan.local, plan.spanning, plan.options, *plan.group, plan.stats,
-                                plan.global_n, plan.scale, acc, gathered, /*parts=*/nullptr);
+    for (size_t i = 0; i < plan.spanning.size(); ++i) {
+      const SpanningBranch& branch = plan.spanning[i];
+      const int64_t r = branch.rate;
+      const auto selected = offset_rows(part, r, H);
+      const auto send = pack_rows(k_h, v_h, keep, selected, r, rows_max(plan.global_n, P, r));
+      gathered[i] = GatherRows::apply(send, reinterpret_cast<int64_t>(&gathered[i]),
+                                      reinterpret_cast<int64_t>(plan.group), reinterpret_cast<int64_t>(plan.stats));
+      std::vector<at::Tensor> q_rows;
+      for (const OffsetRows& s : selected) q_rows.push_back(heads_first(token_rows(q, s, r)));
+      const auto results = attend_gathered(q_rows, selected, gathered[i], branch, plan.local.causal, plan.scale, acc,
+                                           P, plan.group->rank(), plan.global_n);
+      for (size_t j = 0; j < selected.size(); ++j) {
+        auto out_rows = token_rows(out, selected[j], r);
+        auto lse_rows_j = lse_rows(lse, selected[j], r);
+        const auto merged = attention::combine_by_lse(out_rows.to(acc), lse_rows_j, heads_first(results[j].out),
+                                                      results[j].lse);
+        out_rows.copy_(merged.out);
+        lse_rows_j.copy_(merged.lse);
+      }
+    }
+
     std::vector<at::Tensor> to_save{q, k, v, out, lse};
     to_save.insert(to_save.end(), gathered.begin(), gathered.end());
     ctx->save_for_backward(to_save);
@@ -223,16 +280,16 @@ class SequenceParallelFunction : public torch::autograd::Function<SequenceParall
     ctx->saved_data["global_n"] = plan.global_n;
     ctx->saved_data["group"] = reinterpret_cast<int64_t>(plan.group);
     ctx->saved_data["stats"] = reinterpret_cast<int64_t>(plan.stats);
-    return {out.to(q.scalar_type()), lse};
+    return {out, lse};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
-    const auto acc = out.scalar_type();
-    const auto d_out = grads[0].defined() ? grads[0].to(acc) : at::zeros_like(out);
-    const auto d_lse = grads[1].defined() ? grads[1].to(acc) : at::zeros_like(lse);
+    const auto acc = lse.scalar_type();
+    const auto d_out = grads[0].defined() ? grads[0].to(out.scalar_type()) : at::zeros_like(out);
+    const at::Tensor& d_lse = grads[1];  // undefined when nothing flows into the LSE
 
     DilatedAttentionConfig local;
     local.segment_lengths = ctx->saved_data["local_lengths"].toIntVector();
@@ -250,36 +307,39 @@ class SequenceParallelFunction : public torch::autograd::Function<SequenceParall
     const auto& group = *reinterpret_cast<const ProcessGroup*>(ctx->saved_data["group"].toInt());
     auto* stats = reinterpret_cast<CommStats*>(ctx->saved_data["stats"].toInt());
     const int64_t global_n = ctx->saved_data["global_n"].toInt();
-
-    // dL_b's factor shared by every part: dF·(O_b - F) + dL, per (B, H, n), with w_b applied by the caller.
-    auto lse_grad = [&](const at::Tensor& out_b, const at::Tensor& w_b) {
-      return w_b * ((d_out * (out_b.to(acc) - out)).sum(-1).permute({0, 2, 1}) + d_lse);
-    };
-    auto dq = at::zeros(q.sizes(), q.options().dtype(acc));
-    auto dk = at::zeros(k.sizes(), k.options().dtype(acc));
-    auto dv = at::zeros(v.sizes(), v.options().dtype(acc));
-    auto add = [](at::Tensor& sum, const at::Tensor& part) {
-      if (part.defined()) sum.add_(part.to(sum.scalar_type()));
-    };
+    const int64_t H = q.size(2), P = group.size();
+    const SequencePart part = sequence_part(global_n, P, group.rank());
     torch::AutoGradMode enable_grad(true);
 
     // The local branches on the flash backend, when nothing flows into the returned LSE (training losses read the
     // output only): each fused backward run with the merged output and LSE of the whole mix gives these branches'
-    // exact share of the gradient directly (attention/flash_backend.h), without recomputing them.
-    const bool fast_local = !local.segment_lengths.empty() && !grads[1].defined() &&
+    // exact share of the gradient directly (attention/flash_backend.h), without recomputing them. Their gradients,
+    // in q's dtype, then take the spanning branches' share in place.
+    const bool fast_local = !local.segment_lengths.empty() && !d_lse.defined() &&
                             attention::resolve_backend(q, local, options) == attention::Backend::flash;
+    at::Tensor dq, dk, dv;
     if (fast_local) {
-      const auto [lq, lk, lv] = attention::flash_dilated_attention_backward(q, k, v, out, lse, d_out, local, options);
-      add(dq, lq);
-      add(dk, lk);
-      add(dv, lv);
-    } else if (!local.segment_lengths.empty()) {
+      std::tie(dq, dk, dv) =
+          attention::flash_dilated_attention_backward(q, k, v, out, lse.to(at::kFloat), d_out, local, options);
+    } else {
+      dq = at::zeros(q.sizes(), q.options().dtype(acc));
+      dk = at::zeros(k.sizes(), k.options().dtype(acc));
+      dv = at::zeros(v.sizes(), v.options().dtype(acc));
+    }
+    auto add = [](at::Tensor& sum, const at::Tensor& part_grad) {
+      if (part_grad.defined()) sum.add_(part_grad.to(sum.scalar_type()));
+    };
+    if (!fast_local && !local.segment_lengths.empty()) {
+      const auto out_acc = out.to(acc), d_out_acc = d_out.to(acc);
       const auto qg = q.detach().requires_grad_(), kg = k.detach().requires_grad_(), vg = v.detach().requires_grad_();
-      const auto part = attention::dilated_attention(qg, kg, vg, local, options);
-      const auto w = mix_weight(part.lse.detach().to(acc), lse);
-      const auto g = lse_grad(part.out.detach(), w);  // dL of the local part
+      const auto result = attention::dilated_attention(qg, kg, vg, local, options);
+      const auto w = mix_weight(result.lse.detach().to(acc), lse);
+      // dL of the local part: w·(dF·(O - F) + dL)
+      auto g = (d_out_acc * (result.out.detach().to(acc) - out_acc)).sum(-1).permute({0, 2, 1});
+      if (d_lse.defined()) g = g + d_lse.to(acc);
+      g = w * g;
       const auto through_out =
-          torch::autograd::grad({part.out}, {qg, kg, vg}, {(rows_of(w) * d_out).to(q.scalar_type())},
+          torch::autograd::grad({result.out}, {qg, kg, vg}, {(rows_of(w) * d_out_acc).to(q.scalar_type())},
                                 /*retain_graph=*/false, /*create_graph=*/false, /*allow_unused=*/true);
       add(dq, through_out[0]);
       add(dk, through_out[1]);
@@ -296,56 +356,62 @@ class SequenceParallelFunction : public torch::autograd::Function<SequenceParall
       add(dk, through_keys[0]);
     }
 
-    const auto qg = q.detach().requires_grad_(), kg = k.detach().requires_grad_(), vg = v.detach().requires_grad_();
-    std::vector<AttentionResult> parts;
+    // Spanning branches, on the selected rows only. Their key and value gradients arrive per query head; with grouped
+    // kv heads they are summed into the kv heads at the end.
+    const bool grouped = k.size(2) != H;
+    at::Tensor dk_h = grouped ? at::zeros(q.sizes(), q.options().dtype(acc)) : dk;
+    at::Tensor dv_h = grouped ? at::zeros(q.sizes(), q.options().dtype(acc)) : dv;
     std::vector<at::Tensor> gathered(saved.begin() + 5, saved.end());  // the forward's all-gathers, reused
-    mix(qg, kg, vg, local, spanning, options, group, stats, global_n, scale, acc, gathered, &parts);
-    torch::autograd::variable_list outputs, output_grads;
-    for (const AttentionResult& part : parts) {
-      const auto w = mix_weight(part.lse.detach(), lse);
-      outputs.push_back(part.out);
-      output_grads.push_back(rows_of(w) * d_out);
-      outputs.push_back(part.lse);
-      output_grads.push_back(lse_grad(part.out.detach(), w));
+    for (size_t i = 0; i < spanning.size(); ++i) {
+      const int64_t r = spanning[i].rate;
+      const auto selected = offset_rows(part, r, H);
+      std::vector<at::Tensor> q_rows;
+      for (const OffsetRows& s : selected) q_rows.push_back(heads_first(token_rows(q, s, r)).detach().requires_grad_());
+      // The values come from the kept all-gather; this leaf only carries the reduce-scattered gradient back.
+      const auto send = at::zeros(gathered[i].sizes().slice(1), gathered[i].options()).requires_grad_();
+      const auto all_rows = GatherRows::apply(send, reinterpret_cast<int64_t>(&gathered[i]),
+                                              reinterpret_cast<int64_t>(&group), reinterpret_cast<int64_t>(stats));
+      const auto results =
+          attend_gathered(q_rows, selected, all_rows, spanning[i], local.causal, scale, acc, P, group.rank(), global_n);
+      torch::autograd::variable_list outputs, output_grads, inputs(q_rows.begin(), q_rows.end());
+      inputs.push_back(send);
+      for (size_t j = 0; j < selected.size(); ++j) {
+        const auto lse_f = lse_rows(lse, selected[j], r);                         // (B, H_o, c)
+        const auto out_f = heads_first(token_rows(out, selected[j], r)).to(acc);  // (B, H_o, c, D)
+        const auto d_out_f = heads_first(token_rows(d_out, selected[j], r)).to(acc);
+        const auto w = mix_weight(results[j].lse.detach(), lse_f);
+        auto g = (d_out_f * (results[j].out.detach() - out_f)).sum(-1);
+        if (d_lse.defined()) g = g + lse_rows(d_lse, selected[j], r).to(acc);
+        outputs.push_back(results[j].out);
+        output_grads.push_back(w.unsqueeze(-1) * d_out_f);
+        outputs.push_back(results[j].lse);
+        output_grads.push_back(w * g);
+      }
+      const auto input_grads = torch::autograd::grad(outputs, inputs, output_grads, /*retain_graph=*/false,
+                                                     /*create_graph=*/false, /*allow_unused=*/true);
+      const at::Tensor& d_send = input_grads.back();  // (B, rows_max, H, 2D+1), this rank's rows
+      const int64_t D = q.size(3);
+      for (size_t j = 0; j < selected.size(); ++j) {
+        const OffsetRows& s = selected[j];
+        if (input_grads[j].defined()) token_rows(dq, s, r).add_(heads_first(input_grads[j]).to(dq.scalar_type()));
+        if (!d_send.defined()) continue;
+        const auto rows = d_send.narrow(1, 0, s.count).slice(2, s.o, H, r);  // (B, count, H_o, 2D+1)
+        token_rows(dk_h, s, r).add_(rows.narrow(3, 0, D).to(dk_h.scalar_type()));
+        token_rows(dv_h, s, r).add_(rows.narrow(3, D, D).to(dv_h.scalar_type()));
+      }
     }
-    const auto through_spanning = torch::autograd::grad(outputs, {qg, kg, vg}, output_grads, /*retain_graph=*/false,
-                                                        /*create_graph=*/false, /*allow_unused=*/true);
-    add(dq, through_spanning[0]);
-    add(dk, through_spanning[1]);
-    add(dv, through_spanning[2]);
+    if (grouped) {
+      const int64_t B = k.size(0), n = k.size(1), Hkv = k.size(2), D = k.size(3);
+      add(dk, dk_h.view({B, n, Hkv, H / Hkv, D}).sum(3));
+      add(dv, dv_h.view({B, n, Hkv, H / Hkv, D}).sum(3));
+    }
     return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), at::Tensor()};
   }
 
-  // F and L of the mix, in dtype `acc`, without autograd unless the inputs require it (the backward's recompute);
-  // with `parts`, the spanning branches' own results are kept there and the local branches skipped. gathered[i]:
-  // spanning branch i's all-gathered rows, reused when defined, else communicated and stored.
-  static std::pair<at::Tensor, at::Tensor> mix(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               const DilatedAttentionConfig& local,
-                                               const std::vector<SpanningBranch>& spanning,
-                                               const AttentionOptions& options, const ProcessGroup& group,
-                                               CommStats* stats, int64_t global_n, double scale, at::ScalarType acc,
-                                               std::vector<at::Tensor>& gathered,
-                                               std::vector<AttentionResult>* parts) {
-    std::optional<AttentionResult> total;
-    if (!local.segment_lengths.empty() && parts == nullptr) {
-      const auto result = attention::dilated_attention(q, k, v, local, options);
-      total = AttentionResult{result.out.to(acc), result.lse.to(acc)};
-    }
-    at::Tensor keep;
-    if (options.key_padding_mask) keep = options.key_padding_mask->logical_not();
-    const int64_t H = q.size(2);
-    const auto k_h = expand_kv_heads(k, H), v_h = expand_kv_heads(v, H);
-    for (size_t i = 0; i < spanning.size(); ++i) {
-      const auto result = spanning_branch(q, k_h, v_h, keep, spanning[i], local.causal, scale, acc, group, global_n,
-                                          stats, gathered[i]);
-      if (parts != nullptr) {
-        parts->push_back(result);
-        continue;
-      }
-      total = total ? attention::combine_by_lse(total->out, total->lse, result.out, result.lse) : result;
-    }
-    if (!total) return {};
-    return {total->out, total->lse};
+ private:
+  // Rows per rank in a branch's send buffer: those of the longest part (part 0).
+  static int64_t rows_max(int64_t global_n, int64_t P, int64_t r) {
+    return (sequence_part(global_n, P, 0).length + r - 1) / r;
   }
 };
 
