@@ -14,7 +14,9 @@
 //     Queries stay local; each query attends, with softmax, over the gathered rows of its own segment (causal and
 //     key padding applied by original position). The backward reduce-scatters the gradients of the gathered rows
 //     back to their owners.
-//   * branch outputs and LSEs are mixed by combine_by_lse as in the single-device function.
+//   * branch outputs and LSEs are mixed by combine_by_lse as in the single-device function; a spanning branch's
+//     queries are the 1/r of the rows it selects, so it is computed on those rows only and merged into them in
+//     place (its cost follows N/r, not N).
 // Communication per rank and spanning branch: the forward all-gathers, the backward reduce-scatters the gradient of
 // what was gathered (the backward reuses the forward's gathered rows); each moves, per direction,
 //   (P - 1) · B · ceil(max_p n_p / r) · H · (2D + 1) elements.
@@ -24,7 +26,8 @@
 // custom autograd function runs the forward without autograd and differentiates each part of the mix with the merged
 // output and LSE; the local branches run through attention::dilated_attention with the config's backend (flash on
 // CUDA bf16/fp16, reference otherwise) and only the gradient of their output is used, so the backend's LSE need not
-// carry gradients; spanning branches use torch ops (any device). Both outputs are differentiable.
+// carry gradients; spanning branches use torch ops (any device) on their selected rows, and their gradients are added
+// into those rows of dq, dk and dv. Both outputs are differentiable.
 // mix = lse only; no relative position bias.
 //
 // Usage (every rank of `group`, same config, its own rows):
