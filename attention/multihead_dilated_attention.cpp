@@ -107,7 +107,8 @@ std::optional<RelativePositionBias> MultiheadDilatedAttentionImpl::relative_bias
                               .bidirectional = !options_.dilated.causal};
 }
 
-std::pair<at::Tensor, at::Tensor> MultiheadDilatedAttentionImpl::queries_and_keys(const at::Tensor& x) {
+std::pair<at::Tensor, at::Tensor> MultiheadDilatedAttentionImpl::queries_and_keys(const at::Tensor& x,
+                                                                                   const SequenceShard* shard) {
   if (x.dim() != 3 || x.size(2) != options_.embed_dim) {
     throw Error("multihead dilated attention: x must be (B, N, C) with C = " + std::to_string(options_.embed_dim) +
                 ", got " + shape_string(x.sizes()));
@@ -121,14 +122,15 @@ std::pair<at::Tensor, at::Tensor> MultiheadDilatedAttentionImpl::queries_and_key
     k = k_norm_(k).to(k.scalar_type());
   }
   if (options_.position == PositionEncoding::rope || options_.position == PositionEncoding::xpos) {
-    const at::Tensor positions = at::arange(n, x.options().dtype(at::kLong));  // (N,)
+    const int64_t start = shard ? shard->start : 0, length = shard ? shard->length : n;
+    const at::Tensor positions = at::arange(start, start + n, x.options().dtype(at::kLong));  // (N,)
     const auto [cos, sin] = rotary_cos_sin(positions, d, options_.rope_theta);
     if (options_.position == PositionEncoding::rope) {
       q = apply_rotary(q, cos, sin);
       k = apply_rotary(k, cos, sin);
     } else {
       // Centred positions keep ζ^(±n/γ) within float32 range for long sequences; q·k is unchanged (see header).
-      const at::Tensor centred = positions - n / 2;
+      const at::Tensor centred = positions - length / 2;
       q = apply_rotary(q, cos, sin, xpos_scale(centred, d, options_.xpos_scale_base));
       k = apply_rotary(k, cos, sin, xpos_scale(-centred, d, options_.xpos_scale_base));
     }
@@ -136,8 +138,10 @@ std::pair<at::Tensor, at::Tensor> MultiheadDilatedAttentionImpl::queries_and_key
   return {q, k};
 }
 
-at::Tensor MultiheadDilatedAttentionImpl::forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask) {
-  auto [q, k] = queries_and_keys(x);
+at::Tensor MultiheadDilatedAttentionImpl::forward(const at::Tensor& x,
+                                                 const std::optional<at::Tensor>& key_padding_mask,
+                                                 const SequenceShard* shard) {
+  auto [q, k] = queries_and_keys(x, shard);
   const int64_t b = x.size(0), n = x.size(1), d = options_.head_dim();
   const at::Tensor v = v_proj_(x).view({b, n, options_.kv_heads, d});  // v: (B, N, Hkv, D)
 
@@ -145,7 +149,9 @@ at::Tensor MultiheadDilatedAttentionImpl::forward(const at::Tensor& x, const std
   attention_options.key_padding_mask = key_padding_mask;
   attention_options.relative_bias = relative_bias();
   // o: (B, N, H, D) → (B, N, H·D)
-  at::Tensor o = dilated_attention(q, k, v, options_.dilated, attention_options).out.reshape({b, n, options_.heads * d});
+  const AttentionResult attended = shard ? shard->attend(q, k, v, options_.dilated, attention_options)
+                                         : dilated_attention(q, k, v, options_.dilated, attention_options);
+  at::Tensor o = attended.out.reshape({b, n, options_.heads * d});
   o = at::dropout(o, options_.dropout, is_training());
   if (options_.sub_layernorm) o = sub_norm_(o);
   return out_proj_(o);  // (B, N, C)

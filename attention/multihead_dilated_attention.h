@@ -37,6 +37,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
@@ -79,16 +80,30 @@ struct MultiheadDilatedAttentionOptions {
   void validate() const;
 };
 
+// x holds rows [start, start + n) of a sequence of `length` tokens split across processes (sequence parallelism):
+// rope and xPos count positions from `start` within the whole sequence, and the attention runs through `attend`
+// instead of dilated_attention (distributed::sequence_shard binds it to a process group). `attend` must equal
+// dilated_attention on the whole sequence for these rows.
+struct SequenceShard {
+  int64_t start = 0;
+  int64_t length = 0;
+  std::function<AttentionResult(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const DilatedAttentionConfig& config, const AttentionOptions& options)>
+      attend;
+};
+
 class MultiheadDilatedAttentionImpl : public torch::nn::Module {
  public:
   explicit MultiheadDilatedAttentionImpl(const MultiheadDilatedAttentionOptions& options);
 
-  // x: (B, N, C) float; key_padding_mask: (B, N) bool, true = padding → (B, N, C).
-  at::Tensor forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask = std::nullopt);
+  // x: (B, N, C) float; key_padding_mask: (B, N) bool, true = padding → (B, N, C). With `shard`, x is that part of
+  // a longer sequence (see SequenceShard).
+  at::Tensor forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask = std::nullopt,
+                     const SequenceShard* shard = nullptr);
 
   // q, k after projection, qk_layernorm and position encoding: q (B, N, H, D), k (B, N, Hkv, D). Exposed so that tests
   // and tools can inspect exactly what the attention sees.
-  std::pair<at::Tensor, at::Tensor> queries_and_keys(const at::Tensor& x);
+  std::pair<at::Tensor, at::Tensor> queries_and_keys(const at::Tensor& x, const SequenceShard* shard = nullptr);
 
   const MultiheadDilatedAttentionOptions& options() const { return options_; }
   // The relative bias as dilated_attention takes it; nullopt unless position == relative_bias.

@@ -167,8 +167,8 @@ std::vector<AttentionResult> attend_gathered(const std::vector<at::Tensor>& q_ro
     const auto ranks = at::arange(rank_lo, rank_lo + R, long_options);
     const auto rank_start = ranks * (global_n / P) + at::clamp_max(ranks, global_n % P);
     const auto rank_first = rank_start + at::remainder(rank_start.neg() + s.o, r);
-    const auto key_pos =
-        (rank_first.view({R, 1}) + at::arange(rows_max, long_options).mul(r).view({1, rows_max})).view({1, R * rows_max});
+    const auto key_pos = (rank_first.view({R, 1}) + at::arange(rows_max, long_options).mul(r).view({1, rows_max}))
+                             .view({1, R * rows_max});
     const auto query_pos = at::arange(s.count, long_options).mul(r).add(part.start + s.f).view({s.count, 1});
     auto allowed = key_pos.div(w, "floor").eq(query_pos.div(w, "floor"));
     if (causal) allowed = allowed.logical_and(key_pos.le(query_pos));
@@ -495,6 +495,15 @@ AttentionResult sequence_parallel_dilated_attention(const at::Tensor& q, const a
   const Plan plan{local, spanning, options, &group, stats, global_n, scale};
   auto result = SequenceParallelFunction::apply(q, k, v, reinterpret_cast<int64_t>(&plan));
   return {result[0], result[1]};
+}
+
+attention::SequenceShard sequence_shard(const ProcessGroup& group, int64_t global_n, CommStats* stats) {
+  const SequencePart part = sequence_part(global_n, group.size(), group.rank());
+  return {part.start, global_n,
+          [&group, global_n, stats](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const DilatedAttentionConfig& config, const AttentionOptions& options) {
+            return sequence_parallel_dilated_attention(q, k, v, config, options, group, global_n, stats);
+          }};
 }
 
 }  // namespace longnet::distributed

@@ -42,6 +42,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "attention/dilated_attention.h"
+#include "attention/multihead_dilated_attention.h"
 #include "distributed/process_group.h"
 
 namespace longnet::distributed {
@@ -69,5 +70,10 @@ attention::AttentionResult sequence_parallel_dilated_attention(const at::Tensor&
                                                                const attention::AttentionOptions& options,
                                                                const ProcessGroup& group, int64_t global_n,
                                                                CommStats* stats = nullptr);
+
+// This rank's part of a sequence of global_n tokens for the attention layers of a model
+// (attention::MultiheadDilatedAttention, fusion::LongNetLM): its position in the sequence, and attention through
+// sequence_parallel_dilated_attention over `group`. `group` and `stats` must outlive every backward through it.
+attention::SequenceShard sequence_shard(const ProcessGroup& group, int64_t global_n, CommStats* stats = nullptr);
 
 }  // namespace longnet::distributed

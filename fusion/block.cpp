@@ -67,16 +67,20 @@ at::Tensor TransformerBlockImpl::mlp(const at::Tensor& x) {
   return fc2_(h);
 }
 
-at::Tensor TransformerBlockImpl::forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask) {
+at::Tensor TransformerBlockImpl::forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask,
+                                         const attention::SequenceShard* shard) {
   if (checkpoint_ && is_training()) {
-    return checkpointed([this, key_padding_mask](const at::Tensor& h) { return run(h, key_padding_mask); }, x);
+    return checkpointed([this, key_padding_mask, shard](const at::Tensor& h) { return run(h, key_padding_mask, shard); },
+                        x);
   }
-  return run(x, key_padding_mask);
+  return run(x, key_padding_mask, shard);
 }
 
-at::Tensor TransformerBlockImpl::run(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask) {
+at::Tensor TransformerBlockImpl::run(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask,
+                                     const attention::SequenceShard* shard) {
   // x: (B, N, C)
-  at::Tensor y = x + at::dropout(attention_(attention_norm_(x), key_padding_mask), dropout_, is_training());
+  at::Tensor y =
+      x + at::dropout(attention_(attention_norm_(x), key_padding_mask, shard), dropout_, is_training());
   return y + at::dropout(mlp(mlp_norm_(y)), dropout_, is_training());
 }
 

@@ -52,8 +52,10 @@ class TransformerBlockImpl : public torch::nn::Module {
   // Throws ConfigError for an invalid combination (see attention_options; mlp_ratio ≤ 0; dropout outside [0, 1)).
   TransformerBlockImpl(const ModelConfig& model, const AttentionConfig& attention);
 
-  // x: (B, N, C); key_padding_mask: (B, N) bool, true = padding → (B, N, C).
-  at::Tensor forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask = std::nullopt);
+  // x: (B, N, C); key_padding_mask: (B, N) bool, true = padding → (B, N, C). With `shard` (which must outlive the
+  // backward: an activation-checkpointed block recomputes through it), x is that part of a longer sequence.
+  at::Tensor forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask = std::nullopt,
+                     const attention::SequenceShard* shard = nullptr);
 
   // The MLP branch alone (without norm, dropout and residual): (..., C) → (..., C).
   at::Tensor mlp(const at::Tensor& x);
@@ -63,7 +65,8 @@ class TransformerBlockImpl : public torch::nn::Module {
   torch::nn::LayerNorm& mlp_norm() { return mlp_norm_; }
 
  private:
-  at::Tensor run(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask);
+  at::Tensor run(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask,
+                 const attention::SequenceShard* shard);
 
   MlpKind mlp_kind_;
   double dropout_;

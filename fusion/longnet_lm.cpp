@@ -28,13 +28,14 @@ LongNetLMImpl::LongNetLMImpl(const ModelConfig& model, const AttentionConfig& at
   final_norm_ = register_module("final_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({model_.width})));
 }
 
-at::Tensor LongNetLMImpl::forward(const at::Tensor& tokens, const std::optional<at::Tensor>& key_padding_mask) {
+at::Tensor LongNetLMImpl::forward(const at::Tensor& tokens, const std::optional<at::Tensor>& key_padding_mask,
+                                  const attention::SequenceShard* shard) {
   if (tokens.dim() != 2 || tokens.scalar_type() != at::kLong) {
     throw Error("LongNetLM: tokens must be (B, N) int64, got " + std::to_string(tokens.dim()) + " dims of " +
                 std::string(c10::toString(tokens.scalar_type())));
   }
   at::Tensor h = embedding_(tokens);  // (B, N, C)
-  for (auto& block : blocks_) h = block(h, key_padding_mask);
+  for (auto& block : blocks_) h = block(h, key_padding_mask, shard);
   h = final_norm_(h);
   return at::linear(h, embedding_->weight);  // (B, N, vocab): the head is the embedding, transposed
 }

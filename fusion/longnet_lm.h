@@ -40,7 +40,10 @@ class LongNetLMImpl : public torch::nn::Module {
   LongNetLMImpl(const ModelConfig& model, const AttentionConfig& attention);
 
   // tokens: (B, N) int64 in [0, vocab_size); key_padding_mask: (B, N) bool, true = padding → logits (B, N, vocab).
-  at::Tensor forward(const at::Tensor& tokens, const std::optional<at::Tensor>& key_padding_mask = std::nullopt);
+  // With `shard`, tokens are that part of a longer sequence split across processes (sequence parallelism; every
+  // process of the group calls forward and backward together; see TransformerBlock::forward).
+  at::Tensor forward(const at::Tensor& tokens, const std::optional<at::Tensor>& key_padding_mask = std::nullopt,
+                     const attention::SequenceShard* shard = nullptr);
 
   // Distinct trainable parameters (the tied head counts once).
   int64_t num_parameters() const;

@@ -276,6 +276,8 @@ TrainConfig parse_train(const Section& s) {
   at_least(s, "batch_size", c.batch_size, 1);
   c.grad_accumulation = s.integer("grad_accumulation", c.grad_accumulation);
   at_least(s, "grad_accumulation", c.grad_accumulation, 1);
+  c.sequence_parallel = s.integer("sequence_parallel", c.sequence_parallel);
+  at_least(s, "sequence_parallel", c.sequence_parallel, 1);
   c.lr = s.number("lr", c.lr);
   if (!(c.lr > 0)) s.fail("lr", "must be > 0, got " + fmt_number(c.lr));
   c.min_lr_ratio = s.number("min_lr_ratio", c.min_lr_ratio);
@@ -435,6 +437,21 @@ ExperimentConfig parse(const config::Document& doc) {
   if (c.run.task == "multimodal" && !c.multimodal.any_enabled()) {
     root.section("run").fail("task", "\"multimodal\" needs at least one enabled modality ([modalities.text|image|"
                                      "video|audio] with enabled = true)");
+  }
+  if (c.train.sequence_parallel > 1) {
+    const Section train = root.section("train");
+    if (c.run.task != "lm") train.fail("sequence_parallel", "splits sequences of run.task = \"lm\" only");
+    if (c.attention.dilated.mix != attention::Mix::lse) {
+      train.fail("sequence_parallel", "needs attention.mix = \"lse\"");
+    }
+    if (c.attention.position == attention::PositionEncoding::relative_bias) {
+      train.fail("sequence_parallel", "does not support attention.position = \"relative_bias\"");
+    }
+    if (c.data.sequence_length < c.train.sequence_parallel) {
+      train.fail("sequence_parallel", "must not exceed data.sequence_length (" +
+                                          std::to_string(c.data.sequence_length) + "), got " +
+                                          std::to_string(c.train.sequence_parallel));
+    }
   }
   if (c.run.task == "lm" && c.eval.batches == 0) {
     root.section("eval").fail("batches", "must be >= 1 for run.task = \"lm\" (0, the whole split, is for "
@@ -604,6 +621,7 @@ std::string to_toml(const ExperimentConfig& c) {
   w.put("steps", t.steps);
   w.put("batch_size", t.batch_size);
   w.put("grad_accumulation", t.grad_accumulation);
+  if (t.sequence_parallel != 1) w.put("sequence_parallel", t.sequence_parallel);
   w.put("lr", t.lr);
   w.put("min_lr_ratio", t.min_lr_ratio);
   w.put("warmup_steps", t.warmup_steps);

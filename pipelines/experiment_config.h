@@ -146,6 +146,9 @@ struct TrainConfig {
   int64_t max_skipped_steps = 10;      // consecutive skipped steps before the run stops anyway
   int64_t profile_from = 0;            // 1-based step where a profile starts (pipelines/training.h); 0: none
   int64_t profile_steps = 3;
+  // lm runs launched on several ranks: ranks that split each sample's sequence (LongNet sequence parallelism,
+  // distributed/sequence_parallel.h); the world divides into world/sequence_parallel data-parallel groups.
+  int64_t sequence_parallel = 1;
 };
 
 struct EvalConfig {

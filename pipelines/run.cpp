@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <fstream>
 #include <limits>
+#include <optional>
 #include <random>
 #include <sstream>
 
@@ -16,6 +17,7 @@
 #include "core/log.h"
 #include "distributed/data_parallel.h"
 #include "distributed/process_group.h"
+#include "distributed/sequence_parallel.h"
 #include "fusion/longnet_lm.h"
 #include "pipelines/multimodal_run.h"
 #include "pipelines/text_corpus.h"
@@ -27,12 +29,19 @@ using nlohmann::json;
 
 namespace {
 
-// Next-byte loss over (B, N+1) windows: inputs [:, :-1], targets [:, 1:].
-torch::Tensor lm_loss(fusion::LongNetLM& model, const torch::Tensor& windows) {
+// Next-byte loss over (B, N+1) windows: inputs [:, :-1], targets [:, 1:]. With a shard (sequence parallelism), the
+// model sees the inputs of this rank's part [shard.start, shard.start + part_length) only, and the loss is that
+// part's share of the mean: its tokens' cross-entropy summed and divided by all B·N targets, so the shares of a
+// sequence group add up to the mean.
+torch::Tensor lm_loss(fusion::LongNetLM& model, const torch::Tensor& windows,
+                      const attention::SequenceShard* shard = nullptr, int64_t part_length = 0) {
   const int64_t n = windows.size(1) - 1;
-  const auto logits = model->forward(windows.narrow(1, 0, n));  // (B, N, V)
-  return torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}).to(torch::kFloat32),
-                                              windows.narrow(1, 1, n).reshape({-1}));
+  const int64_t start = shard ? shard->start : 0, count = shard ? part_length : n;
+  const auto logits = model->forward(windows.narrow(1, start, count), std::nullopt, shard);  // (B, count, V)
+  const auto sum = torch::nn::functional::cross_entropy(
+      logits.reshape({-1, logits.size(-1)}).to(torch::kFloat32), windows.narrow(1, start + 1, count).reshape({-1}),
+      torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+  return sum / static_cast<double>(windows.size(0) * n);
 }
 
 double evaluate(fusion::LongNetLM& model, const torch::Tensor& windows, int64_t batch, torch::Device device) {
@@ -53,10 +62,18 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
   if (c.train.skip_oom && distributed::launch_env_from_environment()) {
     throw ConfigError("train.skip_oom works in one process only: ranks would disagree on which steps to skip");
   }
-  // A distributed launch (`longnet run --nproc N`, or a launcher's RANK/WORLD_SIZE): data parallelism over every
-  // rank; each rank samples its own batches, rank 0 alone evaluates and writes the run folder.
+  // A distributed launch (`longnet run --nproc N`, or a launcher's RANK/WORLD_SIZE): each group of
+  // train.sequence_parallel consecutive ranks splits every sample's sequence (LongNet sequence parallelism), and the
+  // world/train.sequence_parallel groups are data parallel: each samples its own batches. Rank 0 alone evaluates
+  // (on whole sequences) and writes the run folder.
   const auto launch = distributed::launch_env_from_environment();
   const int rank = launch ? launch->rank : 0, world = launch ? launch->world_size : 1;
+  const int sequence_size = static_cast<int>(c.train.sequence_parallel);
+  if (world % sequence_size != 0) {
+    throw ConfigError("train.sequence_parallel = " + std::to_string(sequence_size) + " must divide the number of "
+                      "ranks (" + std::to_string(world) + "; launch with `longnet run --nproc N`)");
+  }
+  const int data_rank = rank / sequence_size, data_size = world / sequence_size;
   torch::Device device = choose_device(c.run);
   if (world > 1 && device.is_cuda()) {
     device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(launch->local_rank %
@@ -69,7 +86,8 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
   const TextCorpus corpus(c.data.corpus, c.data.validation_fraction, c.data.sequence_length + 1);
 
   torch::manual_seed(static_cast<uint64_t>(c.run.seed));
-  std::mt19937_64 rng(static_cast<uint64_t>(c.run.seed) + static_cast<uint64_t>(rank));
+  // The ranks of a sequence group draw the same windows.
+  std::mt19937_64 rng(static_cast<uint64_t>(c.run.seed) + static_cast<uint64_t>(data_rank));
   fusion::LongNetLM model(c.model, c.attention);
   model->to(device);
   auto optimizer = make_adamw(model->parameters(), c.train);
@@ -83,9 +101,19 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
 
   distributed::ProcessGroups groups;
   std::unique_ptr<distributed::GradientAllReduce> grad_sync;
+  std::optional<attention::SequenceShard> shard;
+  int64_t part_length = c.data.sequence_length;
   if (world > 1) {
-    groups = distributed::make_process_groups(*launch, /*sequence_size=*/1, device.type());
-    grad_sync = std::make_unique<distributed::GradientAllReduce>(model->parameters(), groups.world);
+    groups = distributed::make_process_groups(*launch, sequence_size, device.type());
+    // The ranks of a sequence group hold partial gradients of the same samples: summed over the world, averaged
+    // over the data groups.
+    grad_sync = std::make_unique<distributed::GradientAllReduce>(
+        model->parameters(), groups.world,
+        distributed::GradientAllReduceOptions{.divide_by = static_cast<double>(data_size)});
+    if (sequence_size > 1) {
+      shard = distributed::sequence_shard(groups.sequence, c.data.sequence_length);
+      part_length = distributed::sequence_part(c.data.sequence_length, sequence_size, groups.sequence.rank()).length;
+    }
   }
 
   const fs::path run_dir = rank != 0 ? fs::path() : !options.resume.empty() ? options.resume : fresh_run_dir(c.run);
@@ -99,6 +127,11 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
             std::to_string(corpus.validation_bytes()) + " validation bytes | attention backend " +
             attention::to_string(c.attention.dilated.backend));
   for (const auto& w : c.attention.dilated.coverage_warnings(c.model.heads)) log::warn("attention: " + w);
+  if (shard) {
+    log::info("sequence parallel: " + std::to_string(sequence_size) + " ranks split each sequence (this rank: " +
+              std::to_string(part_length) + " of " + std::to_string(c.data.sequence_length) + " tokens), " +
+              std::to_string(data_size) + " data-parallel groups");
+  }
 
   double initial_val = 0;
   if (rank == 0 && first_step == 0) {
@@ -108,7 +141,7 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
     logger.log("val", 0, {{"loss", initial_val}, {"bits_per_byte", initial_val / std::log(2.0)}});
   }
 
-  const int64_t tokens_per_step = c.train.batch_size * c.train.grad_accumulation * c.data.sequence_length * world;
+  const int64_t tokens_per_step = c.train.batch_size * c.train.grad_accumulation * c.data.sequence_length * data_size;
   const ProgressLine progress(first_step, c.train.steps);
   auto window_start = std::chrono::steady_clock::now();
   double train_loss = 0, val_loss = initial_val, window_loss = 0;
@@ -129,7 +162,7 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
         torch::Tensor loss;
         {
           const AutocastGuard autocast(c.train.precision == "bf16");
-          loss = lm_loss(model, batch);
+          loss = lm_loss(model, batch, shard ? &*shard : nullptr, part_length);
         }
         if (injected_at(options.inject_nonfinite_steps, step)) loss = loss * std::numeric_limits<double>::quiet_NaN();
         if (injected_at(options.inject_oom_steps, step)) throw_injected_oom(step);
@@ -137,11 +170,11 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
         (loss / static_cast<double>(c.train.grad_accumulation)).backward();
         step_loss += loss.item<double>() / static_cast<double>(c.train.grad_accumulation);
       }
-      if (grad_sync) {  // gradients averaged over the ranks; the logged loss too
+      if (grad_sync) {  // gradients averaged over the data groups; the logged loss too (a sequence group's sum)
         grad_sync->finish();
         auto total = torch::tensor({step_loss}, torch::dtype(torch::kDouble).device(device));
         groups.world.all_reduce(total);
-        step_loss = total.item<double>() / static_cast<double>(world);
+        step_loss = total.item<double>() / static_cast<double>(data_size);
       }
       if (std::isfinite(step_loss) && c.train.grad_clip > 0) {
         grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), c.train.grad_clip);

@@ -130,6 +130,11 @@ int main(int argc, char** argv) {
         throw ConfigError("run --resume: '" + run_resume + "' is not a run folder (no config.toml)");
       }
       const auto experiment = pipelines::load_experiment(config_file, run_sets);
+      const int ranks = run_nproc > 1 ? run_nproc : 1;
+      if (!distributed::launch_env_from_environment() && ranks % experiment.train.sequence_parallel != 0) {
+        throw ConfigError("train.sequence_parallel = " + std::to_string(experiment.train.sequence_parallel) +
+                          " must divide the number of ranks (--nproc " + std::to_string(ranks) + ")");
+      }
       if (run_nproc > 1 && !distributed::launch_env_from_environment()) {  // config errors surface before spawning
         distributed::SpawnOptions spawn;
         spawn.nproc = run_nproc;

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # `longnet run --nproc 2` end to end on CPU (Gloo): both ranks train, rank 1's lines come prefixed, rank 0 alone writes
-# one run folder whose token count covers both ranks; a config error exits 2 before any rank starts.
+# one run folder whose token count covers both ranks; a config error exits 2 before any rank starts. With
+# train.sequence_parallel = 2 the two ranks split each sequence and train exactly as one process does: the same
+# losses (float32, so to 1e-4 relative).
 set -euo pipefail
 longnet=$1
 config=$2
@@ -26,4 +28,22 @@ if [ "$(grep -c '^error:' "$dir/log2")" -ne 1 ]; then
   cat "$dir/log2"
   exit 1
 fi
+# Sequence parallelism: one process against two ranks that split each sequence (same seed, same windows).
+final_loss() { sed -n 's/.*"final_train_loss": *\([-0-9.eE+]*\).*/\1/p' "$1"; }
+"$longnet" run "$config" "${sets[@]}" --set run.name=one >"$dir/log3" 2>&1 || { cat "$dir/log3"; exit 1; }
+"$longnet" run "$config" --nproc 2 "${sets[@]}" --set run.name=sp --set train.sequence_parallel=2 >"$dir/log4" 2>&1 ||
+  { cat "$dir/log4"; exit 1; }
+grep -q 'sequence parallel: 2 ranks split each sequence (this rank: 16 of 32 tokens)' "$dir/log4" ||
+  { echo "no sequence-parallel line"; cat "$dir/log4"; exit 1; }
+grep -q '"tokens": 128' "$dir/runs/sp/summary.json" || { echo "sp token count"; cat "$dir/runs/sp/summary.json"; exit 1; }
+one=$(final_loss "$dir/runs/one/summary.json")
+sp=$(final_loss "$dir/runs/sp/summary.json")
+awk -v a="$one" -v b="$sp" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(a > 0 && d <= 1e-4 * a) }' ||
+  { echo "final train loss: one process $one, sequence parallel $sp"; exit 1; }
+echo "final train loss: one process $one, sequence parallel $sp"
+
+status=0
+"$longnet" run "$config" --nproc 2 "${sets[@]}" --set train.sequence_parallel=3 >"$dir/log5" 2>&1 || status=$?
+test "$status" -eq 2 || { echo "sequence_parallel 3 on 2 ranks: exit status $status, expected 2"; cat "$dir/log5"; exit 1; }
+grep -q 'train.sequence_parallel = 3 must divide the number of ranks' "$dir/log5" || { cat "$dir/log5"; exit 1; }
 echo "ok"

@@ -85,6 +85,7 @@ void check_same(const ExperimentConfig& a, const ExperimentConfig& b) {
   CHECK(a.train.steps == b.train.steps);
   CHECK(a.train.batch_size == b.train.batch_size);
   CHECK(a.train.grad_accumulation == b.train.grad_accumulation);
+  CHECK(a.train.sequence_parallel == b.train.sequence_parallel);
   CHECK(a.train.lr == b.train.lr);
   CHECK(a.train.min_lr_ratio == b.train.min_lr_ratio);
   CHECK(a.train.warmup_steps == b.train.warmup_steps);
@@ -166,8 +167,8 @@ const std::vector<BadCase> kBadFiles = {
     {"unknown key in [train]", "[train]\nsteps = 10\nwarmup = 2\n", {},
      "bad.toml:3:1: unknown key 'train.warmup'; did you mean 'warmup_steps'? (valid keys: batch_size, beta1, beta2, "
      "checkpoint_every, grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, max_skipped_steps, "
-     "min_lr_ratio, precision, profile_from, profile_steps, skip_nonfinite, skip_oom, steps, warmup_steps, "
-     "weight_decay)"},
+     "min_lr_ratio, precision, profile_from, profile_steps, sequence_parallel, skip_nonfinite, skip_oom, steps, "
+     "warmup_steps, weight_decay)"},
     {"unknown key in [eval]", "[eval]\nevery = 5\nbatch = 2\n", {},
      "bad.toml:3:1: unknown key 'eval.batch'; did you mean 'batches'? (valid keys: batches, every, split, "
      "zero_shot_classes, zero_shot_templates)"},
@@ -180,7 +181,8 @@ const std::vector<BadCase> kBadFiles = {
     {"first unknown key in file order", "[train]\nzzz = 1\nstpes = 1\n", {},
      "bad.toml:2:1: unknown key 'train.zzz' (valid keys: batch_size, beta1, beta2, checkpoint_every, "
      "grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, max_skipped_steps, min_lr_ratio, precision, "
-     "profile_from, profile_steps, skip_nonfinite, skip_oom, steps, warmup_steps, weight_decay)"},
+     "profile_from, profile_steps, sequence_parallel, skip_nonfinite, skip_oom, steps, warmup_steps, "
+     "weight_decay)"},
 
     // ---- wrong types ---------------------------------------------------------------------------------------------
     {"string for an integer", "[train]\nsteps = \"100\"\n", {},
@@ -323,8 +325,8 @@ const std::vector<BadCase> kBadOverrides = {
     {"unknown key via --set", kMinimal, {"train.stpes=5"},
      "--set train.stpes=5: unknown key 'train.stpes'; did you mean 'steps'? (valid keys: batch_size, beta1, beta2, "
      "checkpoint_every, grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, max_skipped_steps, "
-     "min_lr_ratio, precision, profile_from, profile_steps, skip_nonfinite, skip_oom, steps, warmup_steps, "
-     "weight_decay)"},
+     "min_lr_ratio, precision, profile_from, profile_steps, sequence_parallel, skip_nonfinite, skip_oom, steps, "
+     "warmup_steps, weight_decay)"},
     {"unknown table via --set", kMinimal, {"trian.steps=5"},
      "--set trian.steps=5: unknown key 'trian'; did you mean 'train'? (valid keys: ablate, attention, data, eval, "
      "fusion, modalities, model, objectives, prepare, run, train)"},
@@ -351,6 +353,10 @@ const std::vector<BadCase> kBadOverrides = {
      "--set fusion.embed_dim=0: 'fusion.embed_dim' must be >= 1, got 0"},
     {"the later of two --set wins, and is the one blamed", kMinimal, {"train.steps=5", "train.steps=0"},
      "--set train.steps=0: 'train.steps' must be >= 1, got 0"},
+    {"sequence parallelism with head_split", kMinimal, {"train.sequence_parallel=2", "attention.mix=head_split"},
+     "--set train.sequence_parallel=2: 'train.sequence_parallel' needs attention.mix = \"lse\""},
+    {"sequence parallelism of zero ranks", kMinimal, {"train.sequence_parallel=0"},
+     "--set train.sequence_parallel=0: 'train.sequence_parallel' must be >= 1, got 0"},
 };
 
 }  // namespace
@@ -464,9 +470,12 @@ batches = 1
   check_same(again, c);
   CHECK(to_toml(again) == printed);
 
-  // The defaults round-trip too.
+  // The defaults round-trip too, and sequence parallelism (which the head_split config above excludes).
   const ExperimentConfig defaults = parse_experiment(kMinimal, "min.toml");
   check_same(parse_experiment(to_toml(defaults), "printed.toml"), defaults);
+  const ExperimentConfig split = parse_experiment(kMinimal, "min.toml", {"train.sequence_parallel=4"});
+  CHECK(split.train.sequence_parallel == 4);
+  check_same(parse_experiment(to_toml(split), "printed.toml"), split);
 }
 
 TEST_CASE("[fusion] and [modalities.*]: parsed, defaulted and round-tripped", "[pipelines][config][cpu]") {
@@ -840,7 +849,8 @@ TEST_CASE("base inheritance errors name the file and position", "[pipelines][con
     CHECK(config_error([&] { load_experiment(a); }) ==
           at("a.toml") + ":3:1: unknown key 'train.stpes'; did you mean 'steps'? (valid keys: batch_size, beta1, "
                          "beta2, checkpoint_every, grad_accumulation, grad_clip, keep_checkpoints, log_every, lr, "
-                         "max_skipped_steps, min_lr_ratio, precision, profile_from, profile_steps, skip_nonfinite, "
+                         "max_skipped_steps, min_lr_ratio, precision, profile_from, profile_steps, "
+                         "sequence_parallel, skip_nonfinite, "
                          "skip_oom, steps, warmup_steps, weight_decay)");
   }
   SECTION("a syntax error in the base file") {
