@@ -42,6 +42,13 @@ awk -v a="$one" -v b="$sp" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(a > 0 &
   { echo "final train loss: one process $one, sequence parallel $sp"; exit 1; }
 echo "final train loss: one process $one, sequence parallel $sp"
 
+# Sequence × data: 4 ranks, 2 data groups of 2 ranks splitting each sequence; both groups' windows count.
+"$longnet" run "$config" --nproc 4 "${sets[@]}" --set run.name=sp_dp --set train.sequence_parallel=2 >"$dir/log6" 2>&1 ||
+  { cat "$dir/log6"; exit 1; }
+grep -q '2 data-parallel groups' "$dir/log6" || { echo "no data-parallel groups line"; cat "$dir/log6"; exit 1; }
+grep -q '^\[rank 3\] .*step 2/2' "$dir/log6" || { echo "no step line from rank 3"; cat "$dir/log6"; exit 1; }
+grep -q '"tokens": 256' "$dir/runs/sp_dp/summary.json" || { echo "sp_dp token count"; exit 1; }
+
 status=0
 "$longnet" run "$config" --nproc 2 "${sets[@]}" --set train.sequence_parallel=3 >"$dir/log5" 2>&1 || status=$?
 test "$status" -eq 2 || { echo "sequence_parallel 3 on 2 ranks: exit status $status, expected 2"; cat "$dir/log5"; exit 1; }
