@@ -67,72 +67,81 @@ at::Tensor expand_kv_heads(const at::Tensor& x, int64_t heads) {
       .reshape({x.size(0), x.size(1), heads, x.size(3)});
 }
 
-// First local row (of a part starting at `start`) whose global position is ≡ o (mod r).
-int64_t first_row(int64_t start, int64_t o, int64_t r) { return ((o - start) % r + r) % r; }
-
-// Rows f, f + r, ... below n.
-int64_t row_count(int64_t f, int64_t n, int64_t r) { return f < n ? (n - f + r - 1) / r : 0; }
-
-// Rows f, f + r, ... (count of them) along dim 1.
-at::Tensor strided_rows(const at::Tensor& x, int64_t f, int64_t count, int64_t r) {
-  return x.narrow(1, f, (count - 1) * r + 1).slice(1, 0, std::nullopt, r);
-}
-
 struct SpanningBranch {
   int64_t segment_length = 0;  // clamped to N
   int64_t rate = 1;
 };
 
-// The rows of this rank one head offset of a spanning branch selects: local rows f, f + r, ... (count of them) of
-// heads o, o + r, ... Every other row and head is untouched by the branch, so its results stay in this compact form.
-struct OffsetRows {
-  int64_t o = 0, f = 0, count = 0;
+// The rows of this rank a spanning branch selects, all heads at once: head h reads the positions ≡ h mod r (mod r),
+// i.e. local rows f_h, f_h + r, ... (count_h of them, f_h = (h mod r - start) mod r). Each head gets `slots` =
+// ⌈n/r⌉ slots (count_h is slots or one less); a slot past count_h is invalid and points at a row head h does not
+// select, so writing that row's unchanged value back cannot clash with a valid slot. Built on the device: the
+// heads are batched into one attention call, which keeps the number of kernel launches independent of H and r.
+struct Selection {
+  int64_t slots = 0;
+  at::Tensor rows;       // (H, slots) int64, local rows
+  at::Tensor valid;      // (H, slots) bool
+  at::Tensor positions;  // (H, slots) int64, global positions of the valid slots
 };
 
-std::vector<OffsetRows> offset_rows(const SequencePart& part, int64_t r, int64_t heads) {
-  std::vector<OffsetRows> rows;
-  for (int64_t o = 0; o < std::min(r, heads); ++o) {  // offsets >= H have no heads
-    const int64_t f = first_row(part.start, o, r), count = row_count(f, part.length, r);
-    if (count > 0) rows.push_back({o, f, count});
+Selection select_rows(const SequencePart& part, int64_t r, int64_t heads, const at::TensorOptions& long_options) {
+  const int64_t n = part.length;
+  Selection sel;
+  sel.slots = (n + r - 1) / r;
+  const auto offset = at::remainder(at::arange(heads, long_options), r);           // (H,)
+  const auto first = at::remainder(offset - part.start, r).view({heads, 1});       // f_h
+  const auto rows = first + at::arange(sel.slots, long_options).mul(r).view({1, sel.slots});
+  sel.valid = rows < n;
+  sel.rows = at::where(sel.valid, rows, at::remainder(first + 1, n));
+  sel.positions = rows + part.start;
+  return sel;
+}
+
+// x (B, n, H, E) -> its selected rows (B, H, slots, E).
+at::Tensor gather_rows(const at::Tensor& x, const Selection& sel) {
+  const auto index = sel.rows.view({1, x.size(2), sel.slots, 1}).expand({x.size(0), x.size(2), sel.slots, x.size(3)});
+  return x.transpose(1, 2).gather(2, index);
+}
+
+// lse (B, H, n) -> its selected entries (B, H, slots).
+at::Tensor gather_lse(const at::Tensor& lse, const Selection& sel) {
+  return lse.gather(2, sel.rows.unsqueeze(0).expand({lse.size(0), lse.size(1), sel.slots}));
+}
+
+// Writes (add = false) or adds src (B, H, slots, E) into the selected rows of x (B, n, H, E), in place.
+void scatter_rows(at::Tensor& x, const Selection& sel, const at::Tensor& src, bool add) {
+  const auto index = sel.rows.view({1, x.size(2), sel.slots, 1}).expand({x.size(0), x.size(2), sel.slots, x.size(3)});
+  auto view = x.transpose(1, 2);
+  if (add) {
+    view.scatter_add_(2, index, src.to(x.scalar_type()));
+  } else {
+    view.scatter_(2, index, src.to(x.scalar_type()));
   }
-  return rows;
 }
 
-// The selected rows of a (B, n, H, ...) tensor as a (B, count, H_o, ...) view.
-at::Tensor token_rows(const at::Tensor& x, const OffsetRows& s, int64_t r) {
-  return strided_rows(x, s.f, s.count, r).slice(2, s.o, x.size(2), r);
-}
-
-// The selected entries of a (B, H, n) LSE as a (B, H_o, count) view.
-at::Tensor lse_rows(const at::Tensor& lse, const OffsetRows& s, int64_t r) {
-  return lse.slice(1, s.o, lse.size(1), r).narrow(2, s.f, (s.count - 1) * r + 1).slice(2, 0, std::nullopt, r);
-}
-
-// Send buffer of a spanning branch (B, rows_max, H, 2D+1): for head h, row j holds the key/value at local row
-// first_row(o) + j·r, o = h mod r; the last channel is 1 for a real, unpadded key and 0 otherwise (rows past the
-// part's count stay 0). k, v: (B, n, H, D) (kv heads already expanded); keep: (B, n) bool or undefined.
-at::Tensor pack_rows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& keep,
-                     const std::vector<OffsetRows>& selected, int64_t r, int64_t rows_max) {
+// Send buffer of a spanning branch (B, rows_max, H, 2D+1): for head h, row j holds the key/value of its slot j; the
+// last channel is 1 for a real, unpadded key and 0 otherwise (invalid slots and rows past the slots stay 0).
+// k, v: (B, n, H, D) (kv heads already expanded); keep: (B, n) bool or undefined.
+at::Tensor pack_rows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& keep, const Selection& sel,
+                     int64_t rows_max) {
   const int64_t B = k.size(0), n = k.size(1), H = k.size(2), D = k.size(3);
-  auto send = at::zeros({B, rows_max, H, 2 * D + 1}, k.options());
-  const auto keep_value = keep.defined() ? keep.to(k.scalar_type()) : at::ones({B, n}, k.options());
-  for (const OffsetRows& s : selected) {
-    auto rows = send.narrow(1, 0, s.count).slice(2, s.o, H, r);  // (B, count, H_o, 2D+1)
-    rows.narrow(3, 0, D).copy_(token_rows(k, s, r));
-    rows.narrow(3, D, D).copy_(token_rows(v, s, r));
-    rows.narrow(3, 2 * D, 1).copy_(strided_rows(keep_value, s.f, s.count, r).view({B, s.count, 1, 1}).expand_as(
-        rows.narrow(3, 2 * D, 1)));
+  auto keep_rows = sel.valid.unsqueeze(0).expand({B, H, sel.slots});
+  if (keep.defined()) {
+    keep_rows = keep_rows.logical_and(keep.unsqueeze(1).expand({B, H, n}).gather(
+                                          2, sel.rows.unsqueeze(0).expand({B, H, sel.slots})));
   }
+  auto send = at::zeros({B, rows_max, H, 2 * D + 1}, k.options());
+  send.narrow(1, 0, sel.slots)
+      .copy_(at::cat({gather_rows(k, sel), gather_rows(v, sel), keep_rows.unsqueeze(-1).to(k.scalar_type())}, -1)
+                 .transpose(1, 2));
   return send;
 }
 
-// One spanning branch on this rank's selected queries q_rows[i] (B, H_o, count, D) of selected[i], against the
-// all-gathered rows of every rank (P, B, rows_max, H, 2D+1): out (B, H_o, count, D) and lse (B, H_o, count) in dtype
-// `acc` per offset.
-std::vector<AttentionResult> attend_gathered(const std::vector<at::Tensor>& q_rows,
-                                             const std::vector<OffsetRows>& selected, const at::Tensor& all_rows,
-                                             const SpanningBranch& branch, bool causal, double scale,
-                                             at::ScalarType acc, int64_t P, int64_t rank, int64_t global_n) {
+// One spanning branch on this rank's selected queries q_sel (B, H, slots, D) against the all-gathered rows of every
+// rank (P, B, rows_max, H, 2D+1): out (B, H, slots, D) and lse (B, H, slots) in dtype `acc` (invalid slots: no keys).
+AttentionResult attend_gathered(const at::Tensor& q_sel, const Selection& sel, const at::Tensor& all_rows,
+                                const SpanningBranch& branch, bool causal, double scale, at::ScalarType acc, int64_t P,
+                                int64_t rank, int64_t global_n) {
   const int64_t B = all_rows.size(1), rows_max = all_rows.size(2), H = all_rows.size(3);
   const int64_t D = (all_rows.size(4) - 1) / 2, w = branch.segment_length, r = branch.rate;
   const SequencePart part = sequence_part(global_n, P, rank);
@@ -148,36 +157,27 @@ std::vector<AttentionResult> attend_gathered(const std::vector<at::Tensor>& q_ro
       rank_hi = std::max(rank_hi, p);
     }
   }
-  const int64_t R = rank_hi - rank_lo + 1;
-  const auto window = all_rows.narrow(0, rank_lo, R);  // (R, B, rows_max, H, 2D+1)
+  const int64_t R = rank_hi - rank_lo + 1, keys = R * rows_max;
+  const auto kv = all_rows.narrow(0, rank_lo, R).permute({1, 3, 0, 2, 4}).reshape({B, H, keys, 2 * D + 1});
+  const auto key_ok = kv.select(3, 2 * D).gt(0.5).unsqueeze(2);  // (B, H, 1, keys)
 
-  std::vector<AttentionResult> results;
-  for (size_t i = 0; i < selected.size(); ++i) {
-    const OffsetRows& s = selected[i];
-    const at::Tensor& q_o = q_rows[i];
-    const int64_t H_o = q_o.size(1);
-    const auto kv = window.slice(3, s.o, H, r).permute({1, 3, 0, 2, 4}).reshape({B, H_o, R * rows_max, 2 * D + 1});
-    const auto k_o = kv.narrow(3, 0, D), v_o = kv.narrow(3, D, D);
-    const auto key_ok = kv.select(3, 2 * D).gt(0.5).unsqueeze(2);  // (B, H_o, 1, R·rows_max)
+  // Which gathered rows each query may read: same segment, and not after the query when causal. Row j of rank p for
+  // head h sits at start_p + (h mod r - start_p) mod r + j·r (sequence_part's formula as tensor ops, on the device).
+  const auto long_options = q_sel.options().dtype(at::kLong);
+  const auto ranks = at::arange(rank_lo, rank_lo + R, long_options).view({1, R});
+  const auto rank_start = ranks * (global_n / P) + at::clamp_max(ranks, global_n % P);          // (1, R)
+  const auto offset = at::remainder(at::arange(H, long_options), r).view({H, 1});             // (H, 1)
+  const auto rank_first = rank_start + at::remainder(offset - rank_start, r);                  // (H, R)
+  const auto key_pos =
+      (rank_first.unsqueeze(2) + at::arange(rows_max, long_options).mul(r).view({1, 1, rows_max})).view({H, 1, keys});
+  const auto query_pos = sel.positions.unsqueeze(2);  // (H, slots, 1)
+  auto allowed = key_pos.div(w, "floor").eq(query_pos.div(w, "floor")).logical_and(sel.valid.unsqueeze(2));
+  if (causal) allowed = allowed.logical_and(key_pos.le(query_pos));
+  allowed = allowed.unsqueeze(0).logical_and(key_ok);  // (B, H, slots, keys)
 
-    // Which gathered rows each query may read: same segment, and not after the query when causal. Positions are
-    // arithmetic progressions (row j of rank p sits at start_p + first_row(start_p, o) + j·r), built on the device
-    // (sequence_part's and first_row's formulas as tensor ops): a host-to-device copy here would stall the stream.
-    const auto long_options = q_o.options().dtype(at::kLong);
-    const auto ranks = at::arange(rank_lo, rank_lo + R, long_options);
-    const auto rank_start = ranks * (global_n / P) + at::clamp_max(ranks, global_n % P);
-    const auto rank_first = rank_start + at::remainder(rank_start.neg() + s.o, r);
-    const auto key_pos = (rank_first.view({R, 1}) + at::arange(rows_max, long_options).mul(r).view({1, rows_max}))
-                             .view({1, R * rows_max});
-    const auto query_pos = at::arange(s.count, long_options).mul(r).add(part.start + s.f).view({s.count, 1});
-    auto allowed = key_pos.div(w, "floor").eq(query_pos.div(w, "floor"));
-    if (causal) allowed = allowed.logical_and(key_pos.le(query_pos));
-    allowed = allowed.view({1, 1, s.count, R * rows_max}).logical_and(key_ok);
-
-    // Masked softmax as in the reference backend: rows without keys get out = 0 and lse = -inf with finite gradients.
-    results.push_back(attention::masked_softmax_attention(q_o, k_o, v_o, allowed, at::Tensor(), scale, acc));
-  }
-  return results;
+  // Masked softmax as in the reference backend: rows without keys get out = 0 and lse = -inf with finite gradients.
+  return attention::masked_softmax_attention(q_sel, kv.narrow(3, 0, D), kv.narrow(3, D, D), allowed, at::Tensor(),
+                                             scale, acc);
 }
 
 // What the forward of SequenceParallelFunction needs besides q, k and v (held by the caller for the forward only).
@@ -199,9 +199,6 @@ at::Tensor mix_weight(const at::Tensor& lse_b, const at::Tensor& lse) {
 
 // (B, H, n) -> (B, n, H, 1), to scale the rows of an output
 at::Tensor rows_of(const at::Tensor& x) { return x.permute({0, 2, 1}).unsqueeze(-1); }
-
-// (B, H_o, c, D) <-> (B, c, H_o, D)
-at::Tensor heads_first(const at::Tensor& x) { return x.permute({0, 2, 1, 3}); }
 
 // The local branches and the spanning branches, mixed by their LSEs. The forward runs without autograd: the local
 // branches give the full-size output F and LSE L, and each spanning branch, whose queries are a 1/r subset of the
@@ -236,25 +233,20 @@ class SequenceParallelFunction : public torch::autograd::Function<SequenceParall
     if (plan.options.key_padding_mask) keep = plan.options.key_padding_mask->logical_not();
     const auto k_h = expand_kv_heads(k, H), v_h = expand_kv_heads(v, H);
     std::vector<at::Tensor> gathered(plan.spanning.size());
+    const auto long_options = q.options().dtype(at::kLong);
     for (size_t i = 0; i < plan.spanning.size(); ++i) {
       const SpanningBranch& branch = plan.spanning[i];
-      const int64_t r = branch.rate;
-      const auto selected = offset_rows(part, r, H);
-      const auto send = pack_rows(k_h, v_h, keep, selected, r, rows_max(plan.global_n, P, r));
+      const Selection sel = select_rows(part, branch.rate, H, long_options);
+      const auto send = pack_rows(k_h, v_h, keep, sel, rows_max(plan.global_n, P, branch.rate));
       gathered[i] = GatherRows::apply(send, reinterpret_cast<int64_t>(&gathered[i]),
                                       reinterpret_cast<int64_t>(plan.group), reinterpret_cast<int64_t>(plan.stats));
-      std::vector<at::Tensor> q_rows;
-      for (const OffsetRows& s : selected) q_rows.push_back(heads_first(token_rows(q, s, r)));
-      const auto results = attend_gathered(q_rows, selected, gathered[i], branch, plan.local.causal, plan.scale, acc,
-                                           P, plan.group->rank(), plan.global_n);
-      for (size_t j = 0; j < selected.size(); ++j) {
-        auto out_rows = token_rows(out, selected[j], r);
-        auto lse_rows_j = lse_rows(lse, selected[j], r);
-        const auto merged = attention::combine_by_lse(out_rows.to(acc), lse_rows_j, heads_first(results[j].out),
-                                                      results[j].lse);
-        out_rows.copy_(merged.out);
-        lse_rows_j.copy_(merged.lse);
-      }
+      const auto result = attend_gathered(gather_rows(q, sel), sel, gathered[i], branch, plan.local.causal,
+                                          plan.scale, acc, P, plan.group->rank(), plan.global_n);
+      // (B, slots, H, ·) views for combine_by_lse's (B, N, H, D) / (B, H, N) layout
+      const auto merged = attention::combine_by_lse(gather_rows(out, sel).to(acc).transpose(1, 2),
+                                                    gather_lse(lse, sel), result.out.transpose(1, 2), result.lse);
+      scatter_rows(out, sel, merged.out.transpose(1, 2), /*add=*/false);
+      lse.scatter_(2, sel.rows.unsqueeze(0).expand({lse.size(0), H, sel.slots}), merged.lse);
     }
 
     std::vector<at::Tensor> to_save{q, k, v, out, lse};
@@ -362,46 +354,35 @@ class SequenceParallelFunction : public torch::autograd::Function<SequenceParall
     at::Tensor dk_h = grouped ? at::zeros(q.sizes(), q.options().dtype(acc)) : dk;
     at::Tensor dv_h = grouped ? at::zeros(q.sizes(), q.options().dtype(acc)) : dv;
     std::vector<at::Tensor> gathered(saved.begin() + 5, saved.end());  // the forward's all-gathers, reused
+    const auto long_options = q.options().dtype(at::kLong);
+    const int64_t D = q.size(3);
     for (size_t i = 0; i < spanning.size(); ++i) {
-      const int64_t r = spanning[i].rate;
-      const auto selected = offset_rows(part, r, H);
-      std::vector<at::Tensor> q_rows;
-      for (const OffsetRows& s : selected) q_rows.push_back(heads_first(token_rows(q, s, r)).detach().requires_grad_());
+      const Selection sel = select_rows(part, spanning[i].rate, H, long_options);
+      const auto q_sel = gather_rows(q, sel).detach().requires_grad_();
       // The values come from the kept all-gather; this leaf only carries the reduce-scattered gradient back.
       const auto send = at::zeros(gathered[i].sizes().slice(1), gathered[i].options()).requires_grad_();
       const auto all_rows = GatherRows::apply(send, reinterpret_cast<int64_t>(&gathered[i]),
                                               reinterpret_cast<int64_t>(&group), reinterpret_cast<int64_t>(stats));
-      const auto results =
-          attend_gathered(q_rows, selected, all_rows, spanning[i], local.causal, scale, acc, P, group.rank(), global_n);
-      torch::autograd::variable_list outputs, output_grads, inputs(q_rows.begin(), q_rows.end());
-      inputs.push_back(send);
-      for (size_t j = 0; j < selected.size(); ++j) {
-        const auto lse_f = lse_rows(lse, selected[j], r);                         // (B, H_o, c)
-        const auto out_f = heads_first(token_rows(out, selected[j], r)).to(acc);  // (B, H_o, c, D)
-        const auto d_out_f = heads_first(token_rows(d_out, selected[j], r)).to(acc);
-        const auto w = mix_weight(results[j].lse.detach(), lse_f);
-        auto g = (d_out_f * (results[j].out.detach() - out_f)).sum(-1);
-        if (d_lse.defined()) g = g + lse_rows(d_lse, selected[j], r).to(acc);
-        outputs.push_back(results[j].out);
-        output_grads.push_back(w.unsqueeze(-1) * d_out_f);
-        outputs.push_back(results[j].lse);
-        output_grads.push_back(w * g);
-      }
-      const auto input_grads = torch::autograd::grad(outputs, inputs, output_grads, /*retain_graph=*/false,
-                                                     /*create_graph=*/false, /*allow_unused=*/true);
-      const at::Tensor& d_send = input_grads.back();  // (B, rows_max, H, 2D+1), this rank's rows
-      const int64_t D = q.size(3);
-      for (size_t j = 0; j < selected.size(); ++j) {
-        const OffsetRows& s = selected[j];
-        if (input_grads[j].defined()) token_rows(dq, s, r).add_(heads_first(input_grads[j]).to(dq.scalar_type()));
-        if (!d_send.defined()) continue;
-        const auto rows = d_send.narrow(1, 0, s.count).slice(2, s.o, H, r);  // (B, count, H_o, 2D+1)
-        token_rows(dk_h, s, r).add_(rows.narrow(3, 0, D).to(dk_h.scalar_type()));
-        token_rows(dv_h, s, r).add_(rows.narrow(3, D, D).to(dv_h.scalar_type()));
+      const auto result =
+          attend_gathered(q_sel, sel, all_rows, spanning[i], local.causal, scale, acc, P, group.rank(), global_n);
+      const auto lse_sel = gather_lse(lse, sel);                // (B, H, slots)
+      const auto out_sel = gather_rows(out, sel).to(acc);       // (B, H, slots, D)
+      const auto d_out_sel = gather_rows(d_out, sel).to(acc);
+      const auto w = mix_weight(result.lse.detach(), lse_sel);  // 0 on invalid slots (no keys)
+      auto g = (d_out_sel * (result.out.detach() - out_sel)).sum(-1);
+      if (d_lse.defined()) g = g + gather_lse(d_lse, sel).to(acc);
+      const auto input_grads =
+          torch::autograd::grad({result.out, result.lse}, {q_sel, send}, {w.unsqueeze(-1) * d_out_sel, w * g},
+                                /*retain_graph=*/false, /*create_graph=*/false, /*allow_unused=*/true);
+      if (input_grads[0].defined()) scatter_rows(dq, sel, input_grads[0], /*add=*/true);
+      if (input_grads[1].defined()) {
+        const auto rows = input_grads[1].narrow(1, 0, sel.slots).transpose(1, 2);  // (B, H, slots, 2D+1)
+        scatter_rows(dk_h, sel, rows.narrow(3, 0, D), /*add=*/true);
+        scatter_rows(dv_h, sel, rows.narrow(3, D, D), /*add=*/true);
       }
     }
     if (grouped) {
-      const int64_t B = k.size(0), n = k.size(1), Hkv = k.size(2), D = k.size(3);
+      const int64_t B = k.size(0), n = k.size(1), Hkv = k.size(2);
       add(dk, dk_h.view({B, n, Hkv, H / Hkv, D}).sum(3));
       add(dv, dv_h.view({B, n, Hkv, H / Hkv, D}).sum(3));
     }
