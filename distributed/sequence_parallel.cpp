@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <string>
@@ -119,6 +120,42 @@ void scatter_rows(at::Tensor& x, const Selection& sel, const at::Tensor& src, bo
   }
 }
 
+// Slots [begin, begin + count) of a selection.
+Selection slots_of(const Selection& sel, int64_t begin, int64_t count) {
+  return {count, sel.rows.narrow(1, begin, count), sel.valid.narrow(1, begin, count),
+          sel.positions.narrow(1, begin, count)};
+}
+
+// The ranks [first, first + count) whose parts meet the segments of branch `w` that this part's rows lie in: only
+// their gathered rows hold keys these queries can read.
+struct RankWindow {
+  int64_t first = 0, count = 0;
+};
+RankWindow rank_window(const SequencePart& part, int64_t w, int64_t P, int64_t global_n) {
+  const int64_t seg_lo = (part.start / w) * w;
+  const int64_t seg_hi = std::min(global_n, ((part.start + part.length - 1) / w + 1) * w);
+  int64_t lo = P, hi = -1;
+  for (int64_t p = 0; p < P; ++p) {
+    const SequencePart other = sequence_part(global_n, P, p);
+    if (other.start < seg_hi && other.start + other.length > seg_lo) {
+      lo = std::min(lo, p);
+      hi = std::max(hi, p);
+    }
+  }
+  return {lo, hi - lo + 1};
+}
+
+// Slots per attention call of a spanning branch: the (B, H, slots, keys) float32 scores stay within
+// LONGNET_SP_SCORE_ELEMENTS elements (default 2^27, 512 MiB; the masks, weights and the backward's saved tensors are
+// a few times that), so that a long sequence with a strongly dilated branch does not need memory for every query
+// against every gathered key at once.
+int64_t slots_per_call(int64_t batch, int64_t heads, int64_t keys, int64_t slots) {
+  int64_t budget = int64_t{1} << 27;
+  if (const char* env = std::getenv("LONGNET_SP_SCORE_ELEMENTS")) budget = std::max<int64_t>(1, std::atoll(env));
+  const int64_t per_slot = std::max<int64_t>(1, batch * heads * keys);
+  return std::clamp<int64_t>(budget / per_slot, 1, std::max<int64_t>(1, slots));
+}
+
 // Send buffer of a spanning branch (B, rows_max, H, 2D+1): for head h, row j holds the key/value of its slot j; the
 // last channel is 1 for a real, unpadded key and 0 otherwise (invalid slots and rows past the slots stay 0).
 // k, v: (B, n, H, D) (kv heads already expanded); keep: (B, n) bool or undefined.
@@ -146,18 +183,8 @@ AttentionResult attend_gathered(const at::Tensor& q_sel, const Selection& sel, c
   const int64_t D = (all_rows.size(4) - 1) / 2, w = branch.segment_length, r = branch.rate;
   const SequencePart part = sequence_part(global_n, P, rank);
 
-  // Only the ranks whose parts meet the segments of this part's rows hold keys these queries can read.
-  const int64_t seg_lo = (part.start / w) * w;
-  const int64_t seg_hi = std::min(global_n, ((part.start + part.length - 1) / w + 1) * w);
-  int64_t rank_lo = P, rank_hi = -1;
-  for (int64_t p = 0; p < P; ++p) {
-    const SequencePart other = sequence_part(global_n, P, p);
-    if (other.start < seg_hi && other.start + other.length > seg_lo) {
-      rank_lo = std::min(rank_lo, p);
-      rank_hi = std::max(rank_hi, p);
-    }
-  }
-  const int64_t R = rank_hi - rank_lo + 1, keys = R * rows_max;
+  const RankWindow window = rank_window(part, w, P, global_n);
+  const int64_t rank_lo = window.first, R = window.count, keys = R * rows_max;
   const auto kv = all_rows.narrow(0, rank_lo, R).permute({1, 3, 0, 2, 4}).reshape({B, H, keys, 2 * D + 1});
   const auto key_ok = kv.select(3, 2 * D).gt(0.5).unsqueeze(2);  // (B, H, 1, keys)
 
@@ -240,13 +267,18 @@ class SequenceParallelFunction : public torch::autograd::Function<SequenceParall
       const auto send = pack_rows(k_h, v_h, keep, sel, rows_max(plan.global_n, P, branch.rate));
       gathered[i] = GatherRows::apply(send, reinterpret_cast<int64_t>(&gathered[i]),
                                       reinterpret_cast<int64_t>(plan.group), reinterpret_cast<int64_t>(plan.stats));
-      const auto result = attend_gathered(gather_rows(q, sel), sel, gathered[i], branch, plan.local.causal,
-                                          plan.scale, acc, P, plan.group->rank(), plan.global_n);
-      // (B, slots, H, ·) views for combine_by_lse's (B, N, H, D) / (B, H, N) layout
-      const auto merged = attention::combine_by_lse(gather_rows(out, sel).to(acc).transpose(1, 2),
-                                                    gather_lse(lse, sel), result.out.transpose(1, 2), result.lse);
-      scatter_rows(out, sel, merged.out.transpose(1, 2), /*add=*/false);
-      lse.scatter_(2, sel.rows.unsqueeze(0).expand({lse.size(0), H, sel.slots}), merged.lse);
+      const int64_t keys = rank_window(part, branch.segment_length, P, plan.global_n).count * send.size(1);
+      const int64_t step = slots_per_call(q.size(0), H, keys, sel.slots);
+      for (int64_t begin = 0; begin < sel.slots; begin += step) {
+        const Selection chunk = slots_of(sel, begin, std::min(step, sel.slots - begin));
+        const auto result = attend_gathered(gather_rows(q, chunk), chunk, gathered[i], branch, plan.local.causal,
+                                            plan.scale, acc, P, plan.group->rank(), plan.global_n);
+        // (B, slots, H, ·) views for combine_by_lse's (B, N, H, D) / (B, H, N) layout
+        const auto merged = attention::combine_by_lse(gather_rows(out, chunk).to(acc).transpose(1, 2),
+                                                      gather_lse(lse, chunk), result.out.transpose(1, 2), result.lse);
+        scatter_rows(out, chunk, merged.out.transpose(1, 2), /*add=*/false);
+        lse.scatter_(2, chunk.rows.unsqueeze(0).expand({lse.size(0), H, chunk.slots}), merged.lse);
+      }
     }
 
     std::vector<at::Tensor> to_save{q, k, v, out, lse};
@@ -358,28 +390,37 @@ class SequenceParallelFunction : public torch::autograd::Function<SequenceParall
     const int64_t D = q.size(3);
     for (size_t i = 0; i < spanning.size(); ++i) {
       const Selection sel = select_rows(part, spanning[i].rate, H, long_options);
-      const auto q_sel = gather_rows(q, sel).detach().requires_grad_();
       // The values come from the kept all-gather; this leaf only carries the reduce-scattered gradient back.
       const auto send = at::zeros(gathered[i].sizes().slice(1), gathered[i].options()).requires_grad_();
       const auto all_rows = GatherRows::apply(send, reinterpret_cast<int64_t>(&gathered[i]),
                                               reinterpret_cast<int64_t>(&group), reinterpret_cast<int64_t>(stats));
-      const auto result =
-          attend_gathered(q_sel, sel, all_rows, spanning[i], local.causal, scale, acc, P, group.rank(), global_n);
-      const auto lse_sel = gather_lse(lse, sel);                // (B, H, slots)
-      const auto out_sel = gather_rows(out, sel).to(acc);       // (B, H, slots, D)
-      const auto d_out_sel = gather_rows(d_out, sel).to(acc);
-      const auto w = mix_weight(result.lse.detach(), lse_sel);  // 0 on invalid slots (no keys)
-      auto g = (d_out_sel * (result.out.detach() - out_sel)).sum(-1);
-      if (d_lse.defined()) g = g + gather_lse(d_lse, sel).to(acc);
-      const auto input_grads =
-          torch::autograd::grad({result.out, result.lse}, {q_sel, send}, {w.unsqueeze(-1) * d_out_sel, w * g},
-                                /*retain_graph=*/false, /*create_graph=*/false, /*allow_unused=*/true);
-      if (input_grads[0].defined()) scatter_rows(dq, sel, input_grads[0], /*add=*/true);
-      if (input_grads[1].defined()) {
-        const auto rows = input_grads[1].narrow(1, 0, sel.slots).transpose(1, 2);  // (B, H, slots, 2D+1)
-        scatter_rows(dk_h, sel, rows.narrow(3, 0, D), /*add=*/true);
-        scatter_rows(dv_h, sel, rows.narrow(3, D, D), /*add=*/true);
+      // Each chunk of slots is recomputed and differentiated on its own (bounded memory); the gradients of the
+      // gathered rows add up and go back through the all-gather once.
+      const auto keys_in = all_rows.detach().requires_grad_();
+      at::Tensor d_rows = at::zeros_like(keys_in);
+      const int64_t keys = rank_window(part, spanning[i].segment_length, P, global_n).count * send.size(1);
+      const int64_t step = slots_per_call(q.size(0), H, keys, sel.slots);
+      for (int64_t begin = 0; begin < sel.slots; begin += step) {
+        const Selection chunk = slots_of(sel, begin, std::min(step, sel.slots - begin));
+        const auto q_sel = gather_rows(q, chunk).detach().requires_grad_();
+        const auto result =
+            attend_gathered(q_sel, chunk, keys_in, spanning[i], local.causal, scale, acc, P, group.rank(), global_n);
+        const auto lse_sel = gather_lse(lse, chunk);                // (B, H, slots)
+        const auto out_sel = gather_rows(out, chunk).to(acc);       // (B, H, slots, D)
+        const auto d_out_sel = gather_rows(d_out, chunk).to(acc);
+        const auto w = mix_weight(result.lse.detach(), lse_sel);    // 0 on invalid slots (no keys)
+        auto g = (d_out_sel * (result.out.detach() - out_sel)).sum(-1);
+        if (d_lse.defined()) g = g + gather_lse(d_lse, chunk).to(acc);
+        const auto input_grads =
+            torch::autograd::grad({result.out, result.lse}, {q_sel, keys_in}, {w.unsqueeze(-1) * d_out_sel, w * g},
+                                  /*retain_graph=*/false, /*create_graph=*/false, /*allow_unused=*/true);
+        if (input_grads[0].defined()) scatter_rows(dq, chunk, input_grads[0], /*add=*/true);
+        if (input_grads[1].defined()) d_rows.add_(input_grads[1]);
       }
+      const auto d_send = torch::autograd::grad({all_rows}, {send}, {d_rows})[0];  // reduce-scattered: own rows
+      const auto rows = d_send.narrow(1, 0, sel.slots).transpose(1, 2);            // (B, H, slots, 2D+1)
+      scatter_rows(dk_h, sel, rows.narrow(3, 0, D), /*add=*/true);
+      scatter_rows(dv_h, sel, rows.narrow(3, D, D), /*add=*/true);
     }
     if (grouped) {
       const int64_t B = k.size(0), n = k.size(1), Hkv = k.size(2);

@@ -3,6 +3,7 @@
 // uneven splits, causal attention, key padding, grouped kv heads and segments that span ranks partially; plus the
 // split rule and the communication volume.
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -127,6 +128,14 @@ TEST_CASE("branch_spans_ranks: local only when every part starts and ends on seg
 
 TEST_CASE("sequence parallel equals single-process dilated attention: uneven split, spanning segments") {
   check_case({.name = "uneven"}, longnet::test::world().group);
+}
+
+TEST_CASE("sequence parallel in chunks of slots equals single-process dilated attention") {
+  // LONGNET_SP_SCORE_ELEMENTS = 1: every spanning branch attends and differentiates one slot per call.
+  setenv("LONGNET_SP_SCORE_ELEMENTS", "1", 1);
+  check_case({.name = "chunked, causal padding", .kv_heads = 2, .causal = true, .padding = true},
+             longnet::test::world().group);
+  unsetenv("LONGNET_SP_SCORE_ELEMENTS");
 }
 
 TEST_CASE("sequence parallel equals single-process dilated attention: causal") {
