@@ -16,7 +16,9 @@
 //     back to their owners.
 //   * branch outputs and LSEs are mixed by combine_by_lse as in the single-device function; a spanning branch's
 //     queries are the 1/r of the rows it selects, so it is computed on those rows only and merged into them in
-//     place (its cost follows N/r, not N).
+//     place (its cost follows N/r, not N). All heads go through one attention call (masked softmax over the
+//     gathered rows, torch ops), split into calls over chunks of query rows so that the scores of one call stay within
+//     LONGNET_SP_SCORE_ELEMENTS elements (default 2^27).
 // Communication per rank and spanning branch: the forward all-gathers, the backward reduce-scatters the gradient of
 // what was gathered (the backward reuses the forward's gathered rows); each moves, per direction,
 //   (P - 1) · B · ceil(max_p n_p / r) · H · (2D + 1) elements.
