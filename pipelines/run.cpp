@@ -86,8 +86,6 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
   const TextCorpus corpus(c.data.corpus, c.data.validation_fraction, c.data.sequence_length + 1);
 
   torch::manual_seed(static_cast<uint64_t>(c.run.seed));
-  // The ranks of a sequence group draw the same windows.
-  std::mt19937_64 rng(static_cast<uint64_t>(c.run.seed) + static_cast<uint64_t>(data_rank));
   fusion::LongNetLM model(c.model, c.attention);
   model->to(device);
   auto optimizer = make_adamw(model->parameters(), c.train);
@@ -97,7 +95,6 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
   const ResumePoint resumed = resume_point(options.resume, modules, *optimizer);
   const int64_t first_step = resumed.first_step;
   const std::optional<int64_t> resume_step = resumed.log_step;
-  if (!resumed.state.is_null()) std::istringstream(resumed.state.at("sampler_rng").get<std::string>()) >> rng;
 
   distributed::ProcessGroups groups;
   std::unique_ptr<distributed::GradientAllReduce> grad_sync;
@@ -157,8 +154,13 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
     bool apply = false;
     try {
       step_loss = 0;
+      // The windows of a step come from a generator seeded by (seed, data group, step): a resumed run draws what the
+      // uninterrupted one would, on every data group, and the ranks of a sequence group draw the same windows.
+      std::seed_seq sampler_seed{static_cast<uint64_t>(c.run.seed), static_cast<uint64_t>(data_rank),
+                                 static_cast<uint64_t>(step)};
+      std::mt19937_64 sampler(sampler_seed);
       for (int64_t micro = 0; micro < c.train.grad_accumulation; ++micro) {
-        const auto batch = corpus.sample_train(c.train.batch_size, rng).to(device);
+        const auto batch = corpus.sample_train(c.train.batch_size, sampler).to(device);
         torch::Tensor loss;
         {
           const AutocastGuard autocast(c.train.precision == "bf16");
@@ -221,9 +223,7 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
       logger.log("val", done, {{"loss", val_loss}, {"bits_per_byte", val_loss / std::log(2.0)}});
     }
     if (rank == 0 && ((c.train.checkpoint_every > 0 && done % c.train.checkpoint_every == 0) || last)) {
-      std::ostringstream sampler;
-      sampler << rng;
-      save_checkpoint(run_dir, done, modules, *optimizer, {{"sampler_rng", sampler.str()}}, c.train.keep_checkpoints);
+      save_checkpoint(run_dir, done, modules, *optimizer, json::object(), c.train.keep_checkpoints);
     }
   }
 

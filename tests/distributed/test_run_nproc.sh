@@ -2,7 +2,7 @@
 # `longnet run --nproc 2` end to end on CPU (Gloo): both ranks train, rank 1's lines come prefixed, rank 0 alone writes
 # one run folder whose token count covers both ranks; a config error exits 2 before any rank starts. With
 # train.sequence_parallel = 2 the two ranks split each sequence and train exactly as one process does: the same
-# losses (float32, so to 1e-4 relative).
+# losses (float32, so to 1e-4 relative). A resumed two-rank run ends with the uninterrupted run's loss.
 set -euo pipefail
 longnet=$1
 config=$2
@@ -48,6 +48,18 @@ echo "final train loss: one process $one, sequence parallel $sp"
 grep -q '2 data-parallel groups' "$dir/log6" || { echo "no data-parallel groups line"; cat "$dir/log6"; exit 1; }
 grep -q '^\[rank 3\] .*step 2/2' "$dir/log6" || { echo "no step line from rank 3"; cat "$dir/log6"; exit 1; }
 grep -q '"tokens": 256' "$dir/runs/sp_dp/summary.json" || { echo "sp_dp token count"; exit 1; }
+
+# Resuming a data-parallel run: each data group draws the windows the uninterrupted run drew (final loss equal).
+"$longnet" run "$config" --nproc 2 "${sets[@]}" --set run.name=whole --set train.steps=4 --set train.checkpoint_every=2 \
+  >"$dir/log7" 2>&1 || { cat "$dir/log7"; exit 1; }
+mkdir -p "$dir/cut/checkpoints"
+cp "$dir/runs/whole/config.toml" "$dir/cut/"
+cp "$dir/runs/whole/checkpoints/step_00000002.pt" "$dir/cut/checkpoints/"
+"$longnet" run --resume "$dir/cut" --nproc 2 >"$dir/log8" 2>&1 || { cat "$dir/log8"; exit 1; }
+whole=$(final_loss "$dir/runs/whole/summary.json")
+resumed=$(final_loss "$dir/cut/summary.json")
+test -n "$whole" && test "$whole" = "$resumed" ||
+  { echo "final train loss: uninterrupted $whole, resumed $resumed"; exit 1; }
 
 status=0
 "$longnet" run "$config" --nproc 2 "${sets[@]}" --set train.sequence_parallel=3 >"$dir/log5" 2>&1 || status=$?
