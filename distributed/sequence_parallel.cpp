@@ -73,8 +73,8 @@ struct SpanningBranch {
   int64_t rate = 1;
 };
 
-// The rows of this rank a spanning branch selects, all heads at once: head h reads the positions ≡ h mod r (mod r),
-// i.e. local rows f_h, f_h + r, ... (count_h of them, f_h = (h mod r - start) mod r). Each head gets `slots` =
+// The rows of this rank a spanning branch selects, all heads at once: head h reads the positions ≡ h (mod r), i.e.
+// local rows f_h, f_h + r, ... (count_h of them, f_h = (h - start) mod r). Each head gets `slots` =
 // ⌈n/r⌉ slots (count_h is slots or one less); a slot past count_h is invalid and points at a row head h does not
 // select, so writing that row's unchanged value back cannot clash with a valid slot. Built on the device: the
 // heads are batched into one attention call, which keeps the number of kernel launches independent of H and r.
