@@ -3,15 +3,7 @@
 // merged output and merged LSE, which makes it exact: P = exp(s - lse) is then the softmax over the whole key
 // multiset, and dO·O is the full row's Delta (FACTS.md: 2× faster than autograd through the composition, which is
 // ≈1.2 % wrong because it treats each branch's LSE as a constant).
-// GCC 13 at -O3 reports false -Warray-bounds and -Wstringop-overflow inside libstdc++'s vector<bool>, inlined from
-// torch's autograd::Function::apply (custom_function.h), and this family of middle-end warnings tends to come
-// together; the pragmas precede every include so that they cover those locations.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Warray-bounds"
-#pragma GCC diagnostic ignored "-Wstringop-overflow"
-#pragma GCC diagnostic ignored "-Wstringop-overread"
-#pragma GCC diagnostic ignored "-Wrestrict"
-#endif
+#include "attention/autograd_gcc_warnings.h"  // first: its pragmas cover every later include
 #include "attention/flash_backend.h"
 
 #include <algorithm>

@@ -1,12 +1,5 @@
 // The `fused` backend: torch glue around attention/kernels/fused_dilated.cu (see fused_backend.h).
-// GCC 13 at -O3 reports false -Warray-bounds and -Wstringop-overflow inside libstdc++'s vector<bool>, inlined from
-// torch's autograd::Function::apply (as in flash_backend.cpp); the pragmas precede every include.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Warray-bounds"
-#pragma GCC diagnostic ignored "-Wstringop-overflow"
-#pragma GCC diagnostic ignored "-Wstringop-overread"
-#pragma GCC diagnostic ignored "-Wrestrict"
-#endif
+#include "attention/autograd_gcc_warnings.h"  // first: its pragmas cover every later include
 #include "attention/fused_backend.h"
 
 #include <algorithm>
