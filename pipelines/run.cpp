@@ -68,11 +68,8 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
   // (on whole sequences) and writes the run folder.
   const auto launch = distributed::launch_env_from_environment();
   const int rank = launch ? launch->rank : 0, world = launch ? launch->world_size : 1;
+  check_ranks(c, world);
   const int sequence_size = static_cast<int>(c.train.sequence_parallel);
-  if (world % sequence_size != 0) {
-    throw ConfigError("train.sequence_parallel = " + std::to_string(sequence_size) + " must divide the number of "
-                      "ranks (" + std::to_string(world) + "; launch with `longnet run --nproc N`)");
-  }
   const int data_rank = rank / sequence_size, data_size = world / sequence_size;
   torch::Device device = choose_device(c.run);
   if (world > 1 && device.is_cuda()) {
@@ -252,6 +249,14 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
 }
 
 }  // namespace
+
+void check_ranks(const ExperimentConfig& config, int ranks) {
+  if (ranks % config.train.sequence_parallel != 0) {
+    throw ConfigError("train.sequence_parallel = " + std::to_string(config.train.sequence_parallel) +
+                      " must divide the number of ranks (" + std::to_string(ranks) +
+                      "; launch with `longnet run --nproc N`)");
+  }
+}
 
 fs::path run_experiment(const ExperimentConfig& config, const RunOptions& options) {
   if (!options.resume.empty() && !fs::is_directory(options.resume)) {

@@ -24,6 +24,10 @@ struct RunOptions {
   std::vector<int64_t> inject_nonfinite_steps{}, inject_oom_steps{};
 };
 
+// Throws ConfigError unless the experiment can run on `ranks` processes: train.sequence_parallel must divide them.
+// `longnet run` checks this before spawning ranks; run_experiment checks it again for launcher-started ranks.
+void check_ranks(const ExperimentConfig& config, int ranks);
+
 // Runs the experiment's task to completion; returns the run folder. Throws ConfigError for settings the machine
 // cannot honour (e.g. device = "cuda" without a GPU), DataError/IoError for data and file problems.
 std::filesystem::path run_experiment(const ExperimentConfig& config, const RunOptions& options = {});

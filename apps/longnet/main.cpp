@@ -1,6 +1,7 @@
 // The `longnet` command: one entry point for every job of the toolkit.
 //
 // Exit status: 0 success, 1 runtime failure (data, I/O, device), 2 configuration or usage error.
+#include <algorithm>
 #include <filesystem>
 #include <iostream>
 #include <string>
@@ -130,11 +131,7 @@ int main(int argc, char** argv) {
         throw ConfigError("run --resume: '" + run_resume + "' is not a run folder (no config.toml)");
       }
       const auto experiment = pipelines::load_experiment(config_file, run_sets);
-      const int ranks = run_nproc > 1 ? run_nproc : 1;
-      if (!distributed::launch_env_from_environment() && ranks % experiment.train.sequence_parallel != 0) {
-        throw ConfigError("train.sequence_parallel = " + std::to_string(experiment.train.sequence_parallel) +
-                          " must divide the number of ranks (--nproc " + std::to_string(ranks) + ")");
-      }
+      if (!distributed::launch_env_from_environment()) pipelines::check_ranks(experiment, std::max(run_nproc, 1));
       if (run_nproc > 1 && !distributed::launch_env_from_environment()) {  // config errors surface before spawning
         distributed::SpawnOptions spawn;
         spawn.nproc = run_nproc;
