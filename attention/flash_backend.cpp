@@ -7,6 +7,7 @@
 #include "attention/flash_backend.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -22,6 +23,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "attention/kernels/grad_accumulate.h"
 #include "attention/kernels/lse_combine.h"
 #endif
 
@@ -255,6 +257,37 @@ void combine_by_lse(at::Tensor& out, at::Tensor& lse, const Attended& branch, co
   kernels::launch_lse_combine_fwd(p);
 }
 
+// accumulate: adds the call's gradients (dq, dk, dv as (B', Hs, L, D)) into the accumulators (B, N, heads of the
+// chunk from first_head, D) float32 in one launch, or writes them (`assign`) when the call covers the whole chunk.
+void accumulate(const std::array<at::Tensor*, 3>& acc, const std::tuple<at::Tensor, at::Tensor, at::Tensor>& grad,
+                const Call& c, int64_t first_head, bool assign) {
+  const at::Tensor& a0 = *acc[0];
+  const int64_t N = a0.size(1), hc = a0.size(2), D = a0.size(3), token = hc * D;
+  kernels::GradAccumulateParams p;
+  const int64_t offset = c.b0 * N * token + (c.first_token + c.o) * token + (c.head0 - first_head) * D;
+  const at::Tensor* grads[3] = {&std::get<0>(grad), &std::get<1>(grad), &std::get<2>(grad)};
+  for (int t = 0; t < 3; ++t) {
+    const at::Tensor& g = *grads[t];
+    TORCH_CHECK(g.stride(3) == 1, "flash backward: the fused kernel returned a gradient with inner stride ",
+                g.stride(3));
+    p.acc[t] = acc[t]->data_ptr<float>() + offset;
+    p.grad[t] = g.data_ptr();
+    const int64_t strides[4] = {c.ns * g.stride(0), g.stride(0), g.stride(1), g.stride(2)};
+    for (int d = 0; d < 4; ++d) p.grad_strides[t][d] = strides[d];
+  }
+  p.rows[0] = c.nb;
+  p.rows[1] = c.ns;
+  p.rows[2] = c.heads;
+  p.rows[3] = c.rows;
+  p.head_dim = D;
+  const int64_t acc_strides[4] = {N * token, c.seg_len * token, c.r * D, c.r * token};
+  for (int d = 0; d < 4; ++d) p.acc_strides[d] = acc_strides[d];
+  p.assign = assign;
+  p.dtype = element_type(std::get<0>(grad).scalar_type());
+  p.stream = at::cuda::getCurrentCUDAStream(a0.get_device()).stream();
+  kernels::launch_grad_accumulate(p);
+}
+
 struct Problem {
   Geometry g;
   std::vector<Call> calls;
@@ -291,6 +324,12 @@ std::pair<at::Tensor, at::Tensor> forward_impl(const Problem& pb, const at::Tens
   return {out, lse};
 }
 
+// Whether call `c` touches every element of the (B, N, heads [h0, h0 + hc), D) accumulators exactly once.
+bool covers_chunk(const Call& c, const Geometry& g, int64_t h0, int64_t hc) {
+  return c.r == 1 && c.b0 == 0 && c.nb == g.B && c.first_token == 0 && c.ns * c.seg_len == g.N &&
+         c.rows == c.seg_len && c.head0 == h0 && c.heads == hc;
+}
+
 // Exact gradients of the branches of `pb` given the merged output and LSE of the whole mix they belong to (see the
 // file comment): one fused backward per call, accumulated in float32 a chunk of heads at a time.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const Problem& pb, const at::Tensor& q,
@@ -319,13 +358,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const Problem& pb, 
   const auto no_rng = at::zeros({}, q.options().dtype(at::kLong));
   for (int64_t h0 = 0; h0 < g.H; h0 += chunk) {
     const int64_t hc = std::min(chunk, g.H - h0);
-    auto dq_acc = at::zeros({g.B, g.N, hc, g.D}, f32);
-    auto dk_acc = at::zeros({g.B, g.N, hc, g.D}, f32);  // per query head
-    auto dv_acc = at::zeros({g.B, g.N, hc, g.D}, f32);
+    // A first call that covers every element of the chunk (a w | N, r = 1 branch over all its heads) writes the
+    // accumulators, which then need no zero fill.
+    std::vector<Call> calls;
     for (const Call& full_call : pb.calls) {
-      const auto sub = restrict_heads(full_call, h0, h0 + hc);
-      if (!sub) continue;
-      const Call& c = *sub;
+      if (auto sub = restrict_heads(full_call, h0, h0 + hc)) calls.push_back(*sub);
+    }
+    const bool assign_first = !calls.empty() && covers_chunk(calls.front(), g, h0, hc);
+    const auto make = [&] {
+      return assign_first ? at::empty({g.B, g.N, hc, g.D}, f32) : at::zeros({g.B, g.N, hc, g.D}, f32);
+    };
+    auto dq_acc = make();
+    auto dk_acc = make();  // per query head
+    auto dv_acc = make();
+    for (size_t i = 0; i < calls.size(); ++i) {
+      const Call& c = calls[i];
       const auto qc = sparsify_heads(q, c), kc = sparsify_kv(k, c, g.H), vc = sparsify_kv(v, c, g.H);
       const auto oc = sparsify_heads(out, c), doc = sparsify_heads(dout, c);
       // The merged LSE, gathered into the dense layout the fused backward reads.
@@ -349,10 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const Problem& pb, 
           }
         }
       }
-      // scatter
-      sparsify_heads(dq_acc, c, h0).add_(std::get<0>(grad));
-      sparsify_heads(dk_acc, c, h0).add_(std::get<1>(grad));
-      sparsify_heads(dv_acc, c, h0).add_(std::get<2>(grad));
+      accumulate({&dq_acc, &dk_acc, &dv_acc}, grad, c, h0, /*assign=*/i == 0 && assign_first);
     }
     dq.narrow(2, h0, hc).copy_(dq_acc);
     if (group > 1) {

@@ -1,10 +1,21 @@
+#include "attention/autograd_gcc_warnings.h"  // first: its pragmas cover every later include
 #include "attention/positional.h"
 
 #include <cmath>
+#include <optional>
 
 #include <ATen/ATen.h>
 
 #include "core/error.h"
+
+#ifdef LONGNET_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "attention/cuda_backend.h"
+#include "attention/kernels/rotary.h"
+#endif
 
 namespace longnet::attention {
 namespace {
@@ -19,6 +30,55 @@ void check_head_dim(int64_t head_dim, const char* what) {
 at::Tensor half_dim_index(int64_t head_dim, const at::Tensor& like) {
   return at::arange(head_dim / 2, like.options().dtype(at::kDouble));
 }
+
+#ifdef LONGNET_WITH_CUDA
+
+// x (B, N, H, D) rotated by the rotary kernel into a new contiguous tensor; `transpose` applies the gradient's map.
+at::Tensor rotate_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& scale,
+                       bool transpose) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.stride(3) == 1 ? x : x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  kernels::RotaryParams p;
+  p.x = xc.data_ptr();
+  p.out = out.data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    p.x_strides[d] = xc.stride(d);
+    p.out_strides[d] = out.stride(d);
+  }
+  p.cos = cos.data_ptr<float>();
+  p.sin = sin.data_ptr<float>();
+  p.scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
+  p.batch = x.size(0);
+  p.n = x.size(1);
+  p.heads = x.size(2);
+  p.head_dim = x.size(3);
+  p.transpose = transpose;
+  p.dtype = element_type(x.scalar_type());
+  p.stream = at::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  kernels::launch_rotary(p);
+  return out;
+}
+
+// The rotary encoding as one kernel each way; the tables are constants (positions carry no gradient).
+class RotaryFunction : public torch::autograd::Function<RotaryFunction> {
+ public:
+  // `scale` is optional rather than undefined: apply() records every tensor argument as a variable.
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos,
+                            const at::Tensor& sin, const std::optional<at::Tensor>& scale) {
+    const at::Tensor z = scale.value_or(at::Tensor());
+    ctx->save_for_backward({cos, sin, z});
+    return rotate_cuda(x, cos, sin, z, /*transpose=*/false);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    return {rotate_cuda(grads[0], saved[0], saved[1], saved[2], /*transpose=*/true), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+#endif  // LONGNET_WITH_CUDA
 
 }  // namespace
 
@@ -50,6 +110,15 @@ at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Te
                 std::to_string(half) + ")");
   }
   const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+#ifdef LONGNET_WITH_CUDA
+  // CUDA float32/half inputs: one kernel each way, with the same float32 arithmetic as the ops below.
+  const auto dtype = x.scalar_type();
+  if (x.is_cuda() && (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && x.numel() > 0) {
+    auto table = [&](const at::Tensor& t) { return t.to(x.device(), at::kFloat).contiguous(); };
+    return RotaryFunction::apply(x, table(cos), table(sin),
+                                 scale.defined() ? std::optional<at::Tensor>(table(scale)) : std::nullopt);
+  }
+#endif
   const at::Tensor xc = x.to(compute);
   // (N, D/2) → (1, N, 1, D/2) to broadcast over batch and heads
   auto as_table = [&](const at::Tensor& t) { return t.to(compute).unsqueeze(0).unsqueeze(2); };

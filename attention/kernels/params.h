@@ -39,6 +39,44 @@ struct LseCombineParams {
   cudaStream_t stream = nullptr;
 };
 
+// grad_accumulate: adds one flash call's three gradients (dq, dk, dv of its rows) into the backward's float32
+// accumulators in one pass, or writes them when `assign` is set (the call covers every accumulator element, so the
+// accumulators need no zero fill). Rows are addressed like LseCombineParams': a 4-d index of sizes rows[0..3] with
+// head_dim contiguous elements each, so the strided views of a dilated call need no gather or scatter copies.
+struct GradAccumulateParams {
+  float* acc[3] = {nullptr, nullptr, nullptr};           // float32, strides acc_strides (the same for all three)
+  const void* grad[3] = {nullptr, nullptr, nullptr};     // element type `dtype`, strides grad_strides[i]
+  int64_t rows[4] = {1, 1, 1, 1};
+  int64_t head_dim = 0;
+  int64_t acc_strides[4] = {0, 0, 0, 0};
+  int64_t grad_strides[3][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}};
+  bool assign = false;
+
+  ElementType dtype = ElementType::bfloat16;
+  cudaStream_t stream = nullptr;
+};
+
+// rotary: the rotary position encoding of attention/positional.h on (B, N, H, D) rows, in one pass. Pair (i, i + D/2)
+// of token n is rotated by the angle whose cosine and sine are cos[n, i] and sin[n, i], then multiplied by
+// scale[n, i] (xPos; none when null):
+//   out_i = (x_i·c − x_{i+D/2}·s)·z,   out_{i+D/2} = (x_{i+D/2}·c + x_i·s)·z
+// `transpose` applies the transposed map, (dx_i, dx_{i+D/2}) = z·(g_i·c + g_{i+D/2}·s, g_{i+D/2}·c − g_i·s), which is
+// the gradient. Arithmetic is float32; x and out have element type `dtype`.
+struct RotaryParams {
+  const void* x = nullptr;
+  void* out = nullptr;
+  int64_t x_strides[3] = {0, 0, 0};    // (batch, token, head); head dim stride 1
+  int64_t out_strides[3] = {0, 0, 0};
+  const float* cos = nullptr;  // (N, D/2) float32 contiguous
+  const float* sin = nullptr;
+  const float* scale = nullptr;
+  int64_t batch = 0, n = 0, heads = 0, head_dim = 0;
+  bool transpose = false;
+
+  ElementType dtype = ElementType::bfloat16;
+  cudaStream_t stream = nullptr;
+};
+
 // Fused dilated attention: one branch (w, r) of dilated_attention.h's semantics per launch, in place.
 //
 // Forward: each query tile of a branch's sparse segment runs one online-softmax pass over the branch's keys and merges
