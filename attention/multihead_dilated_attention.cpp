@@ -1,9 +1,11 @@
 #include "attention/multihead_dilated_attention.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 
 #include "attention/positional.h"
 #include "core/error.h"
+#include "core/linear.h"
 
 namespace longnet::attention {
 namespace {
@@ -12,6 +14,15 @@ std::string shape_string(at::IntArrayRef sizes) {
   std::string s = "(";
   for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
   return s + ")";
+}
+
+// x in the autocast dtype when autocast is on for its device and would cast it: the q, k and v projections then
+// share one cast (and one gradient conversion back) instead of making one each.
+at::Tensor autocast_input(const at::Tensor& x) {
+  const auto device = x.device().type();
+  if (!at::autocast::is_autocast_available(device) || !at::autocast::is_autocast_enabled(device)) return x;
+  const auto dtype = at::autocast::get_autocast_dtype(device);
+  return x.scalar_type() == at::kFloat ? x.to(dtype) : x;
 }
 
 }  // namespace
@@ -114,8 +125,8 @@ std::pair<at::Tensor, at::Tensor> MultiheadDilatedAttentionImpl::queries_and_key
                 ", got " + shape_string(x.sizes()));
   }
   const int64_t b = x.size(0), n = x.size(1), d = options_.head_dim();
-  at::Tensor q = q_proj_(x).view({b, n, options_.heads, d});     // q: (B, N, H, D)
-  at::Tensor k = k_proj_(x).view({b, n, options_.kv_heads, d});  // k: (B, N, Hkv, D)
+  at::Tensor q = apply_linear(q_proj_, x).view({b, n, options_.heads, d});     // q: (B, N, H, D)
+  at::Tensor k = apply_linear(k_proj_, x).view({b, n, options_.kv_heads, d});  // k: (B, N, Hkv, D)
   if (options_.qk_layernorm) {
     // Under autocast LayerNorm returns float32; q and k go back to v's dtype, which dilated_attention requires.
     q = q_norm_(q).to(q.scalar_type());
@@ -141,9 +152,10 @@ std::pair<at::Tensor, at::Tensor> MultiheadDilatedAttentionImpl::queries_and_key
 at::Tensor MultiheadDilatedAttentionImpl::forward(const at::Tensor& x,
                                                  const std::optional<at::Tensor>& key_padding_mask,
                                                  const SequenceShard* shard) {
-  auto [q, k] = queries_and_keys(x, shard);
+  const at::Tensor xa = autocast_input(x);
+  auto [q, k] = queries_and_keys(xa, shard);
   const int64_t b = x.size(0), n = x.size(1), d = options_.head_dim();
-  const at::Tensor v = v_proj_(x).view({b, n, options_.kv_heads, d});  // v: (B, N, Hkv, D)
+  const at::Tensor v = apply_linear(v_proj_, xa).view({b, n, options_.kv_heads, d});  // v: (B, N, Hkv, D)
 
   AttentionOptions attention_options;
   attention_options.key_padding_mask = key_padding_mask;
@@ -154,7 +166,7 @@ at::Tensor MultiheadDilatedAttentionImpl::forward(const at::Tensor& x,
   at::Tensor o = attended.out.reshape({b, n, options_.heads * d});
   o = at::dropout(o, options_.dropout, is_training());
   if (options_.sub_layernorm) o = sub_norm_(o);
-  return out_proj_(o);  // (B, N, C)
+  return apply_linear(out_proj_, o);  // (B, N, C)
 }
 
 }  // namespace longnet::attention

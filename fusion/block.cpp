@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include "core/error.h"
+#include "core/linear.h"
 #include "fusion/checkpoint.h"
 
 namespace longnet::fusion {
@@ -58,13 +59,13 @@ TransformerBlockImpl::TransformerBlockImpl(const ModelConfig& model, const Atten
 at::Tensor TransformerBlockImpl::mlp(const at::Tensor& x) {
   at::Tensor h;  // (..., hidden)
   if (mlp_kind_ == MlpKind::swiglu) {
-    const auto gate_up = fc1_(x).chunk(2, -1);
+    const auto gate_up = apply_linear(fc1_, x).chunk(2, -1);
     h = at::silu(gate_up[0]) * gate_up[1];
   } else {
-    h = at::gelu(fc1_(x));
+    h = at::gelu(apply_linear(fc1_, x));
   }
   if (mlp_sub_norm_) h = mlp_sub_norm_(h);
-  return fc2_(h);
+  return apply_linear(fc2_, h);
 }
 
 at::Tensor TransformerBlockImpl::forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask,

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include "core/error.h"
+#include "core/linear.h"
 
 #ifdef LONGNET_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
@@ -221,11 +222,12 @@ MultimodalOutput MultimodalModelImpl::forward_batch(const MultimodalInput& input
   }
 
   // ---- fusion and heads ------------------------------------------------------------------------------------------------
-  out.joint = l2_normalise(joint_projection_(fusion_->forward(fusion_in)));
+  out.joint = l2_normalise(apply_linear(joint_projection_, fusion_->forward(fusion_in)));
   for (Modality m : kAllModalities) {
     if (!out.tokens[idx(m)].defined()) continue;
     const at::Tensor pooled = masked_mean(out.tokens[idx(m)], fusion_in.padding[idx(m)]);
-    out.embeddings[idx(m)] = zero_absent(l2_normalise(projections_[idx(m)](pooled)), present.select(1, col(m)));
+    out.embeddings[idx(m)] =
+        zero_absent(l2_normalise(apply_linear(projections_[idx(m)], pooled)), present.select(1, col(m)));
   }
   if (out.tokens[idx(Modality::text)].defined()) {
     const at::Tensor logits = at::linear(out.tokens[idx(Modality::text)],

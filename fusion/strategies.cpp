@@ -13,6 +13,7 @@
 
 #include "attention/multihead_dilated_attention.h"
 #include "core/error.h"
+#include "core/linear.h"
 #include "fusion/checkpoint.h"
 
 namespace longnet::fusion {
@@ -191,12 +192,12 @@ class MultiwayBlockImpl : public torch::nn::Module {
 
   at::Tensor expert(Modality m, const at::Tensor& x) {
     Expert& e = experts_[idx(m)];
-    const at::Tensor h = e.fc1(e.norm(x));
+    const at::Tensor h = apply_linear(e.fc1, e.norm(x));
     if (model_.mlp == MlpKind::swiglu) {
       const auto gate_up = h.chunk(2, -1);
-      return e.fc2(at::silu(gate_up[0]) * gate_up[1]);
+      return apply_linear(e.fc2, at::silu(gate_up[0]) * gate_up[1]);
     }
-    return e.fc2(at::gelu(h));
+    return apply_linear(e.fc2, at::gelu(h));
   }
 
   ModelConfig model_;
@@ -267,7 +268,7 @@ class LateFusion : public FusionStrategyImpl {
     for (Modality m : kAllModalities) {
       const at::Tensor& tokens = in.tokens[idx(m)];
       if (!tokens.defined()) continue;
-      const at::Tensor h = projections_[idx(m)](masked_mean(tokens, in.padding[idx(m)]));  // (B, C)
+      const at::Tensor h = apply_linear(projections_[idx(m)], masked_mean(tokens, in.padding[idx(m)]));  // (B, C)
       const at::Tensor term = normalised.select(1, static_cast<int64_t>(idx(m))).unsqueeze(1) * h;
       // where, not only the zero weight: a non-finite value in an absent row must not leak through 0 · inf.
       joint = joint + at::where(present.select(1, static_cast<int64_t>(idx(m))).unsqueeze(1), term,
@@ -338,7 +339,7 @@ class ConcatFeatureFusion : public FusionStrategyImpl {
       features.push_back(at::where(present.select(1, static_cast<int64_t>(idx(m))).view({b, 1, 1}), pooled,
                                    at::zeros({}, opts)));
     }
-    at::Tensor x = projection_(at::cat(features, -1));  // (B, T, C)
+    at::Tensor x = apply_linear(projection_, at::cat(features, -1));  // (B, T, C)
     for (auto& block : blocks_) x = block(x);
     return norm_(x).mean(1);
   }

@@ -6,6 +6,7 @@
 #include <torch/nn/init.h>
 
 #include "core/error.h"
+#include "core/linear.h"
 
 namespace longnet::modalities {
 
@@ -156,7 +157,7 @@ at::Tensor ModalityEncoderImpl::forward(const at::Tensor& input, const at::Tenso
       }
     }
     const at::Tensor values = input.to(patches_->weight.scalar_type());
-    h = patches_(patch_norm_ ? patch_norm_(values) : values);
+    h = apply_linear(patches_, patch_norm_ ? patch_norm_(values) : values);
   }
   return h + modality_embedding_ + positional(axis_positions, h.scalar_type());
 }
