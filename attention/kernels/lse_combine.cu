@@ -14,41 +14,17 @@
 #include <cuda_runtime.h>
 
 #include "attention/kernels/cuda_check.h"
+#include "attention/kernels/elementwise.cuh"
 #include "attention/kernels/lse_combine.h"
 
 namespace longnet::attention::kernels {
 namespace {
 
+using namespace elementwise;
+
 constexpr int kThreads = 256;
 
 // ---- kernels -----------------------------------------------------------------------------------------------------
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Vec {
-  T v[kVec];
-};
-
-__device__ __forceinline__ int64_t offset_of(const int64_t (&index)[4], const int64_t (&strides)[4]) {
-  return index[0] * strides[0] + index[1] * strides[1] + index[2] * strides[2] + index[3] * strides[3];
-}
 
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads) lse_combine_fwd_kernel(const LseCombineParams p, int64_t total_rows,
@@ -62,15 +38,8 @@ __global__ void __launch_bounds__(kThreads) lse_combine_fwd_kernel(const LseComb
   float w_run = 0.f, w_new = 1.f, lse_out = 0.f;
   int64_t lse_off = 0;
   if (active) {
-    // row = ((i0·rows1 + i1)·rows2 + i2)·rows3 + i3
     int64_t index[4];
-    int64_t rest = row;
-    index[3] = rest % p.rows[3];
-    rest /= p.rows[3];
-    index[2] = rest % p.rows[2];
-    rest /= p.rows[2];
-    index[1] = rest % p.rows[1];
-    index[0] = rest / p.rows[1];
+    row_index(row, p.rows, index);
 
     lse_off = offset_of(index, p.lse_strides);
     const float l_run = p.lse[lse_off];
@@ -118,17 +87,10 @@ void launch_typed(const LseCombineParams& p, int64_t total_rows) {
   const int64_t vectors = p.head_dim / kVec;
   int lanes = 1;
   while (lanes < 32 && lanes < vectors) lanes *= 2;
-  const int64_t threads = total_rows * lanes;
-  const int64_t blocks = (threads + kThreads - 1) / kThreads;
-  if (blocks > 2147483647LL) {
-    throw std::runtime_error("launch_lse_combine_fwd: " + std::to_string(total_rows) +
-                             " rows exceed one launch's grid; split the call");
-  }
-  lse_combine_fwd_kernel<T, kVec><<<static_cast<unsigned>(blocks), kThreads, 0, p.stream>>>(p, total_rows, lanes);
+  const unsigned grid = grid_for("launch_lse_combine_fwd", total_rows * lanes, kThreads);
+  lse_combine_fwd_kernel<T, kVec><<<grid, kThreads, 0, p.stream>>>(p, total_rows, lanes);
   LONGNET_CUDA_CHECK(cudaGetLastError());
 }
-
-bool aligned(const void* ptr, int64_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
 template <typename T>
 void launch_dtype(const LseCombineParams& p, int64_t total_rows) {
@@ -150,24 +112,12 @@ void launch_lse_combine_fwd(const LseCombineParams& params) {
   if (params.out == nullptr || params.out_i == nullptr || params.lse == nullptr || params.lse_i == nullptr) {
     throw std::invalid_argument("launch_lse_combine_fwd: out, out_i, lse and lse_i must be device pointers");
   }
-  if (params.head_dim <= 0) {
-    throw std::invalid_argument("launch_lse_combine_fwd: head_dim must be > 0, got " +
-                                std::to_string(params.head_dim));
-  }
-  int64_t total_rows = 1;
-  for (int d = 0; d < 4; ++d) {
-    if (params.rows[d] < 0) {
-      throw std::invalid_argument("launch_lse_combine_fwd: rows[" + std::to_string(d) + "] must be >= 0, got " +
-                                  std::to_string(params.rows[d]));
-    }
-    total_rows *= params.rows[d];
-  }
+  elementwise::require_head_dim("launch_lse_combine_fwd", params.head_dim);
+  const int64_t total_rows = elementwise::row_count("launch_lse_combine_fwd", params.rows);
   if (total_rows == 0) return;
-  switch (params.dtype) {
-    case ElementType::float32: launch_dtype<float>(params, total_rows); break;
-    case ElementType::float16: launch_dtype<__half>(params, total_rows); break;
-    case ElementType::bfloat16: launch_dtype<__nv_bfloat16>(params, total_rows); break;
-  }
+  elementwise::with_element_type(params.dtype, [&](auto element) {
+    launch_dtype<decltype(element)>(params, total_rows);
+  });
 }
 
 }  // namespace longnet::attention::kernels

@@ -13,30 +13,15 @@
 #include <cuda_runtime.h>
 
 #include "attention/kernels/cuda_check.h"
+#include "attention/kernels/elementwise.cuh"
 #include "attention/kernels/rotary.h"
 
 namespace longnet::attention::kernels {
 namespace {
 
+using namespace elementwise;
+
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float as_float(float x) { return x; }
-__device__ __forceinline__ float as_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float as_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Vec {
-  T v[kVec];
-};
 
 template <typename T, int kVec, bool kScale, bool kTranspose>
 __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, int64_t total, int64_t vectors) {
@@ -61,7 +46,7 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
     // The transpose of a rotation is the rotation by the opposite angle.
     const float s = kTranspose ? -p.sin[table + e] : p.sin[table + e];
     const float z = kScale ? p.scale[table + e] : 1.f;
-    const float a = as_float(x1.v[e]), bb = as_float(x2.v[e]);
+    const float a = to_float(x1.v[e]), bb = to_float(x2.v[e]);
     y1.v[e] = from_float<T>((a * c - bb * s) * z);
     y2.v[e] = from_float<T>((bb * c + a * s) * z);
   }
@@ -73,11 +58,7 @@ template <typename T, int kVec>
 void launch_typed(const RotaryParams& p, int64_t rows) {
   const int64_t vectors = p.head_dim / 2 / kVec;
   const int64_t total = rows * vectors;
-  const int64_t blocks = (total + kThreads - 1) / kThreads;
-  if (blocks > 2147483647LL) {
-    throw std::runtime_error("launch_rotary: " + std::to_string(rows) + " rows exceed one launch's grid");
-  }
-  const auto grid = static_cast<unsigned>(blocks);
+  const unsigned grid = grid_for("launch_rotary", total, kThreads);
   const bool scale = p.scale != nullptr;
   if (scale && p.transpose) {
     rotary_kernel<T, kVec, true, true><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
@@ -90,8 +71,6 @@ void launch_typed(const RotaryParams& p, int64_t rows) {
   }
   LONGNET_CUDA_CHECK(cudaGetLastError());
 }
-
-bool aligned(const void* ptr, int64_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
 template <typename T>
 void launch_dtype(const RotaryParams& p, int64_t rows) {
@@ -121,11 +100,7 @@ void launch_rotary(const RotaryParams& params) {
   }
   const int64_t rows = params.batch * params.n * params.heads;
   if (rows == 0) return;
-  switch (params.dtype) {
-    case ElementType::float32: launch_dtype<float>(params, rows); break;
-    case ElementType::float16: launch_dtype<__half>(params, rows); break;
-    case ElementType::bfloat16: launch_dtype<__nv_bfloat16>(params, rows); break;
-  }
+  elementwise::with_element_type(params.dtype, [&](auto element) { launch_dtype<decltype(element)>(params, rows); });
 }
 
 }  // namespace longnet::attention::kernels
