@@ -14,19 +14,14 @@ import subprocess
 import sys
 import tempfile
 
+from checks import check, finish, run_tool
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOOL = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..", "..", "tools", "make_demo_dataset.py")
-failures = []
-
-
-def check(condition, what):
-    print(("PASS: " if condition else "FAIL: ") + what)
-    if not condition:
-        failures.append(what)
 
 
 def tool(*args):
-    return subprocess.run([sys.executable, TOOL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return run_tool(TOOL, *args)
 
 
 def probe(path):
@@ -142,11 +137,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         test_dataset(tmp)
         test_corpus(tmp)
-    if failures:
-        print("%d check(s) failed" % len(failures))
-        return 1
-    print("all checks passed")
-    return 0
+    return finish()
 
 
 if __name__ == "__main__":

@@ -7,23 +7,17 @@ and a missing file, a file that is not a trace and a trace without kernels exit 
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
+from checks import check, finish, run_tool
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOOL = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..", "..", "tools", "profile_ops.py")
-failures = []
-
-
-def check(condition, what):
-    print(("PASS: " if condition else "FAIL: ") + what)
-    if not condition:
-        failures.append(what)
 
 
 def tool(*args):
-    return subprocess.run([sys.executable, TOOL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return run_tool(TOOL, *args)
 
 
 def op(name, ts, dur, tid=1):
@@ -92,7 +86,4 @@ with tempfile.TemporaryDirectory() as tmp:
     r = tool(cpu_only)
     check(r.returncode == 2 and "no GPU kernels" in r.stderr, "a trace without kernels exits 2")
 
-if failures:
-    print(f"{len(failures)} check(s) failed")
-    sys.exit(1)
-print("all checks passed")
+sys.exit(finish())
