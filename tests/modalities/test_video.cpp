@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -154,6 +155,32 @@ TEST_CASE("video: decoder threads do not change the output", "[video]") {
   const VideoFrames b = decode_video_file(clip, three);
   CHECK(a.frames == 60);
   CHECK(a.pixels == b.pixels);
+}
+
+TEST_CASE("video: with decoder threads, frames arrive in order and a failing callback stops the decoding", "[video]") {
+  TempDir dir;
+  const auto clip = counter_clip(dir.path() / "c.mp4", 2.0, 30);
+  VideoOptions o = small(FrameSampling::all);
+  o.threads = 2;  // every frame with several threads: decoding runs on its own thread
+  std::vector<int64_t> indices;
+  std::vector<double> times;
+  const VideoDecodeStats stats = for_each_video_frame(clip, o, [&](const FrameView& f) {
+    indices.push_back(f.index);
+    times.push_back(f.timestamp_s);
+  });
+  REQUIRE(indices.size() == 60);
+  CHECK(stats.frames_returned == 60);
+  for (size_t i = 0; i < indices.size(); ++i) CHECK(indices[i] == static_cast<int64_t>(i));
+  CHECK(std::is_sorted(times.begin(), times.end()));
+
+  // The callback's exception reaches the caller, no later frame is delivered, and nothing hangs.
+  int delivered = 0;
+  CHECK_THROWS_WITH(for_each_video_frame(clip, o,
+                                         [&](const FrameView&) {
+                                           if (++delivered == 5) throw std::runtime_error("stop at five");
+                                         }),
+                    "stop at five");
+  CHECK(delivered == 5);
 }
 
 TEST_CASE("video: bytes in memory decode like the file", "[video]") {
