@@ -5,7 +5,6 @@
 
 #include "attention/positional.h"
 #include "core/error.h"
-#include "core/linear.h"
 
 namespace longnet::attention {
 namespace {
@@ -89,7 +88,7 @@ MultiheadDilatedAttentionImpl::MultiheadDilatedAttentionImpl(const MultiheadDila
   options_.validate();
   const int64_t c = options_.embed_dim, d = options_.head_dim();
   const auto linear = [&](int64_t in, int64_t out) {
-    return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(options_.bias));
+    return longnet::Linear(torch::nn::LinearOptions(in, out).bias(options_.bias));
   };
   q_proj_ = register_module("q_proj", linear(c, options_.heads * d));
   k_proj_ = register_module("k_proj", linear(c, options_.kv_heads * d));
@@ -125,8 +124,8 @@ std::pair<at::Tensor, at::Tensor> MultiheadDilatedAttentionImpl::queries_and_key
                 ", got " + shape_string(x.sizes()));
   }
   const int64_t b = x.size(0), n = x.size(1), d = options_.head_dim();
-  at::Tensor q = apply_linear(q_proj_, x).view({b, n, options_.heads, d});     // q: (B, N, H, D)
-  at::Tensor k = apply_linear(k_proj_, x).view({b, n, options_.kv_heads, d});  // k: (B, N, Hkv, D)
+  at::Tensor q = q_proj_(x).view({b, n, options_.heads, d});     // q: (B, N, H, D)
+  at::Tensor k = k_proj_(x).view({b, n, options_.kv_heads, d});  // k: (B, N, Hkv, D)
   if (options_.qk_layernorm) {
     // Under autocast LayerNorm returns float32; q and k go back to v's dtype, which dilated_attention requires.
     q = q_norm_(q).to(q.scalar_type());
@@ -155,7 +154,7 @@ at::Tensor MultiheadDilatedAttentionImpl::forward(const at::Tensor& x,
   const at::Tensor xa = autocast_input(x);
   auto [q, k] = queries_and_keys(xa, shard);
   const int64_t b = x.size(0), n = x.size(1), d = options_.head_dim();
-  const at::Tensor v = apply_linear(v_proj_, xa).view({b, n, options_.kv_heads, d});  // v: (B, N, Hkv, D)
+  const at::Tensor v = v_proj_(xa).view({b, n, options_.kv_heads, d});  // v: (B, N, Hkv, D)
 
   AttentionOptions attention_options;
   attention_options.key_padding_mask = key_padding_mask;
@@ -166,7 +165,7 @@ at::Tensor MultiheadDilatedAttentionImpl::forward(const at::Tensor& x,
   at::Tensor o = attended.out.reshape({b, n, options_.heads * d});
   o = at::dropout(o, options_.dropout, is_training());
   if (options_.sub_layernorm) o = sub_norm_(o);
-  return apply_linear(out_proj_, o);  // (B, N, C)
+  return out_proj_(o);  // (B, N, C)
 }
 
 }  // namespace longnet::attention

@@ -49,6 +49,7 @@
 #include <torch/nn/pimpl.h>
 
 #include "attention/dilated_attention.h"
+#include "core/linear.h"
 
 namespace longnet::attention {
 
@@ -111,7 +112,7 @@ class MultiheadDilatedAttentionImpl : public torch::nn::Module {
 
  private:
   MultiheadDilatedAttentionOptions options_;
-  torch::nn::Linear q_proj_{nullptr}, k_proj_{nullptr}, v_proj_{nullptr}, out_proj_{nullptr};
+  longnet::Linear q_proj_{nullptr}, k_proj_{nullptr}, v_proj_{nullptr}, out_proj_{nullptr};
   torch::nn::LayerNorm q_norm_{nullptr}, k_norm_{nullptr};  // qk_layernorm only
   torch::nn::LayerNorm sub_norm_{nullptr};                  // sub_layernorm only
   at::Tensor relative_bias_table_;                          // (H, num_buckets), relative_bias only

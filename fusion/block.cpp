@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 
 #include "core/error.h"
-#include "core/linear.h"
 #include "fusion/checkpoint.h"
 
 namespace longnet::fusion {
@@ -49,23 +48,23 @@ TransformerBlockImpl::TransformerBlockImpl(const ModelConfig& model, const Atten
   attention_ = register_module("attention", attention::MultiheadDilatedAttention(attention_options(model, attention)));
   mlp_norm_ = register_module("mlp_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c})));
   const int64_t fc1_out = mlp_kind_ == MlpKind::swiglu ? 2 * hidden : hidden;
-  fc1_ = register_module("fc1", torch::nn::Linear(torch::nn::LinearOptions(c, fc1_out)));
+  fc1_ = register_module("fc1", longnet::Linear(torch::nn::LinearOptions(c, fc1_out)));
   if (model.sub_layernorm) {
     mlp_sub_norm_ = register_module("mlp_sub_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({hidden})));
   }
-  fc2_ = register_module("fc2", torch::nn::Linear(torch::nn::LinearOptions(hidden, c)));
+  fc2_ = register_module("fc2", longnet::Linear(torch::nn::LinearOptions(hidden, c)));
 }
 
 at::Tensor TransformerBlockImpl::mlp(const at::Tensor& x) {
   at::Tensor h;  // (..., hidden)
   if (mlp_kind_ == MlpKind::swiglu) {
-    const auto gate_up = apply_linear(fc1_, x).chunk(2, -1);
+    const auto gate_up = fc1_(x).chunk(2, -1);
     h = at::silu(gate_up[0]) * gate_up[1];
   } else {
-    h = at::gelu(apply_linear(fc1_, x));
+    h = at::gelu(fc1_(x));
   }
   if (mlp_sub_norm_) h = mlp_sub_norm_(h);
-  return apply_linear(fc2_, h);
+  return fc2_(h);
 }
 
 at::Tensor TransformerBlockImpl::forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask,

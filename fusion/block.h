@@ -22,6 +22,7 @@
 
 #include "attention/dilated_attention.h"
 #include "attention/multihead_dilated_attention.h"
+#include "core/linear.h"
 #include "fusion/model_config.h"
 
 namespace longnet::fusion {
@@ -73,8 +74,8 @@ class TransformerBlockImpl : public torch::nn::Module {
   bool checkpoint_;
   torch::nn::LayerNorm attention_norm_{nullptr}, mlp_norm_{nullptr};
   attention::MultiheadDilatedAttention attention_{nullptr};
-  torch::nn::Linear fc1_{nullptr};  // C → hidden (GELU) or C → 2·hidden, [gate | up] in one matmul (SwiGLU)
-  torch::nn::Linear fc2_{nullptr};  // hidden → C
+  longnet::Linear fc1_{nullptr};  // C → hidden (GELU) or C → 2·hidden, [gate | up] in one matmul (SwiGLU)
+  longnet::Linear fc2_{nullptr};  // hidden → C
   torch::nn::LayerNorm mlp_sub_norm_{nullptr};  // sub_layernorm only
 };
 

@@ -6,7 +6,6 @@
 #include <ATen/ATen.h>
 
 #include "core/error.h"
-#include "core/linear.h"
 
 #ifdef LONGNET_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
@@ -68,10 +67,10 @@ MultimodalModelImpl::MultimodalModelImpl(const ModelConfig& model, const Attenti
     }
     stack_norms_[idx(m)] = register_module("stack_" + name + "_norm",
                                            torch::nn::LayerNorm(torch::nn::LayerNormOptions({c})));
-    projections_[idx(m)] = register_module("projection_" + name, torch::nn::Linear(c, e));
+    projections_[idx(m)] = register_module("projection_" + name, longnet::Linear(c, e));
   }
   fusion_ = register_module("fusion", make_strategy(ctx));
-  joint_projection_ = register_module("joint_projection", torch::nn::Linear(c, e));
+  joint_projection_ = register_module("joint_projection", longnet::Linear(c, e));
 }
 
 at::Tensor MultimodalModelImpl::run_stack(Modality m, const ModalityInput& input, const at::Tensor& rows) {
@@ -222,12 +221,12 @@ MultimodalOutput MultimodalModelImpl::forward_batch(const MultimodalInput& input
   }
 
   // ---- fusion and heads ------------------------------------------------------------------------------------------------
-  out.joint = l2_normalise(apply_linear(joint_projection_, fusion_->forward(fusion_in)));
+  out.joint = l2_normalise(joint_projection_(fusion_->forward(fusion_in)));
   for (Modality m : kAllModalities) {
     if (!out.tokens[idx(m)].defined()) continue;
     const at::Tensor pooled = masked_mean(out.tokens[idx(m)], fusion_in.padding[idx(m)]);
     out.embeddings[idx(m)] =
-        zero_absent(l2_normalise(apply_linear(projections_[idx(m)], pooled)), present.select(1, col(m)));
+        zero_absent(l2_normalise(projections_[idx(m)](pooled)), present.select(1, col(m)));
   }
   if (out.tokens[idx(Modality::text)].defined()) {
     const at::Tensor logits = at::linear(out.tokens[idx(Modality::text)],

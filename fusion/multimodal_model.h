@@ -44,6 +44,7 @@
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
 
+#include "core/linear.h"
 #include "fusion/block.h"
 #include "fusion/fusion_config.h"
 #include "fusion/model_config.h"
@@ -109,8 +110,8 @@ class MultimodalModelImpl : public torch::nn::Module {
   std::array<std::vector<TransformerBlock>, modalities::kModalityCount> stacks_;
   std::array<torch::nn::LayerNorm, modalities::kModalityCount> stack_norms_{nullptr, nullptr, nullptr, nullptr};
   std::shared_ptr<FusionStrategyImpl> fusion_;
-  std::array<torch::nn::Linear, modalities::kModalityCount> projections_{nullptr, nullptr, nullptr, nullptr};
-  torch::nn::Linear joint_projection_{nullptr};
+  std::array<longnet::Linear, modalities::kModalityCount> projections_{nullptr, nullptr, nullptr, nullptr};
+  longnet::Linear joint_projection_{nullptr};
 };
 
 TORCH_MODULE(MultimodalModel);

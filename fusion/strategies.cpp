@@ -145,8 +145,8 @@ class MultiwayBlockImpl : public torch::nn::Module {
       Expert& e = experts_[idx(m)];
       e.norm = register_module(name + "_norm", make_norm(c));
       const int64_t fc1_out = model_.mlp == MlpKind::swiglu ? 2 * hidden : hidden;
-      e.fc1 = register_module(name + "_fc1", torch::nn::Linear(c, fc1_out));
-      e.fc2 = register_module(name + "_fc2", torch::nn::Linear(hidden, c));
+      e.fc1 = register_module(name + "_fc1", longnet::Linear(c, fc1_out));
+      e.fc2 = register_module(name + "_fc2", longnet::Linear(hidden, c));
     }
   }
 
@@ -187,17 +187,17 @@ class MultiwayBlockImpl : public torch::nn::Module {
  private:
   struct Expert {
     torch::nn::LayerNorm norm{nullptr};
-    torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+    longnet::Linear fc1{nullptr}, fc2{nullptr};
   };
 
   at::Tensor expert(Modality m, const at::Tensor& x) {
     Expert& e = experts_[idx(m)];
-    const at::Tensor h = apply_linear(e.fc1, e.norm(x));
+    const at::Tensor h = e.fc1(e.norm(x));
     if (model_.mlp == MlpKind::swiglu) {
       const auto gate_up = h.chunk(2, -1);
-      return apply_linear(e.fc2, at::silu(gate_up[0]) * gate_up[1]);
+      return e.fc2(at::silu(gate_up[0]) * gate_up[1]);
     }
-    return apply_linear(e.fc2, at::gelu(h));
+    return e.fc2(at::gelu(h));
   }
 
   ModelConfig model_;
@@ -250,7 +250,7 @@ class LateFusion : public FusionStrategyImpl {
     const int64_t c = ctx.model.width;
     for (Modality m : kAllModalities) {
       if (ctx.enabled[idx(m)]) {
-        projections_[idx(m)] = register_module(modalities::to_string(m) + "_projection", torch::nn::Linear(c, c));
+        projections_[idx(m)] = register_module(modalities::to_string(m) + "_projection", longnet::Linear(c, c));
       }
     }
     gates_ = register_parameter("gates", torch::zeros({kModalityCount}));  // equal weights at the start
@@ -268,7 +268,7 @@ class LateFusion : public FusionStrategyImpl {
     for (Modality m : kAllModalities) {
       const at::Tensor& tokens = in.tokens[idx(m)];
       if (!tokens.defined()) continue;
-      const at::Tensor h = apply_linear(projections_[idx(m)], masked_mean(tokens, in.padding[idx(m)]));  // (B, C)
+      const at::Tensor h = projections_[idx(m)](masked_mean(tokens, in.padding[idx(m)]));  // (B, C)
       const at::Tensor term = normalised.select(1, static_cast<int64_t>(idx(m))).unsqueeze(1) * h;
       // where, not only the zero weight: a non-finite value in an absent row must not leak through 0 · inf.
       joint = joint + at::where(present.select(1, static_cast<int64_t>(idx(m))).unsqueeze(1), term,
@@ -289,7 +289,7 @@ class LateFusion : public FusionStrategyImpl {
 
  private:
   StrategyContext ctx_;
-  std::array<torch::nn::Linear, kModalityCount> projections_{nullptr, nullptr, nullptr, nullptr};
+  std::array<longnet::Linear, kModalityCount> projections_{nullptr, nullptr, nullptr, nullptr};
   at::Tensor gates_;
   torch::nn::LayerNorm norm_{nullptr};
 };
@@ -311,7 +311,7 @@ class ConcatFeatureFusion : public FusionStrategyImpl {
   explicit ConcatFeatureFusion(const StrategyContext& ctx) : ctx_(ctx), cross_(cross_attention(ctx)) {
     int64_t count = 0;
     for (bool e : ctx.enabled) count += e ? 1 : 0;
-    projection_ = register_module("projection", torch::nn::Linear(count * ctx.model.width, ctx.model.width));
+    projection_ = register_module("projection", longnet::Linear(count * ctx.model.width, ctx.model.width));
     for (int64_t i = 0; i < ctx.fusion.depth; ++i) {
       blocks_.push_back(register_module("block" + std::to_string(i), TransformerBlock(ctx.model, cross_)));
     }
@@ -339,7 +339,7 @@ class ConcatFeatureFusion : public FusionStrategyImpl {
       features.push_back(at::where(present.select(1, static_cast<int64_t>(idx(m))).view({b, 1, 1}), pooled,
                                    at::zeros({}, opts)));
     }
-    at::Tensor x = apply_linear(projection_, at::cat(features, -1));  // (B, T, C)
+    at::Tensor x = projection_(at::cat(features, -1));  // (B, T, C)
     for (auto& block : blocks_) x = block(x);
     return norm_(x).mean(1);
   }
@@ -355,7 +355,7 @@ class ConcatFeatureFusion : public FusionStrategyImpl {
  private:
   StrategyContext ctx_;
   AttentionConfig cross_;
-  torch::nn::Linear projection_{nullptr};
+  longnet::Linear projection_{nullptr};
   std::vector<TransformerBlock> blocks_;
   torch::nn::LayerNorm norm_{nullptr};
 };

@@ -6,7 +6,6 @@
 #include <torch/nn/init.h>
 
 #include "core/error.h"
-#include "core/linear.h"
 
 namespace longnet::modalities {
 
@@ -80,7 +79,7 @@ ModalityEncoderImpl::ModalityEncoderImpl(const EncoderOptions& options) : option
       patch_norm_ = register_module(
           "patch_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({options_.input_dim}).elementwise_affine(false)));
     }
-    patches_ = register_module("patches", torch::nn::Linear(options_.input_dim, c));
+    patches_ = register_module("patches", longnet::Linear(options_.input_dim, c));
   }
   modality_embedding_ = register_parameter("modality_embedding", torch::randn({c}) * 0.02);
   if (options_.positional == PositionalKind::learned) {
@@ -157,7 +156,7 @@ at::Tensor ModalityEncoderImpl::forward(const at::Tensor& input, const at::Tenso
       }
     }
     const at::Tensor values = input.to(patches_->weight.scalar_type());
-    h = apply_linear(patches_, patch_norm_ ? patch_norm_(values) : values);
+    h = patches_(patch_norm_ ? patch_norm_(values) : values);
   }
   return h + modality_embedding_ + positional(axis_positions, h.scalar_type());
 }

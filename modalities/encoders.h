@@ -33,6 +33,8 @@
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
 
+#include "core/linear.h"
+
 namespace longnet::modalities {
 
 // The modalities of a multimodal model, in the fixed order of presence flags (B, kModalityCount) and of fused
@@ -90,7 +92,7 @@ class ModalityEncoderImpl : public torch::nn::Module {
 
   EncoderOptions options_;
   torch::nn::Embedding tokens_{nullptr};     // text
-  torch::nn::Linear patches_{nullptr};       // image, video, audio
+  longnet::Linear patches_{nullptr};       // image, video, audio
   torch::nn::LayerNorm patch_norm_{nullptr}; // audio: log-mel levels vary by recording; no affine
   at::Tensor modality_embedding_;            // (C)
   std::vector<torch::nn::Embedding> position_tables_;  // learned: one (max_positions, C) per axis
