@@ -905,7 +905,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
         step_loss = std::isfinite(packed[0].item<double>()) ? weighted : packed[0].item<double>();
       }
       if (std::isfinite(step_loss) && c.train.grad_clip > 0) {
-        grad_norm = torch::nn::utils::clip_grad_norm_(parameters, c.train.grad_clip);
+        grad_norm = clip_grad_norm(parameters, c.train.grad_clip);
       }
       apply = failures.accept(step, step_loss, grad_norm);
     } catch (const c10::OutOfMemoryError& e) {

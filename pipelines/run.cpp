@@ -176,7 +176,7 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
         step_loss = total.item<double>() / static_cast<double>(data_size);
       }
       if (std::isfinite(step_loss) && c.train.grad_clip > 0) {
-        grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), c.train.grad_clip);
+        grad_norm = clip_grad_norm(model->parameters(), c.train.grad_clip);
       }
       apply = failures.accept(step, step_loss, grad_norm);
     } catch (const c10::OutOfMemoryError& e) {

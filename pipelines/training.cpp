@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <map>
+#include <optional>
 #include <cmath>
 #include <cstdio>
 #include <sstream>
@@ -53,6 +54,86 @@ double learning_rate(const TrainConfig& t, int64_t step) {
   return floor + 0.5 * (t.lr - floor) * (1.0 + std::cos(M_PI * progress));
 }
 
+namespace {
+
+// torch's AdamW whose step runs the fused multi-tensor kernel (at::_fused_adamw_: a few launches per parameter group
+// instead of about ten per parameter; on a GPU the per-parameter loop was launch-bound). The state, its
+// serialisation and the update rule are AdamW's: decoupled weight decay p ← p·(1 − lr·λ), bias-corrected moments.
+// Groups the kernel cannot take (amsgrad, sparse or non-contiguous gradients, parameters spread over devices or
+// dtypes) run torch's per-parameter step instead.
+class FusedAdamW final : public torch::optim::AdamW {
+ public:
+  using AdamW::AdamW;
+
+  torch::Tensor step(LossClosure closure = nullptr) override {
+    if (!fusable()) return AdamW::step(std::move(closure));
+    const torch::NoGradGuard no_grad;
+    torch::Tensor loss;
+    if (closure != nullptr) {
+      const at::AutoGradMode enable_grad(true);
+      loss = closure();
+    }
+    for (auto& group : param_groups_) {
+      const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
+      // The kernel reads one step count per parameter; parameters that missed steps (no gradient) have their own.
+      std::map<int64_t, Lists> by_step;
+      for (auto& p : group.params()) {
+        if (!p.grad().defined()) continue;
+        auto& slot = state_[p.unsafeGetTensorImpl()];
+        if (!slot) {
+          auto fresh = std::make_unique<torch::optim::AdamWParamState>();
+          fresh->exp_avg(torch::zeros_like(p, at::MemoryFormat::Preserve));
+          fresh->exp_avg_sq(torch::zeros_like(p, at::MemoryFormat::Preserve));
+          slot = std::move(fresh);
+        }
+        auto& st = static_cast<torch::optim::AdamWParamState&>(*slot);
+        st.step(st.step() + 1);
+        Lists& l = by_step[st.step()];
+        l.params.push_back(p);
+        l.grads.push_back(p.grad());
+        l.exp_avgs.push_back(st.exp_avg());
+        l.exp_avg_sqs.push_back(st.exp_avg_sq());
+      }
+      for (auto& [count, l] : by_step) {
+        const auto step_t = torch::full({}, static_cast<double>(count), l.params.front().options().dtype(at::kFloat));
+        const std::vector<at::Tensor> steps(l.params.size(), step_t);
+        at::_fused_adamw_(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, {}, steps, o.lr(), std::get<0>(o.betas()),
+                          std::get<1>(o.betas()), o.weight_decay(), o.eps(), /*amsgrad=*/false, /*maximize=*/false);
+      }
+    }
+    return loss;
+  }
+
+ private:
+  struct Lists {
+    std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs;
+  };
+
+  bool fusable() const {
+    std::optional<at::Device> device;
+    std::optional<at::ScalarType> dtype;
+    for (const auto& group : param_groups_) {
+      if (static_cast<const torch::optim::AdamWOptions&>(group.options()).amsgrad()) return false;
+      for (const auto& p : group.params()) {
+        if (!p.grad().defined()) continue;
+        const auto& g = p.grad();
+        if (g.is_sparse() || !p.is_contiguous() || !g.is_contiguous() || g.scalar_type() != p.scalar_type() ||
+            g.device() != p.device() || !at::isFloatingType(p.scalar_type())) {
+          return false;
+        }
+        if (device.value_or(p.device()) != p.device() || dtype.value_or(p.scalar_type()) != p.scalar_type()) {
+          return false;
+        }
+        device = p.device();
+        dtype = p.scalar_type();
+      }
+    }
+    return true;
+  }
+};
+
+}  // namespace
+
 std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<at::Tensor>& parameters, const TrainConfig& t) {
   std::vector<at::Tensor> decay, no_decay;
   for (const auto& p : parameters) (p.dim() >= 2 ? decay : no_decay).push_back(p);
@@ -63,7 +144,21 @@ std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<at::Tensor>& p
   std::vector<torch::optim::OptimizerParamGroup> groups;
   groups.emplace_back(decay, options(t.weight_decay));
   groups.emplace_back(no_decay, options(0.0));
-  return std::make_unique<torch::optim::AdamW>(std::move(groups));
+  return std::make_unique<FusedAdamW>(std::move(groups));
+}
+
+double clip_grad_norm(const std::vector<at::Tensor>& parameters, double max_norm) {
+  const torch::NoGradGuard no_grad;
+  std::vector<at::Tensor> grads;
+  for (const auto& p : parameters) {
+    if (p.grad().defined()) grads.push_back(p.grad());
+  }
+  if (grads.empty()) return 0.0;
+  const auto norms = at::_foreach_norm(grads, 2);
+  const auto total = norms.size() == 1 ? norms.front() : at::stack(norms).norm(2);
+  const auto coef = torch::clamp(max_norm / (total + 1e-6), std::nullopt, 1.0);
+  at::_foreach_mul_(grads, coef);
+  return total.item<double>();
 }
 
 void set_learning_rate(torch::optim::Optimizer& optimizer, double lr) {

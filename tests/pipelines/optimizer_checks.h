@@ -1,0 +1,112 @@
+// Checks shared by the CPU and GPU tests of pipelines/training.h's optimizer and clipping: each compares the fast
+// path against torch's own per-parameter implementation on the same parameters and gradients.
+#pragma once
+
+#include <cmath>
+#include <sstream>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "pipelines/training.h"
+
+#include <catch2/catch.hpp>
+
+namespace longnet::test {
+
+inline double max_relative_difference(const at::Tensor& a, const at::Tensor& b) {
+  const auto a64 = a.detach().to(at::kCPU, at::kDouble), b64 = b.detach().to(at::kCPU, at::kDouble);
+  return ((a64 - b64).abs().max() / b64.abs().max().clamp_min(1e-30)).item<double>();
+}
+
+// Parameters shaped like a model's (matrices, decayed; vectors, not) and seeded gradients for step `step`. The last
+// parameter gets no gradient on odd steps, so its step count falls behind the others'.
+inline std::vector<at::Tensor> make_parameters(const at::Device& device) {
+  torch::manual_seed(11);
+  const auto opts = torch::TensorOptions().device(device).dtype(torch::kFloat);
+  return {torch::randn({16, 8}, opts).requires_grad_(), torch::randn({8}, opts).requires_grad_(),
+          torch::randn({3, 4, 5}, opts).requires_grad_(), torch::randn({5}, opts).requires_grad_()};
+}
+
+inline void set_gradients(std::vector<at::Tensor>& params, int step) {
+  torch::manual_seed(100 + step);
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto g = torch::randn(params[i].sizes(), torch::dtype(torch::kFloat)) * (1.0 + static_cast<double>(i));
+    if (i + 1 == params.size() && step % 2 == 1) {
+      params[i].mutable_grad() = at::Tensor();
+    } else {
+      params[i].mutable_grad() = g.to(params[i].device());
+    }
+  }
+}
+
+// make_adamw's optimizer (fused where it applies) against torch::optim::AdamW with the same groups, over steps with
+// a changing learning rate and a parameter that skips steps; then a checkpoint of the fused optimizer restored into
+// torch's continues identically.
+inline void check_fused_adamw_matches_torch(const at::Device& device) {
+  pipelines::TrainConfig train;
+  train.lr = 1e-2;
+  train.weight_decay = 0.1;
+  auto ours = make_parameters(device), theirs = make_parameters(device);
+  auto fused = pipelines::make_adamw(ours, train);
+  std::vector<at::Tensor> decay{theirs[0], theirs[2]}, no_decay{theirs[1], theirs[3]};
+  auto options = [&](double wd) {
+    return std::make_unique<torch::optim::AdamWOptions>(
+        torch::optim::AdamWOptions(train.lr).betas({train.beta1, train.beta2}).weight_decay(wd));
+  };
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, options(train.weight_decay));
+  groups.emplace_back(no_decay, options(0.0));
+  torch::optim::AdamW plain(std::move(groups));
+  auto run = [&](torch::optim::Optimizer& optimizer, int first, int last) {
+    for (int step = first; step < last; ++step) {
+      const double lr = train.lr * (1.0 - 0.1 * step);
+      pipelines::set_learning_rate(optimizer, lr);
+      pipelines::set_learning_rate(plain, lr);
+      set_gradients(ours, step);
+      set_gradients(theirs, step);
+      optimizer.step();
+      plain.step();
+    }
+    for (size_t i = 0; i < ours.size(); ++i) {
+      INFO("parameter " << i << " after step " << last);
+      CHECK(max_relative_difference(ours[i], theirs[i]) < 1e-6);
+      CHECK(!ours[i].equal(make_parameters(device)[i]));  // it moved
+    }
+  };
+  run(*fused, 0, 5);
+
+  // A resumed run: a fresh optimizer loads the checkpoint and goes on.
+  torch::serialize::OutputArchive saved;
+  fused->save(saved);
+  std::ostringstream bytes;
+  saved.save_to(bytes);
+  auto restored = pipelines::make_adamw(ours, train);
+  torch::serialize::InputArchive loaded;
+  std::istringstream in(bytes.str());
+  loaded.load_from(in, device);
+  restored->load(loaded);
+  const auto& state = static_cast<const torch::optim::AdamWParamState&>(
+      *restored->state().at(ours[3].unsafeGetTensorImpl()));
+  CHECK(state.step() == 3);  // steps 0, 2 and 4
+  run(*restored, 5, 8);
+}
+
+// clip_grad_norm against torch::nn::utils::clip_grad_norm_, clipping (max below the norm) and not.
+inline void check_clip_matches_torch(const at::Device& device) {
+  for (const double max_norm : {0.5, 1e6}) {
+    INFO("max_norm " << max_norm);
+    auto ours = make_parameters(device), theirs = make_parameters(device);
+    set_gradients(ours, 1);
+    set_gradients(theirs, 1);
+    const double a = pipelines::clip_grad_norm(ours, max_norm);
+    const double b = torch::nn::utils::clip_grad_norm_(theirs, max_norm);
+    CHECK(std::abs(a - b) <= 1e-6 * b);
+    for (size_t i = 0; i + 1 < ours.size(); ++i) {
+      CHECK(max_relative_difference(ours[i].grad(), theirs[i].grad()) < 1e-6);
+    }
+    CHECK(!ours.back().grad().defined());
+  }
+}
+
+}  // namespace longnet::test
