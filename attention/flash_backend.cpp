@@ -68,7 +68,12 @@ struct Geometry {
 };
 
 // One fused-attention call: batches [b0, b0 + nb), segments [s0, s0 + ns) of `seg_len` tokens starting at
-// `first_token` (+ s·seg_len), rows o, o + r, ... of each segment, query heads head0, head0 + r, ... (all ≡ o mod r).
+// `first_token` (+ s·seg_len); query heads head0 + j·head_step (j < heads), head j on rows o + j·offset_step,
+// o + j·offset_step + r, ... of each segment, `rows` of them. Two layouts, both zero-copy strided views:
+//  - by offset (head_step = r, offset_step = 0): the heads ≡ o (mod r), all on the same rows; min(r, H) calls;
+//  - by block (head_step = 1, offset_step = 1): consecutive heads k·r, k·r + 1, ... on offsets 0, 1, ... (head j of a
+//    branch uses offset j mod r), so one call takes up to r offsets at once; ⌈H / r⌉ calls. Fewer and larger calls
+//    for r > 2 (r ≥ H: one call per branch instead of H one-head calls); needs one kv head per query head.
 struct Call {
   int64_t b0, nb;
   int64_t first_token;  // token of row 0 of segment 0 of this call
@@ -78,13 +83,48 @@ struct Call {
   int64_t rows;   // L = rows per segment
   int64_t head0;  // first query head
   int64_t heads;  // Hs = query heads per call
+  int64_t head_step = 0, offset_step = 0;
   int64_t batch() const { return nb * ns; }
+  // Element stride between consecutive heads of the call in a (B, N, X, D) tensor (token = X·D elements).
+  int64_t head_stride(int64_t D, int64_t token) const { return head_step * D + offset_step * token; }
 };
 
 // The query heads of [lo, hi) that are ≡ o (mod r): the first one and their count (0 when there is none).
 std::pair<int64_t, int64_t> heads_with_offset(int64_t lo, int64_t hi, int64_t r, int64_t o) {
   const int64_t first = lo + ((o - lo) % r + r) % r;
   return {first, first < hi ? (hi - 1 - first) / r + 1 : 0};
+}
+
+// A set of query heads attending over the same number of rows per segment: the Call fields other than the batch and
+// segment ranges.
+struct HeadGroup {
+  int64_t o, rows, head0, heads, head_step, offset_step;
+};
+
+// The head groups of a branch's heads [lo, hi) over segments of `len` tokens at dilation r, in the layout with fewer
+// calls (see Call). Row counts per offset, ⌈(len − o) / r⌉, take at most two values, so a block splits where they
+// change. Blocks are used only where each call has two rows or more (one-row calls take another engine).
+std::vector<HeadGroup> head_groups(int64_t len, int64_t r, int64_t lo, int64_t hi, bool blocks_allowed) {
+  auto rows_at = [&](int64_t o) { return (len - o + r - 1) / r; };
+  std::vector<HeadGroup> by_offset, by_block;
+  for (int64_t o = 0; o < std::min(r, len); ++o) {
+    const auto [head0, heads] = heads_with_offset(lo, hi, r, o);
+    if (heads > 0) by_offset.push_back({o, rows_at(o), head0, heads, r, 0});
+  }
+  bool blocks_ok = blocks_allowed && r > 1;
+  for (int64_t h = lo; blocks_ok && h < hi;) {
+    const int64_t o = h % r;
+    if (o >= len) {  // offsets past the segment have no rows
+      h += r - o;
+      continue;
+    }
+    int64_t end = std::min(hi, h - o + std::min(r, len));  // the block's heads with rows
+    while (end > h + 1 && rows_at(end - 1 - (h - o)) != rows_at(o)) --end;
+    if (rows_at(o) < 2) blocks_ok = false;
+    by_block.push_back({o, rows_at(o), h, end - h, 1, 1});
+    h = end;
+  }
+  return blocks_ok && by_block.size() < by_offset.size() ? by_block : by_offset;
 }
 
 // Splits every branch into calls. Segments of one batch merge into the call's batch dimension for free; batches
@@ -94,38 +134,34 @@ std::vector<Call> plan_calls(const Geometry& g, const DilatedAttentionConfig& co
   std::vector<Call> calls;
   const int64_t token = g.H * g.D;  // elements per token of q (the largest of q, k, v)
   const int64_t batch_span = g.N * token;
+  const bool blocks_allowed = g.Hkv == g.H;
   for (size_t i = 0; i < config.segment_lengths.size(); ++i) {
     const int64_t w = std::min(config.segment_lengths[i], g.N);  // w > N is clamped to N
     const int64_t r = config.dilation_rates[i];
     const int64_t full = g.N / w, tail = g.N % w;
     const auto [lo, hi] = config.branch_heads(i, g.H);
-    for (int64_t o = 0; o < r; ++o) {
-      const auto [head0, heads] = heads_with_offset(lo, hi, r, o);
-      if (heads == 0) continue;
-      if (full > 0 && o < w) {
-        const int64_t rows = (w - o + r - 1) / r;
+    auto call = [&](const HeadGroup& h, int64_t b0, int64_t nb, int64_t first_token, int64_t seg_len, int64_t ns) {
+      return Call{b0, nb, first_token, seg_len, ns, r, h.o, h.rows, h.head0, h.heads, h.head_step, h.offset_step};
+    };
+    if (full > 0) {
+      for (const HeadGroup& h : head_groups(w, r, lo, hi, blocks_allowed)) {
         const int64_t seg_span = w * token;
         if (full * w == g.N && batch_span <= kMaxSpanPerCall) {
           const int64_t nb = std::max<int64_t>(1, kMaxSpanPerCall / batch_span);
-          for (int64_t b0 = 0; b0 < g.B; b0 += nb) {
-            calls.push_back({b0, std::min(nb, g.B - b0), 0, w, full, r, o, rows, head0, heads});
-          }
+          for (int64_t b0 = 0; b0 < g.B; b0 += nb) calls.push_back(call(h, b0, std::min(nb, g.B - b0), 0, w, full));
         } else {
           const int64_t ns = std::max<int64_t>(1, kMaxSpanPerCall / seg_span);
           for (int64_t b = 0; b < g.B; ++b) {
-            for (int64_t s0 = 0; s0 < full; s0 += ns) {
-              calls.push_back({b, 1, s0 * w, w, std::min(ns, full - s0), r, o, rows, head0, heads});
-            }
+            for (int64_t s0 = 0; s0 < full; s0 += ns) calls.push_back(call(h, b, 1, s0 * w, w, std::min(ns, full - s0)));
           }
         }
       }
-      if (tail > 0 && o < tail) {
-        const int64_t rows = (tail - o + r - 1) / r;
+    }
+    if (tail > 0) {
+      for (const HeadGroup& h : head_groups(tail, r, lo, hi, blocks_allowed)) {
         const int64_t spare = kMaxSpanPerCall - tail * token;
         const int64_t nb = std::max<int64_t>(1, spare > 0 ? spare / batch_span + 1 : 1);
-        for (int64_t b0 = 0; b0 < g.B; b0 += nb) {
-          calls.push_back({b0, std::min(nb, g.B - b0), full * w, tail, 1, r, o, rows, head0, heads});
-        }
+        for (int64_t b0 = 0; b0 < g.B; b0 += nb) calls.push_back(call(h, b0, std::min(nb, g.B - b0), full * w, tail, 1));
       }
     }
   }
@@ -134,28 +170,35 @@ std::vector<Call> plan_calls(const Geometry& g, const DilatedAttentionConfig& co
 
 // The call restricted to the query heads in [lo, hi); nullopt when it has none there.
 std::optional<Call> restrict_heads(const Call& c, int64_t lo, int64_t hi) {
-  const auto [head0, heads] = heads_with_offset(std::max(lo, c.head0), std::min(hi, c.head0 + c.heads * c.r), c.r,
-                                                c.o);
-  if (heads == 0) return std::nullopt;
   Call sub = c;
-  sub.head0 = head0;
-  sub.heads = heads;
+  if (c.offset_step == 0) {
+    const auto [head0, heads] = heads_with_offset(std::max(lo, c.head0), std::min(hi, c.head0 + c.heads * c.r), c.r,
+                                                  c.o);
+    sub.head0 = head0;
+    sub.heads = heads;
+  } else {  // a block: consecutive heads on consecutive offsets
+    const int64_t first = std::max(lo, c.head0), last = std::min(hi, c.head0 + c.heads);
+    sub.head0 = first;
+    sub.heads = last - first;
+    sub.o = c.o + (first - c.head0);
+  }
+  if (sub.heads <= 0) return std::nullopt;
   return sub;
 }
 
-// gather: x (B, N, X, D) contiguous → (nb·ns, heads, L, D), a zero-copy view of the call's rows and of heads
-// head0, head0 + head_step, ... `view` (not reshape) proves that no copy happens.
-at::Tensor sparsify(const at::Tensor& x, const Call& c, int64_t head0, int64_t head_step, int64_t heads) {
+// gather: x (B, N, X, D) contiguous → (nb·ns, heads, L, D), a zero-copy view of the call's rows and of `heads`
+// heads from head0, `head_stride` elements apart. `view` (not reshape) proves that no copy happens.
+at::Tensor sparsify(const at::Tensor& x, const Call& c, int64_t head0, int64_t head_stride, int64_t heads) {
   const int64_t N = x.size(1), D = x.size(3), token = x.size(2) * D;
   const int64_t offset = x.storage_offset() + c.b0 * N * token + (c.first_token + c.o) * token + head0 * D;
-  return x.as_strided({c.nb, c.ns, heads, c.rows, D}, {N * token, c.seg_len * token, head_step * D, c.r * token, 1},
+  return x.as_strided({c.nb, c.ns, heads, c.rows, D}, {N * token, c.seg_len * token, head_stride, c.r * token, 1},
                       offset)
       .view({c.batch(), heads, c.rows, D});
 }
 
-// The call's query heads in an (B, N, H, D) tensor, or in one holding only heads [first_head, ...) of them.
-at::Tensor sparsify_heads(const at::Tensor& x, const Call& c, int64_t first_head = 0) {
-  return sparsify(x, c, c.head0 - first_head, c.r, c.heads);
+// The call's query heads in an (B, N, H, D) tensor.
+at::Tensor sparsify_heads(const at::Tensor& x, const Call& c) {
+  return sparsify(x, c, c.head0, c.head_stride(x.size(3), x.size(2) * x.size(3)), c.heads);
 }
 
 // k or v for the call: zero-copy when every query head has its own kv head; with grouped-query heads the query heads
@@ -166,31 +209,36 @@ at::Tensor sparsify_kv(const at::Tensor& kv, const Call& c, int64_t H) {
   if (Hkv == H) return sparsify_heads(kv, c);
   const int64_t group = H / Hkv;
   std::vector<int64_t> index(c.heads);
-  for (int64_t j = 0; j < c.heads; ++j) index[j] = (c.head0 + j * c.r) / group;
+  for (int64_t j = 0; j < c.heads; ++j) index[j] = (c.head0 + j * c.head_step) / group;
   const auto idx = torch::tensor(index, torch::dtype(torch::kLong)).to(kv.device(), /*non_blocking=*/true);
-  return sparsify(kv, c, 0, 1, Hkv).index_select(1, idx);
+  TORCH_CHECK(c.offset_step == 0, "flash backend: grouped kv heads need calls by offset");
+  return sparsify(kv, c, 0, kv.size(3), Hkv).index_select(1, idx);
 }
 
 // The call's rows of lse (B, H, N) float32 as (nb, ns, heads, L), and its strides for the combine kernel.
 at::Tensor sparsify_lse(const at::Tensor& lse, const Call& c) {
   const int64_t H = lse.size(1), N = lse.size(2);
   const int64_t offset = lse.storage_offset() + c.b0 * H * N + c.head0 * N + c.first_token + c.o;
-  return lse.as_strided({c.nb, c.ns, c.heads, c.rows}, {H * N, c.seg_len, c.r * N, c.r}, offset);
+  return lse.as_strided({c.nb, c.ns, c.heads, c.rows}, {H * N, c.seg_len, c.head_step * N + c.offset_step, c.r},
+                        offset);
 }
 
-// key_padding_mask (B, N) bool → additive bias (nb·ns, heads, L, L) in q's dtype: -inf on removed keys. Expanded
-// (stride 0) over heads and query rows.
-// The call's rows of key_padding_mask (B, N) bool as (nb·ns, 1, 1, L): true where the key is removed.
+// The call's rows of key_padding_mask (B, N) bool as (nb·ns, 1, 1, L), or (nb·ns, heads, 1, L) when its heads sit
+// on different rows (by block): true where the key is removed.
 at::Tensor removed_keys(const at::Tensor& mask, const Call& c) {
   const int64_t N = mask.size(1);
   const int64_t offset = mask.storage_offset() + c.b0 * N + c.first_token + c.o;
-  return mask.as_strided({c.nb, c.ns, c.rows}, {N, c.seg_len, c.r}, offset).view({c.batch(), 1, 1, c.rows});
+  const int64_t heads = c.offset_step == 0 ? 1 : c.heads;
+  return mask.as_strided({c.nb, c.ns, heads, c.rows}, {N, c.seg_len, c.offset_step, c.r}, offset)
+      .view({c.batch(), heads, 1, c.rows});
 }
 
+// key_padding_mask (B, N) bool → additive bias (nb·ns, heads, L, L) in q's dtype: -inf on removed keys. Expanded
+// (stride 0) over query rows, and over heads when they share their rows.
 std::optional<at::Tensor> key_bias(const std::optional<at::Tensor>& mask, const Call& c, at::ScalarType dtype) {
   if (!mask) return std::nullopt;
   const auto removed = removed_keys(*mask, c);
-  return at::zeros({c.batch(), 1, 1, c.rows}, mask->options().dtype(dtype))
+  return at::zeros(removed.sizes(), mask->options().dtype(dtype))
       .masked_fill_(removed, -std::numeric_limits<double>::infinity())
       .expand({c.batch(), c.heads, c.rows, c.rows});
 }
@@ -241,7 +289,7 @@ void combine_by_lse(at::Tensor& out, at::Tensor& lse, const Attended& branch, co
   p.rows[2] = c.heads;
   p.rows[3] = c.rows;
   p.head_dim = D;
-  const int64_t out_strides[4] = {N * token, c.seg_len * token, c.r * D, c.r * token};
+  const int64_t out_strides[4] = {N * token, c.seg_len * token, c.head_stride(D, token), c.r * token};
   const auto& oi = branch.out;
   const int64_t out_i_strides[4] = {c.ns * oi.stride(0), oi.stride(0), oi.stride(1), oi.stride(2)};
   const auto& li = branch.lse;
@@ -280,7 +328,7 @@ void accumulate(const std::array<at::Tensor*, 3>& acc, const std::tuple<at::Tens
   p.rows[2] = c.heads;
   p.rows[3] = c.rows;
   p.head_dim = D;
-  const int64_t acc_strides[4] = {N * token, c.seg_len * token, c.r * D, c.r * token};
+  const int64_t acc_strides[4] = {N * token, c.seg_len * token, c.head_stride(D, token), c.r * token};
   for (int d = 0; d < 4; ++d) p.acc_strides[d] = acc_strides[d];
   p.assign = assign;
   p.dtype = element_type(std::get<0>(grad).scalar_type());
@@ -326,7 +374,7 @@ std::pair<at::Tensor, at::Tensor> forward_impl(const Problem& pb, const at::Tens
 
 // Whether call `c` touches every element of the (B, N, heads [h0, h0 + hc), D) accumulators exactly once.
 bool covers_chunk(const Call& c, const Geometry& g, int64_t h0, int64_t hc) {
-  return c.r == 1 && c.b0 == 0 && c.nb == g.B && c.first_token == 0 && c.ns * c.seg_len == g.N &&
+  return c.r == 1 && c.offset_step == 0 && c.b0 == 0 && c.nb == g.B && c.first_token == 0 && c.ns * c.seg_len == g.N &&
          c.rows == c.seg_len && c.head0 == h0 && c.heads == hc;
 }
 
