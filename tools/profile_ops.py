@@ -3,12 +3,14 @@
 Chrome trace in <run>/profile/) and sums each kernel, copy and memset under the CPU operator stack that launched it,
 so that a kernel name shared by many operators (an elementwise add, a copy) splits into its callers.
 
-    tools/profile_ops.py RUN_DIR/profile/trace.json [--top 40] [--stacks 10]
+    tools/profile_ops.py RUN_DIR/profile/trace.json [--top 40] [--stacks 10] [--gaps 20]
 
 Each row: milliseconds, share of all GPU time, launches, then the outermost autograd node (backward work) or nothing
 (forward work), the two innermost operators, and the kernel name. --stacks N prints the whole operator stack of one
-launch for each of the first N rows. Needs only Python's standard library. Exit status 2 for a missing or unreadable
-trace.
+launch for each of the first N rows. --gaps N adds the GPU's idle time: every interval of at least --min-gap-us in
+which no kernel, copy or memset runs is charged to the operator stack that launched the work ending it (what the
+host was late to launch), and the N largest of those rows are printed with their share of the traced wall time.
+Needs only Python's standard library. Exit status 2 for a missing or unreadable trace.
 """
 import argparse
 import collections
@@ -63,29 +65,67 @@ def enclosing_stacks(events, queries):
     return answers
 
 
-def attribute(events):
-    """{(node, inner ops, kernel): [microseconds, launches, example stack]} and the total microseconds."""
+def launch_stacks(events):
+    """A function from a GPU event to the CPU operator stack (outermost first) that launched it ([] if unknown)."""
     launches = {}
     for e in events:
         if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {}):
             launches[e["args"]["correlation"]] = (e["tid"], e["ts"])
     stacks = enclosing_stacks(events, launches.values())
+
+    def stack_of(gpu_event):
+        launch = launches.get(gpu_event.get("args", {}).get("correlation"))
+        return stacks[launch] if launch else []
+
+    return stack_of
+
+
+def gpu_events(events):
+    return [e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES]
+
+
+def key_of(stack):
+    """(outermost autograd node without its prefix, or ""; the two innermost operators)."""
+    node = next((name for name in stack if name.startswith("autograd::engine::evaluate_function: ")), "")
+    inner = " > ".join(stack[-2:]) if stack else "(no operator)"
+    return node.replace("autograd::engine::evaluate_function: ", ""), inner
+
+
+def attribute(events, stack_of):
+    """{(node, inner ops, kernel): [microseconds, launches, example stack]} and the total microseconds."""
     rows = {}
     total = 0.0
-    for e in events:
-        if e.get("ph") != "X" or e.get("cat") not in GPU_CATEGORIES:
-            continue
+    for e in gpu_events(events):
         duration = float(e.get("dur", 0))
         total += duration
-        launch = launches.get(e.get("args", {}).get("correlation"))
-        stack = stacks[launch] if launch else []
-        node = next((name for name in stack if name.startswith("autograd::engine::evaluate_function: ")), "")
-        inner = " > ".join(stack[-2:]) if stack else "(no operator)"
-        key = (node.replace("autograd::engine::evaluate_function: ", ""), inner, e["name"])
-        row = rows.setdefault(key, [0.0, 0, stack])
+        stack = stack_of(e)
+        row = rows.setdefault(key_of(stack) + (e["name"],), [0.0, 0, stack])
         row[0] += duration
         row[1] += 1
     return rows, total
+
+
+def idle_gaps(events, stack_of, min_gap_us):
+    """{(node, inner ops): [idle microseconds, gaps, example stack]} for the idle intervals of at least min_gap_us
+    between GPU events (all streams together), each charged to the stack that launched the event ending it; and the
+    traced wall time (first GPU start to last GPU end) and the total idle time in microseconds."""
+    spans = sorted(((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e) for e in gpu_events(events)),
+                   key=lambda span: span[0])
+    rows, idle = {}, 0.0
+    if not spans:
+        return rows, 0.0, 0.0
+    busy_until = spans[0][1]
+    for start, end, e in spans[1:]:
+        gap = start - busy_until
+        if gap > 0:
+            idle += gap
+            if gap >= min_gap_us:
+                stack = stack_of(e)
+                row = rows.setdefault(key_of(stack), [0.0, 0, stack])
+                row[0] += gap
+                row[1] += 1
+        busy_until = max(busy_until, end)
+    return rows, busy_until - spans[0][0], idle
 
 
 def main():
@@ -93,8 +133,12 @@ def main():
     parser.add_argument("trace", help="trace.json written by train.profile_from")
     parser.add_argument("--top", type=int, default=40, help="rows to print (default 40)")
     parser.add_argument("--stacks", type=int, default=0, help="print the whole stack of the first N rows")
+    parser.add_argument("--gaps", type=int, default=0, help="print the N largest rows of GPU idle time")
+    parser.add_argument("--min-gap-us", type=float, default=5.0, help="shorter idle intervals are not charged")
     args = parser.parse_args()
-    rows, total = attribute(load(args.trace))
+    events = load(args.trace)
+    stack_of = launch_stacks(events)
+    rows, total = attribute(events, stack_of)
     if total <= 0:
         fail(f"'{args.trace}' has no GPU kernels (was the run on a CUDA device?)")
     ordered = sorted(rows.items(), key=lambda item: -item[1][0])
@@ -104,6 +148,15 @@ def main():
         print(f"{us / 1e3:9.2f} {100 * us / total:5.1f}% {calls:6d}  {node[:60] or '-'} | {inner[:80]} | {kernel[:90]}")
     for (node, inner, kernel), (_, _, stack) in ordered[: args.stacks]:
         print(f"\n{kernel[:100]}\n    " + (" > ".join(stack) or "(no operator)"))
+    if args.gaps > 0:
+        gaps, wall, idle = idle_gaps(events, stack_of, args.min_gap_us)
+        charged = sum(row[0] for row in gaps.values())
+        print(f"\nGPU idle {idle / 1e3:.1f} ms of {wall / 1e3:.1f} ms traced wall time ({100 * idle / max(wall, 1e-9):.1f} %); "
+              f"{charged / 1e3:.1f} ms in {sum(row[1] for row in gaps.values())} gaps of at least {args.min_gap_us:g} us, "
+              "by the operators that launched the work ending each gap:")
+        print(f"{'ms':>9} {'wall':>6} {'gaps':>6}  backward node | innermost operators")
+        for (node, inner), (us, count, _) in sorted(gaps.items(), key=lambda item: -item[1][0])[: args.gaps]:
+            print(f"{us / 1e3:9.2f} {100 * us / max(wall, 1e-9):5.1f}% {count:6d}  {node[:60] or '-'} | {inner[:120]}")
     return 0
 
 

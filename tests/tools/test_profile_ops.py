@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """tools/profile_ops.py on a small hand-made Kineto trace: kernels are summed under the operator stack that launched
 them (forward and backward work apart, one kernel name split by caller), shares add up, --stacks prints the stack,
-and a missing file, a file that is not a trace and a trace without kernels exit 2 with a message.
+--gaps charges each idle interval to the operators that launched the work ending it, and a missing file, a file that
+is not a trace and a trace without kernels exit 2 with a message.
 
     tests/tools/test_profile_ops.py [path/to/profile_ops.py]
 """
@@ -72,6 +73,30 @@ with tempfile.TemporaryDirectory() as tmp:
     shares = sum(float(l.split()[1].rstrip("%")) for l in rows)
     check(abs(shares - 100.0) < 0.5, f"shares add up to 100 % ({shares})")
     check("    aten::linear > aten::addmm" in r.stdout, "--stacks prints the whole stack of the first row")
+
+    # Idle time: kernels at [0, 100], [150, 250], [252, 300], [400, 500] leave gaps of 50, 2 and 100 us; the 2 us
+    # gap is under --min-gap-us and is counted as idle but charged to no row.
+    idle_events = [
+        op("aten::mm", 0, 5), launch(1, 11), op("aten::gelu", 120, 40), launch(140, 12), op("aten::add", 245, 5),
+        launch(246, 13), op("autograd::engine::evaluate_function: GeluBackward0", 300, 120, tid=2),
+        op("aten::gelu_backward", 390, 20, tid=2), launch(395, 14, tid=2),
+    ]
+    for corr, (ts, dur) in zip((11, 12, 13, 14), ((0, 100), (150, 100), (252, 48), (400, 100))):
+        idle_events.append({"ph": "X", "cat": "kernel", "name": f"k{corr}", "ts": ts, "dur": dur, "pid": 0,
+                            "tid": 7, "args": {"correlation": corr}})
+    idle_trace = os.path.join(tmp, "idle.json")
+    with open(idle_trace, "w") as f:
+        json.dump({"traceEvents": idle_events}, f)
+    r = tool(idle_trace, "--gaps", "5", "--min-gap-us", "10")
+    print(r.stdout, r.stderr)
+    check(r.returncode == 0, "--gaps exits 0")
+    check("GPU idle 0.2 ms of 0.5 ms traced wall time (30.4 %)" in r.stdout, "idle 152 us of 500 us wall")
+    gap_lines = r.stdout.split("by the operators that launched the work ending each gap:")[1].splitlines()[2:]
+    check(len(gap_lines) == 2, f"two charged gaps ({gap_lines})")
+    check(gap_lines and gap_lines[0].split()[0] == "0.10" and "GeluBackward0 | " in gap_lines[0] and
+          "aten::gelu_backward" in gap_lines[0], "the 100 us gap first, charged to GeluBackward0's launch")
+    check(len(gap_lines) > 1 and gap_lines[1].split()[0] == "0.05" and "- | aten::gelu" in gap_lines[1],
+          "the 50 us gap, charged to the forward aten::gelu")
 
     r = tool(os.path.join(tmp, "missing.json"))
     check(r.returncode == 2 and "cannot read trace" in r.stderr, "a missing file exits 2 naming it")
