@@ -44,9 +44,9 @@ TransformerBlockImpl::TransformerBlockImpl(const ModelConfig& model, const Atten
   const int64_t hidden = mlp_hidden_width(model);
   if (hidden < 1) throw ConfigError("model.mlp_ratio = " + std::to_string(model.mlp_ratio) + " leaves no MLP width");
 
-  attention_norm_ = register_module("attention_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c})));
+  attention_norm_ = register_module("attention_norm", LayerNorm(torch::nn::LayerNormOptions({c})));
   attention_ = register_module("attention", attention::MultiheadDilatedAttention(attention_options(model, attention)));
-  mlp_norm_ = register_module("mlp_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c})));
+  mlp_norm_ = register_module("mlp_norm", LayerNorm(torch::nn::LayerNormOptions({c})));
   const int64_t fc1_out = mlp_kind_ == MlpKind::swiglu ? 2 * hidden : hidden;
   fc1_ = register_module("fc1", longnet::Linear(torch::nn::LinearOptions(c, fc1_out)));
   if (model.sub_layernorm) {

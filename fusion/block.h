@@ -23,6 +23,7 @@
 #include "attention/dilated_attention.h"
 #include "attention/multihead_dilated_attention.h"
 #include "core/linear.h"
+#include "fusion/layer_norm.h"
 #include "fusion/model_config.h"
 
 namespace longnet::fusion {
@@ -62,8 +63,8 @@ class TransformerBlockImpl : public torch::nn::Module {
   at::Tensor mlp(const at::Tensor& x);
 
   attention::MultiheadDilatedAttention& attention() { return attention_; }
-  torch::nn::LayerNorm& attention_norm() { return attention_norm_; }
-  torch::nn::LayerNorm& mlp_norm() { return mlp_norm_; }
+  LayerNorm& attention_norm() { return attention_norm_; }
+  LayerNorm& mlp_norm() { return mlp_norm_; }
 
  private:
   at::Tensor run(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask,
@@ -72,7 +73,7 @@ class TransformerBlockImpl : public torch::nn::Module {
   MlpKind mlp_kind_;
   double dropout_;
   bool checkpoint_;
-  torch::nn::LayerNorm attention_norm_{nullptr}, mlp_norm_{nullptr};
+  LayerNorm attention_norm_{nullptr}, mlp_norm_{nullptr};  // outputs in the autocast dtype (fusion/layer_norm.h)
   attention::MultiheadDilatedAttention attention_{nullptr};
   longnet::Linear fc1_{nullptr};  // C → hidden (GELU) or C → 2·hidden, [gate | up] in one matmul (SwiGLU)
   longnet::Linear fc2_{nullptr};  // hidden → C

@@ -1,0 +1,232 @@
+// One warp per row: the row stays in registers (4 floats a lane per 128 columns), so the forward reads x once and
+// the backward reads x and dy once. Mean and variance are two-pass over the registers. The backward's parameter
+// gradients are per-warp column sums written to `partials` (summed by the caller).
+#include "fusion/kernels/layer_norm.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "attention/kernels/cuda_check.h"
+#include "attention/kernels/elementwise.cuh"
+
+namespace longnet::fusion::kernels {
+namespace {
+
+namespace ew = attention::kernels::elementwise;
+
+constexpr int kWarps = 8;  // warps per block
+constexpr int kThreads = 32 * kWarps;
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Four 16-bit values as one 8-byte access.
+template <typename T>
+struct alignas(4 * sizeof(T)) Quad {
+  T v[4];
+};
+
+// Lane `lane` holds columns 4·(32·k + lane) .. +3 for k < kChunks; a chunk past the width is absent.
+template <int kChunks>
+__device__ __forceinline__ bool present(int k, int lane, int64_t width) {
+  return 4 * (32 * static_cast<int64_t>(k) + lane) < width;
+}
+
+template <typename T, int kChunks>
+__global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(LayerNormForwardParams p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (row >= p.rows) return;
+  const float4* x = reinterpret_cast<const float4*>(p.x + row * p.width);
+  float4 v[kChunks];
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    if (present<kChunks>(k, lane, p.width)) {
+      v[k] = x[32 * k + lane];
+      sum += (v[k].x + v[k].y) + (v[k].z + v[k].w);
+    }
+  }
+  const float inv_width = 1.f / static_cast<float>(p.width);
+  const float mean = warp_sum(sum) * inv_width;
+  float squares = 0.f;
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    if (present<kChunks>(k, lane, p.width)) {
+      const float a = v[k].x - mean, b = v[k].y - mean, c = v[k].z - mean, d = v[k].w - mean;
+      squares += (a * a + b * b) + (c * c + d * d);
+    }
+  }
+  const float rstd = rsqrtf(warp_sum(squares) * inv_width + p.eps);
+  const float4* w = reinterpret_cast<const float4*>(p.weight);
+  const float4* b = reinterpret_cast<const float4*>(p.bias);
+  Quad<T>* y = reinterpret_cast<Quad<T>*>(static_cast<T*>(p.y) + row * p.width);
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    if (present<kChunks>(k, lane, p.width)) {
+      const float4 g = w[32 * k + lane], h = b[32 * k + lane];
+      Quad<T> out;
+      out.v[0] = ew::from_float<T>((v[k].x - mean) * rstd * g.x + h.x);
+      out.v[1] = ew::from_float<T>((v[k].y - mean) * rstd * g.y + h.y);
+      out.v[2] = ew::from_float<T>((v[k].z - mean) * rstd * g.z + h.z);
+      out.v[3] = ew::from_float<T>((v[k].w - mean) * rstd * g.w + h.w);
+      y[32 * k + lane] = out;
+    }
+  }
+  if (lane == 0) {
+    p.mean[row] = mean;
+    p.rstd[row] = rstd;
+  }
+}
+
+// dx = rstd · (g − mean(g) − x̂ · mean(g · x̂)) with g = dy · weight, x̂ = (x − mean) · rstd; each warp walks rows
+// (grid-stride) and keeps its columns' sums of dy · x̂ and dy in registers.
+template <typename T, int kChunks>
+__global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(LayerNormBackwardParams p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  const float inv_width = 1.f / static_cast<float>(p.width);
+  float4 w[kChunks], dw[kChunks], db[kChunks];
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    dw[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+    db[k] = dw[k];
+    if (present<kChunks>(k, lane, p.width)) w[k] = reinterpret_cast<const float4*>(p.weight)[32 * k + lane];
+  }
+  for (int64_t row = warp; row < p.rows; row += warps) {
+    const float4* x = reinterpret_cast<const float4*>(p.x + row * p.width);
+    const Quad<T>* dy = reinterpret_cast<const Quad<T>*>(static_cast<const T*>(p.dy) + row * p.width);
+    const float mean = p.mean[row], rstd = p.rstd[row];
+    float4 xh[kChunks], g[kChunks];
+    float sum_g = 0.f, sum_gx = 0.f;
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      if (present<kChunks>(k, lane, p.width)) {
+        const float4 xv = x[32 * k + lane];
+        const Quad<T> q = dy[32 * k + lane];
+        const float4 d = make_float4(ew::to_float(q.v[0]), ew::to_float(q.v[1]), ew::to_float(q.v[2]),
+                                     ew::to_float(q.v[3]));
+        xh[k] = make_float4((xv.x - mean) * rstd, (xv.y - mean) * rstd, (xv.z - mean) * rstd, (xv.w - mean) * rstd);
+        g[k] = make_float4(d.x * w[k].x, d.y * w[k].y, d.z * w[k].z, d.w * w[k].w);
+        sum_g += (g[k].x + g[k].y) + (g[k].z + g[k].w);
+        sum_gx += (g[k].x * xh[k].x + g[k].y * xh[k].y) + (g[k].z * xh[k].z + g[k].w * xh[k].w);
+        dw[k].x += d.x * xh[k].x;
+        dw[k].y += d.y * xh[k].y;
+        dw[k].z += d.z * xh[k].z;
+        dw[k].w += d.w * xh[k].w;
+        db[k].x += d.x;
+        db[k].y += d.y;
+        db[k].z += d.z;
+        db[k].w += d.w;
+      }
+    }
+    const float mg = warp_sum(sum_g) * inv_width, mgx = warp_sum(sum_gx) * inv_width;
+    float4* dx = reinterpret_cast<float4*>(p.dx + row * p.width);
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      if (present<kChunks>(k, lane, p.width)) {
+        dx[32 * k + lane] = make_float4(rstd * (g[k].x - mg - xh[k].x * mgx), rstd * (g[k].y - mg - xh[k].y * mgx),
+                                        rstd * (g[k].z - mg - xh[k].z * mgx), rstd * (g[k].w - mg - xh[k].w * mgx));
+      }
+    }
+  }
+  float4* out = reinterpret_cast<float4*>(p.partials + warp * 2 * p.width);
+  const int64_t half = p.width / 4;
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    if (present<kChunks>(k, lane, p.width)) {
+      out[32 * k + lane] = dw[k];
+      out[half + 32 * k + lane] = db[k];
+    }
+  }
+}
+
+int device_sms() {
+  int device = 0, sms = 0;
+  LONGNET_CUDA_CHECK(cudaGetDevice(&device));
+  LONGNET_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+void check_width(const char* launcher, int64_t width) {
+  if (width < 4 || width > kLayerNormMaxWidth || width % 4 != 0) {
+    throw std::invalid_argument(std::string(launcher) + ": width must be a multiple of 4 in [4, " +
+                                std::to_string(kLayerNormMaxWidth) + "], got " + std::to_string(width));
+  }
+}
+
+void check_pointers(const char* launcher, std::initializer_list<const void*> pointers) {
+  for (const void* ptr : pointers) {
+    if (ptr == nullptr || !ew::aligned(ptr, 16)) {
+      throw std::invalid_argument(std::string(launcher) + ": every pointer must be a 16-byte aligned device pointer");
+    }
+  }
+}
+
+// f(std::integral_constant<int, kChunks>) for the chunk count of `width`.
+template <typename F>
+void with_chunks(int64_t width, F&& f) {
+  switch ((width + 127) / 128) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+template <typename F>
+void with_half_type(const char* launcher, ElementType type, F&& f) {
+  if (type == ElementType::float32) {
+    throw std::invalid_argument(std::string(launcher) + ": the 16-bit side must be float16 or bfloat16");
+  }
+  ew::with_element_type(type, [&](auto element) {
+    if constexpr (!std::is_same_v<decltype(element), float>) f(element);
+  });
+}
+
+}  // namespace
+
+int64_t layer_norm_partial_rows(int64_t rows) {
+  const int64_t blocks = std::clamp<int64_t>((rows + kWarps - 1) / kWarps, 1, 4 * static_cast<int64_t>(device_sms()));
+  return blocks * kWarps;
+}
+
+void launch_layer_norm_forward(const LayerNormForwardParams& p) {
+  check_width("launch_layer_norm_forward", p.width);
+  if (p.rows < 0) throw std::invalid_argument("launch_layer_norm_forward: rows must be >= 0");
+  if (p.rows == 0) return;
+  check_pointers("launch_layer_norm_forward", {p.x, p.weight, p.bias, p.y, p.mean, p.rstd});
+  const unsigned grid = ew::grid_for("launch_layer_norm_forward", p.rows * 32, kThreads);
+  with_half_type("launch_layer_norm_forward", p.dtype, [&](auto element) {
+    using T = decltype(element);
+    with_chunks(p.width, [&](auto chunks) {
+      layer_norm_forward_kernel<T, decltype(chunks)::value><<<grid, kThreads, 0, p.stream>>>(p);
+    });
+  });
+  LONGNET_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_layer_norm_backward(const LayerNormBackwardParams& p) {
+  check_width("launch_layer_norm_backward", p.width);
+  if (p.rows < 0) throw std::invalid_argument("launch_layer_norm_backward: rows must be >= 0");
+  if (p.rows == 0) return;
+  check_pointers("launch_layer_norm_backward", {p.dy, p.x, p.weight, p.mean, p.rstd, p.dx, p.partials});
+  const auto grid = static_cast<unsigned>(layer_norm_partial_rows(p.rows) / kWarps);
+  with_half_type("launch_layer_norm_backward", p.dtype, [&](auto element) {
+    using T = decltype(element);
+    with_chunks(p.width, [&](auto chunks) {
+      layer_norm_backward_kernel<T, decltype(chunks)::value><<<grid, kThreads, 0, p.stream>>>(p);
+    });
+  });
+  LONGNET_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace longnet::fusion::kernels

@@ -1,0 +1,101 @@
+// fusion/layer_norm.h on a CUDA device: the one-kernel LayerNorm (float32 in, 16-bit out) against float64 on the CPU,
+// forward and all gradients, and the module under autocast against torch's LayerNorm followed by the cast.
+#include <cmath>
+#include <vector>
+
+#include <ATen/autocast_mode.h>
+#include <torch/torch.h>
+
+#include "fusion/layer_norm.h"
+
+#include <catch2/catch.hpp>
+
+using longnet::fusion::LayerNorm;
+using longnet::fusion::layer_norm_to;
+
+namespace {
+
+double relative_error(const at::Tensor& got, const at::Tensor& want) {
+  const auto g = got.detach().cpu().to(at::kDouble), w = want.detach().cpu().to(at::kDouble);
+  return ((g - w).norm() / w.norm().clamp_min(1e-30)).item<double>();
+}
+
+}  // namespace
+
+TEST_CASE("layer_norm_to matches float64 layer norm, forward and gradients", "[fusion][gpu]") {
+  REQUIRE(torch::cuda::is_available());
+  struct Case {
+    std::vector<int64_t> shape;
+    at::ScalarType dtype;
+  };
+  // Widths: the model's 768 and 512, the largest (1024), one below a chunk of 128 (100) and the smallest (4); one
+  // row, an odd row count, and a batched 3-d input.
+  const std::vector<Case> cases = {{{2, 300, 768}, at::kBFloat16}, {{7, 512}, at::kHalf},  {{1, 1024}, at::kBFloat16},
+                                   {{33, 100}, at::kBFloat16},     {{5, 4}, at::kHalf},     {{3, 4097, 768}, at::kHalf}};
+  for (const Case& c : cases) {
+    const int64_t width = c.shape.back();
+    INFO("shape " << at::IntArrayRef(c.shape) << " dtype " << c10::toString(c.dtype));
+    torch::manual_seed(static_cast<uint64_t>(width));
+    const auto f32 = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kFloat);
+    const auto x = (torch::randn(c.shape, f32) * 3 + 1).requires_grad_();
+    const auto weight = (torch::randn({width}, f32) * 0.5 + 1).requires_grad_();
+    const auto bias = (torch::randn({width}, f32) * 0.1).requires_grad_();
+    const auto y = layer_norm_to(x, weight, bias, 1e-5, c.dtype);
+    REQUIRE(y.scalar_type() == c.dtype);
+    REQUIRE(y.sizes() == x.sizes());
+    const auto dy = torch::randn(c.shape, f32).to(c.dtype);
+    y.backward(dy);
+
+    const auto x64 = x.detach().cpu().to(at::kDouble).requires_grad_();
+    const auto w64 = weight.detach().cpu().to(at::kDouble).requires_grad_();
+    const auto b64 = bias.detach().cpu().to(at::kDouble).requires_grad_();
+    const auto y64 = at::layer_norm(x64, {width}, w64, b64, 1e-5);
+    y64.backward(dy.cpu().to(at::kDouble));
+    // The output is rounded once to 16 bits (relative 2^-9 for bf16, 2^-12 for fp16); the gradients are float32.
+    const double out_tolerance = c.dtype == at::kBFloat16 ? 4e-3 : 5e-4;
+    CHECK(relative_error(y, y64) < out_tolerance);
+    CHECK(relative_error(x.grad(), x64.grad()) < 1e-5);
+    CHECK(relative_error(weight.grad(), w64.grad()) < 1e-5);
+    CHECK(relative_error(bias.grad(), b64.grad()) < 1e-5);
+  }
+}
+
+TEST_CASE("LayerNorm under CUDA autocast equals torch's LayerNorm then the cast; elsewhere it is torch's",
+          "[fusion][gpu]") {
+  REQUIRE(torch::cuda::is_available());
+  torch::manual_seed(5);
+  LayerNorm ours(torch::nn::LayerNormOptions({768}));
+  torch::nn::LayerNorm theirs(torch::nn::LayerNormOptions({768}));
+  ours->to(torch::kCUDA);
+  theirs->to(torch::kCUDA);
+  torch::NoGradGuard no_grad;
+  ours->weight.normal_(1.0, 0.2);
+  ours->bias.normal_(0.0, 0.1);
+  theirs->weight.copy_(ours->weight);
+  theirs->bias.copy_(ours->bias);
+  const auto x = torch::randn({4, 1000, 768}, torch::TensorOptions().device(torch::kCUDA)) * 2;
+  {
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    const auto a = ours(x), b = theirs(x);
+    at::autocast::set_autocast_enabled(at::kCUDA, false);
+    at::autocast::clear_cache();
+    REQUIRE(a.scalar_type() == at::kBFloat16);
+    REQUIRE(b.scalar_type() == at::kFloat);  // autocast keeps layer_norm in float32
+    // Both round the same float32 values (up to summation order) to bf16: nearly all are identical, none is more than
+    // one bf16 step away.
+    const auto b16 = b.to(at::kBFloat16).to(at::kFloat), a32 = a.to(at::kFloat);
+    const double equal = (a32 == b16).to(at::kDouble).mean().item<double>();
+    CHECK(equal > 0.99);
+    CHECK(((a32 - b16).abs() <= b16.abs() * (1.0 / 128) + 1e-6).all().item<bool>());
+  }
+  // Without autocast, and for widths the kernel does not take, the module is torch's LayerNorm.
+  CHECK(ours(x).equal(theirs(x)));
+  LayerNorm odd(torch::nn::LayerNormOptions({6}));
+  odd->to(torch::kCUDA);
+  const auto x6 = torch::randn({3, 6}, torch::TensorOptions().device(torch::kCUDA));
+  at::autocast::set_autocast_enabled(at::kCUDA, true);
+  const auto y6 = odd(x6);
+  at::autocast::set_autocast_enabled(at::kCUDA, false);
+  CHECK(y6.scalar_type() == at::kFloat);
+}
