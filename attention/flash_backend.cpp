@@ -1,5 +1,5 @@
-// The `flash` backend: gather (zero-copy strided views) → attend (torch's fused attention, one call per branch, head
-// offset and chunk) → combine_by_lse (our kernel, in place). The backward calls each call's fused backward with the
+// The `flash` backend: gather (zero-copy strided views) → attend (torch's fused attention, one call per branch and
+// head offset, or per block of heads on consecutive offsets, and chunk) → combine_by_lse (our kernel, in place). The backward calls each call's fused backward with the
 // merged output and merged LSE, which makes it exact: P = exp(s - lse) is then the softmax over the whole key
 // multiset, and dO·O is the full row's Delta (FACTS.md: 2× faster than autograd through the composition, which is
 // ≈1.2 % wrong because it treats each branch's LSE as a constant).

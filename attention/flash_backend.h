@@ -1,5 +1,5 @@
 // The `flash` backend of dilated attention: torch's fused attention (cuDNN, else flash) on zero-copy strided views of
-// q/k/v per branch and head offset, branch outputs merged in place by our combine_by_lse kernel, and an exact backward
+// q/k/v per branch and head offset (or block of heads on consecutive offsets), branch outputs merged in place by our combine_by_lse kernel, and an exact backward
 // that calls each branch's fused backward with the merged output and merged LSE (no dense recomputation).
 //
 // Semantics: exactly those of attention/dilated_attention.h. Called by dilated_attention() when the backend resolves
