@@ -9,7 +9,8 @@ Each row: milliseconds, share of all GPU time, launches, then the outermost auto
 (forward work), the two innermost operators, and the kernel name. --stacks N prints the whole operator stack of one
 launch for each of the first N rows. --gaps N adds the GPU's idle time: every interval of at least --min-gap-us in
 which no kernel, copy or memset runs is charged to the operator stack that launched the work ending it (what the
-host was late to launch), and the N largest of those rows are printed with their share of the traced wall time.
+host was late to launch) and that work's name, and the N largest of those rows are printed with their share of the
+traced wall time.
 Needs only Python's standard library. Exit status 2 for a missing or unreadable trace.
 """
 import argparse
@@ -106,8 +107,9 @@ def attribute(events, stack_of):
 
 
 def idle_gaps(events, stack_of, min_gap_us):
-    """{(node, inner ops): [idle microseconds, gaps, example stack]} for the idle intervals of at least min_gap_us
-    between GPU events (all streams together), each charged to the stack that launched the event ending it; and the
+    """{(node, inner ops, name of the GPU event ending the gap): [idle microseconds, gaps, example stack]} for the idle
+    intervals of at least min_gap_us between GPU events (all streams together), each charged to the stack that
+    launched the event ending it; and the
     traced wall time (first GPU start to last GPU end) and the total idle time in microseconds."""
     spans = sorted(((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e) for e in gpu_events(events)),
                    key=lambda span: span[0])
@@ -121,7 +123,7 @@ def idle_gaps(events, stack_of, min_gap_us):
             idle += gap
             if gap >= min_gap_us:
                 stack = stack_of(e)
-                row = rows.setdefault(key_of(stack), [0.0, 0, stack])
+                row = rows.setdefault(key_of(stack) + (e["name"],), [0.0, 0, stack])
                 row[0] += gap
                 row[1] += 1
         busy_until = max(busy_until, end)
@@ -154,9 +156,10 @@ def main():
         print(f"\nGPU idle {idle / 1e3:.1f} ms of {wall / 1e3:.1f} ms traced wall time ({100 * idle / max(wall, 1e-9):.1f} %); "
               f"{charged / 1e3:.1f} ms in {sum(row[1] for row in gaps.values())} gaps of at least {args.min_gap_us:g} us, "
               "by the operators that launched the work ending each gap:")
-        print(f"{'ms':>9} {'wall':>6} {'gaps':>6}  backward node | innermost operators")
-        for (node, inner), (us, count, _) in sorted(gaps.items(), key=lambda item: -item[1][0])[: args.gaps]:
-            print(f"{us / 1e3:9.2f} {100 * us / max(wall, 1e-9):5.1f}% {count:6d}  {node[:60] or '-'} | {inner[:120]}")
+        print(f"{'ms':>9} {'wall':>6} {'gaps':>6}  backward node | innermost operators | next GPU work")
+        for (node, inner, name), (us, count, _) in sorted(gaps.items(), key=lambda item: -item[1][0])[: args.gaps]:
+            print(f"{us / 1e3:9.2f} {100 * us / max(wall, 1e-9):5.1f}% {count:6d}  {node[:60] or '-'} | {inner[:80]} | "
+                  f"{name[:80]}")
     return 0
 
 

@@ -94,7 +94,7 @@ with tempfile.TemporaryDirectory() as tmp:
     gap_lines = r.stdout.split("by the operators that launched the work ending each gap:")[1].splitlines()[2:]
     check(len(gap_lines) == 2, f"two charged gaps ({gap_lines})")
     check(gap_lines and gap_lines[0].split()[0] == "0.10" and "GeluBackward0 | " in gap_lines[0] and
-          "aten::gelu_backward" in gap_lines[0], "the 100 us gap first, charged to GeluBackward0's launch")
+          "aten::gelu_backward | k14" in gap_lines[0], "the 100 us gap first, charged to GeluBackward0's launch of k14")
     check(len(gap_lines) > 1 and gap_lines[1].split()[0] == "0.05" and "- | aten::gelu" in gap_lines[1],
           "the 50 us gap, charged to the forward aten::gelu")
 
