@@ -78,10 +78,10 @@ at::Tensor TransformerBlockImpl::forward(const at::Tensor& x, const std::optiona
 
 at::Tensor TransformerBlockImpl::run(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask,
                                      const attention::SequenceShard* shard) {
-  // x: (B, N, C)
-  at::Tensor y =
-      x + at::dropout(attention_(attention_norm_(x), key_padding_mask, shard), dropout_, is_training());
-  return y + at::dropout(mlp(mlp_norm_(y)), dropout_, is_training());
+  // x: (B, N, C); the attention's residual add and the MLP's pre-norm run as one step (fusion/layer_norm.h).
+  const auto [y, normed] = mlp_norm_->forward_residual(
+      x, at::dropout(attention_(attention_norm_(x), key_padding_mask, shard), dropout_, is_training()));
+  return y + at::dropout(mlp(normed), dropout_, is_training());
 }
 
 }  // namespace longnet::fusion

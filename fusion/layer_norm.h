@@ -10,6 +10,8 @@
 // and the options are torch's.
 #pragma once
 
+#include <utility>
+
 #include <ATen/core/Tensor.h>
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
@@ -20,6 +22,10 @@ class LayerNormImpl : public torch::nn::LayerNormImpl {
  public:
   using torch::nn::LayerNormImpl::LayerNormImpl;
   at::Tensor forward(const at::Tensor& x);
+  // {x + a, forward(x + a)}: the residual add before a pre-norm. Where the one-kernel path applies and a is in the
+  // autocast dtype (an attention or MLP output), the add is fused into the same kernel each way, and the backward
+  // also adds the gradient that x + a receives from its other uses and rounds the gradient of a.
+  std::pair<at::Tensor, at::Tensor> forward_residual(const at::Tensor& x, const at::Tensor& a);
 };
 TORCH_MODULE(LayerNorm);
 
@@ -28,5 +34,10 @@ TORCH_MODULE(LayerNorm);
 // when the build has no CUDA kernels or the inputs are outside what the kernel takes.
 at::Tensor layer_norm_to(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
                          at::ScalarType out_dtype);
+
+// {x + a, layer_norm_to(x + a, ...)} in one kernel each way, a (x's shape) in out_dtype; the path of
+// LayerNorm::forward_residual. Same requirements and errors as layer_norm_to.
+std::pair<at::Tensor, at::Tensor> add_layer_norm_to(const at::Tensor& x, const at::Tensor& a, const at::Tensor& weight,
+                                                    const at::Tensor& bias, double eps, at::ScalarType out_dtype);
 
 }  // namespace longnet::fusion

@@ -1,5 +1,5 @@
-// One warp per row: the row stays in registers (4 floats a lane per 128 columns), so the forward reads x once and
-// the backward reads x and dy once. Mean and variance are two-pass over the registers. The backward's parameter
+// One warp per row: the row stays in registers (4 floats a lane per 128 columns), so the forward reads x (and the
+// residual) once and the backward reads x and dy (and the other gradient of x + a) once. Mean and variance are two-pass over the registers. The backward's parameter
 // gradients are per-warp column sums written to `partials` (summed by the caller).
 #include "fusion/kernels/layer_norm.h"
 
@@ -35,7 +35,23 @@ __device__ __forceinline__ bool present(int k, int lane, int64_t width) {
   return 4 * (32 * static_cast<int64_t>(k) + lane) < width;
 }
 
-template <typename T, int kChunks>
+template <typename T>
+__device__ __forceinline__ float4 load_quad(const Quad<T>* q, int64_t i) {
+  const Quad<T> v = q[i];
+  return make_float4(ew::to_float(v.v[0]), ew::to_float(v.v[1]), ew::to_float(v.v[2]), ew::to_float(v.v[3]));
+}
+
+template <typename T>
+__device__ __forceinline__ void store_quad(Quad<T>* q, int64_t i, float4 v) {
+  Quad<T> out;
+  out.v[0] = ew::from_float<T>(v.x);
+  out.v[1] = ew::from_float<T>(v.y);
+  out.v[2] = ew::from_float<T>(v.z);
+  out.v[3] = ew::from_float<T>(v.w);
+  q[i] = out;
+}
+
+template <typename T, int kChunks, bool kResidual>
 __global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(LayerNormForwardParams p) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
@@ -47,6 +63,12 @@ __global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(LayerNormF
   for (int k = 0; k < kChunks; ++k) {
     if (present<kChunks>(k, lane, p.width)) {
       v[k] = x[32 * k + lane];
+      if constexpr (kResidual) {
+        const float4 a = load_quad(reinterpret_cast<const Quad<T>*>(static_cast<const T*>(p.residual) + row * p.width),
+                                   32 * k + lane);
+        v[k] = make_float4(v[k].x + a.x, v[k].y + a.y, v[k].z + a.z, v[k].w + a.w);
+        reinterpret_cast<float4*>(p.sum + row * p.width)[32 * k + lane] = v[k];
+      }
       sum += (v[k].x + v[k].y) + (v[k].z + v[k].w);
     }
   }
@@ -68,12 +90,9 @@ __global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(LayerNormF
   for (int k = 0; k < kChunks; ++k) {
     if (present<kChunks>(k, lane, p.width)) {
       const float4 g = w[32 * k + lane], h = b[32 * k + lane];
-      Quad<T> out;
-      out.v[0] = ew::from_float<T>((v[k].x - mean) * rstd * g.x + h.x);
-      out.v[1] = ew::from_float<T>((v[k].y - mean) * rstd * g.y + h.y);
-      out.v[2] = ew::from_float<T>((v[k].z - mean) * rstd * g.z + h.z);
-      out.v[3] = ew::from_float<T>((v[k].w - mean) * rstd * g.w + h.w);
-      y[32 * k + lane] = out;
+      store_quad(y, 32 * k + lane,
+                 make_float4((v[k].x - mean) * rstd * g.x + h.x, (v[k].y - mean) * rstd * g.y + h.y,
+                             (v[k].z - mean) * rstd * g.z + h.z, (v[k].w - mean) * rstd * g.w + h.w));
     }
   }
   if (lane == 0) {
@@ -84,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(LayerNormF
 
 // dx = rstd · (g − mean(g) − x̂ · mean(g · x̂)) with g = dy · weight, x̂ = (x − mean) · rstd; each warp walks rows
 // (grid-stride) and keeps its columns' sums of dy · x̂ and dy in registers.
-template <typename T, int kChunks>
+template <typename T, int kChunks, bool kResidual>
 __global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(LayerNormBackwardParams p) {
   const int lane = threadIdx.x % 32;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
@@ -107,9 +126,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(LayerNorm
     for (int k = 0; k < kChunks; ++k) {
       if (present<kChunks>(k, lane, p.width)) {
         const float4 xv = x[32 * k + lane];
-        const Quad<T> q = dy[32 * k + lane];
-        const float4 d = make_float4(ew::to_float(q.v[0]), ew::to_float(q.v[1]), ew::to_float(q.v[2]),
-                                     ew::to_float(q.v[3]));
+        const float4 d = load_quad(dy, 32 * k + lane);
         xh[k] = make_float4((xv.x - mean) * rstd, (xv.y - mean) * rstd, (xv.z - mean) * rstd, (xv.w - mean) * rstd);
         g[k] = make_float4(d.x * w[k].x, d.y * w[k].y, d.z * w[k].z, d.w * w[k].w);
         sum_g += (g[k].x + g[k].y) + (g[k].z + g[k].w);
@@ -129,8 +146,16 @@ __global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(LayerNorm
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) {
       if (present<kChunks>(k, lane, p.width)) {
-        dx[32 * k + lane] = make_float4(rstd * (g[k].x - mg - xh[k].x * mgx), rstd * (g[k].y - mg - xh[k].y * mgx),
-                                        rstd * (g[k].z - mg - xh[k].z * mgx), rstd * (g[k].w - mg - xh[k].w * mgx));
+        float4 d = make_float4(rstd * (g[k].x - mg - xh[k].x * mgx), rstd * (g[k].y - mg - xh[k].y * mgx),
+                               rstd * (g[k].z - mg - xh[k].z * mgx), rstd * (g[k].w - mg - xh[k].w * mgx));
+        if constexpr (kResidual) {
+          if (p.grad_sum != nullptr) {
+            const float4 gs = reinterpret_cast<const float4*>(p.grad_sum + row * p.width)[32 * k + lane];
+            d = make_float4(gs.x + d.x, gs.y + d.y, gs.z + d.z, gs.w + d.w);
+          }
+          store_quad(reinterpret_cast<Quad<T>*>(static_cast<T*>(p.grad_residual) + row * p.width), 32 * k + lane, d);
+        }
+        dx[32 * k + lane] = d;
       }
     }
   }
@@ -204,11 +229,18 @@ void launch_layer_norm_forward(const LayerNormForwardParams& p) {
   if (p.rows < 0) throw std::invalid_argument("launch_layer_norm_forward: rows must be >= 0");
   if (p.rows == 0) return;
   check_pointers("launch_layer_norm_forward", {p.x, p.weight, p.bias, p.y, p.mean, p.rstd});
+  const bool residual = p.residual != nullptr;
+  if (residual) check_pointers("launch_layer_norm_forward", {p.residual, p.sum});
   const unsigned grid = ew::grid_for("launch_layer_norm_forward", p.rows * 32, kThreads);
   with_half_type("launch_layer_norm_forward", p.dtype, [&](auto element) {
     using T = decltype(element);
     with_chunks(p.width, [&](auto chunks) {
-      layer_norm_forward_kernel<T, decltype(chunks)::value><<<grid, kThreads, 0, p.stream>>>(p);
+      constexpr int kChunks = decltype(chunks)::value;
+      if (residual) {
+        layer_norm_forward_kernel<T, kChunks, true><<<grid, kThreads, 0, p.stream>>>(p);
+      } else {
+        layer_norm_forward_kernel<T, kChunks, false><<<grid, kThreads, 0, p.stream>>>(p);
+      }
     });
   });
   LONGNET_CUDA_CHECK(cudaGetLastError());
@@ -219,11 +251,22 @@ void launch_layer_norm_backward(const LayerNormBackwardParams& p) {
   if (p.rows < 0) throw std::invalid_argument("launch_layer_norm_backward: rows must be >= 0");
   if (p.rows == 0) return;
   check_pointers("launch_layer_norm_backward", {p.dy, p.x, p.weight, p.mean, p.rstd, p.dx, p.partials});
+  const bool residual = p.grad_residual != nullptr;
+  if (residual) check_pointers("launch_layer_norm_backward", {p.grad_residual});
+  if (p.grad_sum != nullptr) {
+    if (!residual) throw std::invalid_argument("launch_layer_norm_backward: grad_sum needs grad_residual");
+    check_pointers("launch_layer_norm_backward", {p.grad_sum});
+  }
   const auto grid = static_cast<unsigned>(layer_norm_partial_rows(p.rows) / kWarps);
   with_half_type("launch_layer_norm_backward", p.dtype, [&](auto element) {
     using T = decltype(element);
     with_chunks(p.width, [&](auto chunks) {
-      layer_norm_backward_kernel<T, decltype(chunks)::value><<<grid, kThreads, 0, p.stream>>>(p);
+      constexpr int kChunks = decltype(chunks)::value;
+      if (residual) {
+        layer_norm_backward_kernel<T, kChunks, true><<<grid, kThreads, 0, p.stream>>>(p);
+      } else {
+        layer_norm_backward_kernel<T, kChunks, false><<<grid, kThreads, 0, p.stream>>>(p);
+      }
     });
   });
   LONGNET_CUDA_CHECK(cudaGetLastError());

@@ -1,5 +1,7 @@
 // LayerNorm over the last dimension with float32 input and float32 affine parameters, writing its output in a
 // 16-bit type (the autocast dtype), and its backward from a 16-bit output gradient to a float32 input gradient.
+// Optionally fused with the residual add before it: s = x + a (a in the 16-bit type) is written and normalised, and
+// the backward adds the gradient that reaches s from its other uses and also writes the gradient of a.
 // For fusion/layer_norm.cpp: CUDA and the standard library only.
 #pragma once
 
@@ -18,6 +20,8 @@ constexpr int64_t kLayerNormMaxWidth = 1024;
 
 struct LayerNormForwardParams {
   const float* x = nullptr;       // (rows, width) contiguous
+  const void* residual = nullptr;  // a (rows, width) `dtype`, or null: with it, x + a is normalised and stored in sum
+  float* sum = nullptr;            // (rows, width): x + a (with residual only)
   const float* weight = nullptr;  // (width)
   const float* bias = nullptr;    // (width)
   void* y = nullptr;              // (rows, width) contiguous, `dtype`
@@ -31,8 +35,10 @@ struct LayerNormForwardParams {
 
 struct LayerNormBackwardParams {
   const void* dy = nullptr;  // (rows, width) contiguous, `dtype`
-  const float* x = nullptr;
+  const float* x = nullptr;  // the normalised input (x + a with a residual)
   const float* weight = nullptr;
+  const float* grad_sum = nullptr;  // gradient reaching x + a from its other uses, added to dx; may be null
+  void* grad_residual = nullptr;    // (rows, width) `dtype`: dx rounded, the gradient of a; null without a residual
   const float* mean = nullptr;
   const float* rstd = nullptr;
   float* dx = nullptr;        // (rows, width)

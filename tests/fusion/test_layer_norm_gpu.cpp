@@ -1,6 +1,7 @@
 // fusion/layer_norm.h on a CUDA device: the one-kernel LayerNorm (float32 in, 16-bit out) against float64 on the CPU,
 // forward and all gradients, and the module under autocast against torch's LayerNorm followed by the cast.
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include <ATen/autocast_mode.h>
@@ -57,6 +58,57 @@ TEST_CASE("layer_norm_to matches float64 layer norm, forward and gradients", "[f
     CHECK(relative_error(x.grad(), x64.grad()) < 1e-5);
     CHECK(relative_error(weight.grad(), w64.grad()) < 1e-5);
     CHECK(relative_error(bias.grad(), b64.grad()) < 1e-5);
+  }
+}
+
+TEST_CASE("layer_norm_to takes inputs that start off a 16-byte boundary", "[fusion][gpu]") {
+  REQUIRE(torch::cuda::is_available());
+  const auto f32 = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kFloat);
+  // A contiguous view one float into its storage: the kernels' 16-byte vectors cannot read it in place.
+  const auto storage = torch::randn({5 * 64 + 1}, f32);
+  const auto x = storage.narrow(0, 1, 5 * 64).view({5, 64}).requires_grad_();
+  REQUIRE(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0);
+  const auto weight = torch::ones({64}, f32).requires_grad_(), bias = torch::zeros({64}, f32).requires_grad_();
+  const auto y = layer_norm_to(x, weight, bias, 1e-5, at::kBFloat16);
+  const auto want = at::layer_norm(x.detach().cpu().to(at::kDouble), {64}, {}, {}, 1e-5);
+  CHECK(relative_error(y, want) < 4e-3);
+  y.sum().backward();
+  CHECK(x.grad().abs().max().item<double>() < 1e-4);  // d/dx of a sum of normalised values is ~0
+}
+
+TEST_CASE("add_layer_norm_to equals the add followed by layer_norm_to, to the bit, forward and gradients",
+          "[fusion][gpu]") {
+  REQUIRE(torch::cuda::is_available());
+  for (const auto dtype : {at::kBFloat16, at::kHalf}) {
+    for (const bool sum_used : {true, false}) {
+      INFO("dtype " << c10::toString(dtype) << ", sum used elsewhere " << sum_used);
+      torch::manual_seed(9);
+      const auto f32 = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kFloat);
+      const auto x0 = torch::randn({3, 257, 768}, f32), a0 = torch::randn({3, 257, 768}, f32).to(dtype);
+      const auto w0 = torch::randn({768}, f32) * 0.3 + 1, b0 = torch::randn({768}, f32) * 0.1;
+      const auto gs = torch::randn({3, 257, 768}, f32), gy = torch::randn({3, 257, 768}, f32).to(dtype);
+      auto leaves = [&] {
+        return std::vector<at::Tensor>{x0.clone().requires_grad_(), a0.clone().requires_grad_(),
+                                       w0.clone().requires_grad_(), b0.clone().requires_grad_()};
+      };
+      auto fused = leaves(), plain = leaves();
+      const auto [s1, y1] = longnet::fusion::add_layer_norm_to(fused[0], fused[1], fused[2], fused[3], 1e-5, dtype);
+      const auto s2 = plain[0] + plain[1];
+      const auto y2 = layer_norm_to(s2, plain[2], plain[3], 1e-5, dtype);
+      CHECK(s1.equal(s2));
+      CHECK(y1.equal(y2));
+      auto loss = [&](const at::Tensor& s, const at::Tensor& y) {
+        const auto l = (y.to(at::kFloat) * gy.to(at::kFloat)).sum();
+        return sum_used ? l + (s * gs).sum() : l;
+      };
+      loss(s1, y1).backward();
+      loss(s2, y2).backward();
+      for (size_t i = 0; i < 4; ++i) {
+        INFO("gradient of input " << i);
+        CHECK(fused[i].grad().scalar_type() == plain[i].grad().scalar_type());
+        CHECK(fused[i].grad().equal(plain[i].grad()));
+      }
+    }
   }
 }
 
