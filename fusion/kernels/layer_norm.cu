@@ -151,7 +151,9 @@ __global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(LayerNorm
         if constexpr (kResidual) {
           if (p.grad_sum != nullptr) {
             const float4 gs = reinterpret_cast<const float4*>(p.grad_sum + row * p.width)[32 * k + lane];
-            d = make_float4(gs.x + d.x, gs.y + d.y, gs.z + d.z, gs.w + d.w);
+            // __fadd_rn: never contracted with the products in d into an FMA, so the sum is bit for bit what the
+            // unfused add of the two gradients gives.
+            d = make_float4(__fadd_rn(gs.x, d.x), __fadd_rn(gs.y, d.y), __fadd_rn(gs.z, d.z), __fadd_rn(gs.w, d.w));
           }
           store_quad(reinterpret_cast<Quad<T>*>(static_cast<T*>(p.grad_residual) + row * p.width), 32 * k + lane, d);
         }
