@@ -38,60 +38,107 @@ at::Tensor aligned_contiguous(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
+// The forward kernel on x (and the residual a, when given): {x or x + a, the normalised output, mean, rstd}.
+struct Normalized {
+  at::Tensor input, y, mean, rstd;
+};
+
+Normalized normalize(const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight, const at::Tensor& bias,
+                     double eps, at::ScalarType out_dtype) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto xc = aligned_contiguous(x);
+  const int64_t width = weight.numel(), rows = xc.numel() / width;
+  Normalized out;
+  out.y = at::empty(xc.sizes(), xc.options().dtype(out_dtype));
+  out.mean = at::empty({rows}, xc.options());
+  out.rstd = at::empty({rows}, xc.options());
+  const auto w = aligned_contiguous(weight), b = aligned_contiguous(bias);
+  at::Tensor ac;
+  kernels::LayerNormForwardParams p;
+  p.x = xc.data_ptr<float>();
+  if (residual != nullptr) {
+    ac = aligned_contiguous(*residual);
+    out.input = at::empty_like(xc);
+    p.residual = ac.data_ptr();
+    p.sum = out.input.data_ptr<float>();
+  } else {
+    out.input = xc;
+  }
+  p.weight = w.data_ptr<float>();
+  p.bias = b.data_ptr<float>();
+  p.y = out.y.data_ptr();
+  p.mean = out.mean.data_ptr<float>();
+  p.rstd = out.rstd.data_ptr<float>();
+  p.rows = rows;
+  p.width = width;
+  p.eps = static_cast<float>(eps);
+  p.dtype = attention::element_type(out_dtype);
+  p.stream = at::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  kernels::launch_layer_norm_forward(p);
+  return out;
+}
+
+// The backward kernel: {dx (float32), dweight, dbias}, plus the gradient of the residual in dy's dtype when
+// `residual` (with `grad_sum`, the gradient x + a receives from its other uses, added to dx; may be undefined).
+struct Gradients {
+  at::Tensor dx, dresidual, dweight, dbias;
+};
+
+Gradients normalize_backward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mean,
+                             const at::Tensor& rstd, const at::Tensor& dy_in, bool residual,
+                             const at::Tensor& grad_sum_in) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t width = weight.numel(), rows = input.numel() / width;
+  const auto dy = aligned_contiguous(dy_in), w = aligned_contiguous(weight);
+  const auto grad_sum = grad_sum_in.defined() ? aligned_contiguous(grad_sum_in.to(at::kFloat)) : at::Tensor();
+  Gradients out;
+  out.dx = at::empty_like(input);
+  if (residual) out.dresidual = at::empty(input.sizes(), input.options().dtype(dy.scalar_type()));
+  auto partials = at::empty({kernels::layer_norm_partial_rows(rows), 2, width}, input.options());
+  kernels::LayerNormBackwardParams p;
+  p.dy = dy.data_ptr();
+  p.x = input.data_ptr<float>();
+  p.weight = w.data_ptr<float>();
+  p.grad_sum = grad_sum.defined() ? grad_sum.data_ptr<float>() : nullptr;
+  p.grad_residual = residual ? out.dresidual.data_ptr() : nullptr;
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  p.dx = out.dx.data_ptr<float>();
+  p.partials = partials.data_ptr<float>();
+  p.rows = rows;
+  p.width = width;
+  p.dtype = attention::element_type(dy.scalar_type());
+  p.stream = at::cuda::getCurrentCUDAStream(input.get_device()).stream();
+  kernels::launch_layer_norm_backward(p);
+  const auto sums = partials.sum(0);  // (2, width): dweight, dbias
+  out.dweight = sums[0];
+  out.dbias = sums[1];
+  return out;
+}
+
+// The gradient reaching a 16-bit output, in that output's dtype (autograd already gives it so); zeros when the output
+// took no part in the loss.
+at::Tensor output_gradient(const at::Tensor& grad, const at::Tensor& like, at::ScalarType dtype) {
+  return grad.defined() ? grad.to(dtype) : at::zeros(like.sizes(), like.options().dtype(dtype));
+}
+
 class LayerNormToFunction : public torch::autograd::Function<LayerNormToFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& bias, double eps, at::ScalarType out_dtype) {
-    const c10::cuda::CUDAGuard guard(x.device());
-    const auto xc = aligned_contiguous(x);
-    const int64_t width = weight.numel(), rows = xc.numel() / width;
-    auto y = at::empty(xc.sizes(), xc.options().dtype(out_dtype));
-    auto mean = at::empty({rows}, xc.options()), rstd = at::empty({rows}, xc.options());
-    kernels::LayerNormForwardParams p;
-    p.x = xc.data_ptr<float>();
-    const auto w = aligned_contiguous(weight), b = aligned_contiguous(bias);
-    p.weight = w.data_ptr<float>();
-    p.bias = b.data_ptr<float>();
-    p.y = y.data_ptr();
-    p.mean = mean.data_ptr<float>();
-    p.rstd = rstd.data_ptr<float>();
-    p.rows = rows;
-    p.width = width;
-    p.eps = static_cast<float>(eps);
-    p.dtype = attention::element_type(out_dtype);
-    p.stream = at::cuda::getCurrentCUDAStream(x.get_device()).stream();
-    kernels::launch_layer_norm_forward(p);
-    ctx->save_for_backward({xc, weight, mean, rstd});
-    return y;
+    Normalized n = normalize(x, nullptr, weight, bias, eps, out_dtype);
+    ctx->save_for_backward({n.input, weight, n.mean, n.rstd});
+    ctx->saved_data["dtype"] = static_cast<int64_t>(out_dtype);
+    return n.y;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
-    const c10::cuda::CUDAGuard guard(x.device());
-    const int64_t width = weight.numel(), rows = x.numel() / width;
-    auto dy = grads[0];
-    if (dy.scalar_type() != at::kHalf && dy.scalar_type() != at::kBFloat16) dy = dy.to(at::kBFloat16);
-    dy = aligned_contiguous(dy);
-    auto dx = at::empty_like(x);
-    auto partials = at::empty({kernels::layer_norm_partial_rows(rows), 2, width}, x.options());
-    kernels::LayerNormBackwardParams p;
-    p.dy = dy.data_ptr();
-    p.x = x.data_ptr<float>();
-    const auto w = aligned_contiguous(weight);
-    p.weight = w.data_ptr<float>();
-    p.mean = mean.data_ptr<float>();
-    p.rstd = rstd.data_ptr<float>();
-    p.dx = dx.data_ptr<float>();
-    p.partials = partials.data_ptr<float>();
-    p.rows = rows;
-    p.width = width;
-    p.dtype = attention::element_type(dy.scalar_type());
-    p.stream = at::cuda::getCurrentCUDAStream(x.get_device()).stream();
-    kernels::launch_layer_norm_backward(p);
-    const auto sums = partials.sum(0);  // (2, width): dweight, dbias
-    return {dx, sums[0], sums[1], at::Tensor(), at::Tensor()};
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    const Gradients g = normalize_backward(saved[0], saved[1], saved[2], saved[3],
+                                           output_gradient(grads[0], saved[0], dtype), false, at::Tensor());
+    return {g.dx, g.dweight, g.dbias, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -101,66 +148,19 @@ class AddLayerNormToFunction : public torch::autograd::Function<AddLayerNormToFu
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                                 const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias,
                                                 double eps, at::ScalarType out_dtype) {
-    const c10::cuda::CUDAGuard guard(x.device());
-    const auto xc = aligned_contiguous(x), ac = aligned_contiguous(a);
-    const int64_t width = weight.numel(), rows = xc.numel() / width;
-    auto sum = at::empty_like(xc);
-    auto y = at::empty(xc.sizes(), xc.options().dtype(out_dtype));
-    auto mean = at::empty({rows}, xc.options()), rstd = at::empty({rows}, xc.options());
-    const auto w = aligned_contiguous(weight), b = aligned_contiguous(bias);
-    kernels::LayerNormForwardParams p;
-    p.x = xc.data_ptr<float>();
-    p.residual = ac.data_ptr();
-    p.sum = sum.data_ptr<float>();
-    p.weight = w.data_ptr<float>();
-    p.bias = b.data_ptr<float>();
-    p.y = y.data_ptr();
-    p.mean = mean.data_ptr<float>();
-    p.rstd = rstd.data_ptr<float>();
-    p.rows = rows;
-    p.width = width;
-    p.eps = static_cast<float>(eps);
-    p.dtype = attention::element_type(out_dtype);
-    p.stream = at::cuda::getCurrentCUDAStream(x.get_device()).stream();
-    kernels::launch_layer_norm_forward(p);
-    ctx->save_for_backward({sum, weight, mean, rstd});
+    Normalized n = normalize(x, &a, weight, bias, eps, out_dtype);
+    ctx->save_for_backward({n.input, weight, n.mean, n.rstd});
     ctx->saved_data["dtype"] = static_cast<int64_t>(out_dtype);
-    return {sum, y};
+    return {n.input, n.y};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &sum = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
-    const c10::cuda::CUDAGuard guard(sum.device());
-    const int64_t width = weight.numel(), rows = sum.numel() / width;
-    // Undefined when the normalised output took no part in the loss.
-    const auto dy = grads[1].defined() ? aligned_contiguous(grads[1].to(dtype)) : at::zeros(sum.sizes(),
-                                                                                             sum.options().dtype(dtype));
-    at::Tensor grad_sum;
-    if (grads[0].defined()) grad_sum = aligned_contiguous(grads[0].to(at::kFloat));
-    auto dx = at::empty_like(sum);
-    auto da = at::empty(sum.sizes(), sum.options().dtype(dtype));
-    auto partials = at::empty({kernels::layer_norm_partial_rows(rows), 2, width}, sum.options());
-    const auto w = aligned_contiguous(weight);
-    kernels::LayerNormBackwardParams p;
-    p.dy = dy.data_ptr();
-    p.x = sum.data_ptr<float>();
-    p.weight = w.data_ptr<float>();
-    p.grad_sum = grad_sum.defined() ? grad_sum.data_ptr<float>() : nullptr;
-    p.grad_residual = da.data_ptr();
-    p.mean = mean.data_ptr<float>();
-    p.rstd = rstd.data_ptr<float>();
-    p.dx = dx.data_ptr<float>();
-    p.partials = partials.data_ptr<float>();
-    p.rows = rows;
-    p.width = width;
-    p.dtype = attention::element_type(dtype);
-    p.stream = at::cuda::getCurrentCUDAStream(sum.get_device()).stream();
-    kernels::launch_layer_norm_backward(p);
-    const auto sums = partials.sum(0);
-    return {dx, da, sums[0], sums[1], at::Tensor(), at::Tensor()};
+    const Gradients g = normalize_backward(saved[0], saved[1], saved[2], saved[3],
+                                           output_gradient(grads[1], saved[0], dtype), true, grads[0]);
+    return {g.dx, g.dresidual, g.dweight, g.dbias, at::Tensor(), at::Tensor()};
   }
 };
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "attention/kernels/cuda_check.h"
 #include "attention/kernels/elementwise.cuh"
@@ -209,13 +210,23 @@ void with_chunks(int64_t width, F&& f) {
   }
 }
 
+// f(T{}, std::integral_constant<int, kChunks>{}, std::bool_constant<residual>{}): the launchers' dispatch over the
+// 16-bit type, the chunk count of `width` and the residual variant.
 template <typename F>
-void with_half_type(const char* launcher, ElementType type, F&& f) {
+void dispatch(const char* launcher, ElementType type, int64_t width, bool residual, F&& f) {
   if (type == ElementType::float32) {
     throw std::invalid_argument(std::string(launcher) + ": the 16-bit side must be float16 or bfloat16");
   }
   ew::with_element_type(type, [&](auto element) {
-    if constexpr (!std::is_same_v<decltype(element), float>) f(element);
+    if constexpr (!std::is_same_v<decltype(element), float>) {
+      with_chunks(width, [&](auto chunks) {
+        if (residual) {
+          f(element, chunks, std::true_type{});
+        } else {
+          f(element, chunks, std::false_type{});
+        }
+      });
+    }
   });
 }
 
@@ -234,16 +245,9 @@ void launch_layer_norm_forward(const LayerNormForwardParams& p) {
   const bool residual = p.residual != nullptr;
   if (residual) check_pointers("launch_layer_norm_forward", {p.residual, p.sum});
   const unsigned grid = ew::grid_for("launch_layer_norm_forward", p.rows * 32, kThreads);
-  with_half_type("launch_layer_norm_forward", p.dtype, [&](auto element) {
-    using T = decltype(element);
-    with_chunks(p.width, [&](auto chunks) {
-      constexpr int kChunks = decltype(chunks)::value;
-      if (residual) {
-        layer_norm_forward_kernel<T, kChunks, true><<<grid, kThreads, 0, p.stream>>>(p);
-      } else {
-        layer_norm_forward_kernel<T, kChunks, false><<<grid, kThreads, 0, p.stream>>>(p);
-      }
-    });
+  dispatch("launch_layer_norm_forward", p.dtype, p.width, residual, [&](auto element, auto chunks, auto with_residual) {
+    layer_norm_forward_kernel<decltype(element), decltype(chunks)::value, decltype(with_residual)::value>
+        <<<grid, kThreads, 0, p.stream>>>(p);
   });
   LONGNET_CUDA_CHECK(cudaGetLastError());
 }
@@ -260,16 +264,9 @@ void launch_layer_norm_backward(const LayerNormBackwardParams& p) {
     check_pointers("launch_layer_norm_backward", {p.grad_sum});
   }
   const auto grid = static_cast<unsigned>(layer_norm_partial_rows(p.rows) / kWarps);
-  with_half_type("launch_layer_norm_backward", p.dtype, [&](auto element) {
-    using T = decltype(element);
-    with_chunks(p.width, [&](auto chunks) {
-      constexpr int kChunks = decltype(chunks)::value;
-      if (residual) {
-        layer_norm_backward_kernel<T, kChunks, true><<<grid, kThreads, 0, p.stream>>>(p);
-      } else {
-        layer_norm_backward_kernel<T, kChunks, false><<<grid, kThreads, 0, p.stream>>>(p);
-      }
-    });
+  dispatch("launch_layer_norm_backward", p.dtype, p.width, residual, [&](auto element, auto chunks, auto with_residual) {
+    layer_norm_backward_kernel<decltype(element), decltype(chunks)::value, decltype(with_residual)::value>
+        <<<grid, kThreads, 0, p.stream>>>(p);
   });
   LONGNET_CUDA_CHECK(cudaGetLastError());
 }
