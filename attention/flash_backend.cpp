@@ -272,6 +272,27 @@ Attended attend(Engine engine, const at::Tensor& q, const at::Tensor& k, const a
   return {std::get<0>(res), std::get<1>(res)};
 }
 
+// The kernels see a call as a 4-d grid of rows (nb, ns, heads, L) with one stride per dimension; these give the
+// grid and its strides in the tensors the kernels read and write.
+void set_row_grid(int64_t (&rows)[4], const Call& c) {
+  rows[0] = c.nb;
+  rows[1] = c.ns;
+  rows[2] = c.heads;
+  rows[3] = c.rows;
+}
+
+// In a contiguous (B, N, X, D) tensor, token = X·D elements (what sparsify views).
+void set_tensor_strides(int64_t (&strides)[4], const Call& c, int64_t N, int64_t D, int64_t token) {
+  const int64_t s[4] = {N * token, c.seg_len * token, c.head_stride(D, token), c.r * token};
+  for (int d = 0; d < 4; ++d) strides[d] = s[d];
+}
+
+// In a fused call's output, gradient or LSE (nb·ns, heads, L, ...): its batch dimension split into (nb, ns).
+void set_call_output_strides(int64_t (&strides)[4], const Call& c, const at::Tensor& t) {
+  const int64_t s[4] = {c.ns * t.stride(0), t.stride(0), t.stride(1), t.stride(2)};
+  for (int d = 0; d < 4; ++d) strides[d] = s[d];
+}
+
 // combine_by_lse: merges the call's (out_i, lse_i) into the running out (B, N, H, D) and lse (B, H, N) in place.
 void combine_by_lse(at::Tensor& out, at::Tensor& lse, const Attended& branch, const Call& c) {
   TORCH_CHECK(branch.out.stride(3) == 1, "combine_by_lse: the fused kernel returned an output with inner stride ",
@@ -284,22 +305,12 @@ void combine_by_lse(at::Tensor& out, at::Tensor& lse, const Attended& branch, co
   const at::Tensor lse_view = sparsify_lse(lse, c);
   p.lse = lse_view.data_ptr<float>();
   p.lse_i = branch.lse.data_ptr<float>();
-  p.rows[0] = c.nb;
-  p.rows[1] = c.ns;
-  p.rows[2] = c.heads;
-  p.rows[3] = c.rows;
+  set_row_grid(p.rows, c);
   p.head_dim = D;
-  const int64_t out_strides[4] = {N * token, c.seg_len * token, c.head_stride(D, token), c.r * token};
-  const auto& oi = branch.out;
-  const int64_t out_i_strides[4] = {c.ns * oi.stride(0), oi.stride(0), oi.stride(1), oi.stride(2)};
-  const auto& li = branch.lse;
-  const int64_t lse_i_strides[4] = {c.ns * li.stride(0), li.stride(0), li.stride(1), li.stride(2)};
-  for (int d = 0; d < 4; ++d) {
-    p.out_strides[d] = out_strides[d];
-    p.out_i_strides[d] = out_i_strides[d];
-    p.lse_strides[d] = lse_view.stride(d);
-    p.lse_i_strides[d] = lse_i_strides[d];
-  }
+  set_tensor_strides(p.out_strides, c, N, D, token);
+  set_call_output_strides(p.out_i_strides, c, branch.out);
+  set_call_output_strides(p.lse_i_strides, c, branch.lse);
+  for (int d = 0; d < 4; ++d) p.lse_strides[d] = lse_view.stride(d);
   p.dtype = element_type(out.scalar_type());
   p.stream = at::cuda::getCurrentCUDAStream(out.get_device()).stream();
   kernels::launch_lse_combine_fwd(p);
@@ -320,16 +331,11 @@ void accumulate(const std::array<at::Tensor*, 3>& acc, const std::tuple<at::Tens
                 g.stride(3));
     p.acc[t] = acc[t]->data_ptr<float>() + offset;
     p.grad[t] = g.data_ptr();
-    const int64_t strides[4] = {c.ns * g.stride(0), g.stride(0), g.stride(1), g.stride(2)};
-    for (int d = 0; d < 4; ++d) p.grad_strides[t][d] = strides[d];
+    set_call_output_strides(p.grad_strides[t], c, g);
   }
-  p.rows[0] = c.nb;
-  p.rows[1] = c.ns;
-  p.rows[2] = c.heads;
-  p.rows[3] = c.rows;
+  set_row_grid(p.rows, c);
   p.head_dim = D;
-  const int64_t acc_strides[4] = {N * token, c.seg_len * token, c.head_stride(D, token), c.r * token};
-  for (int d = 0; d < 4; ++d) p.acc_strides[d] = acc_strides[d];
+  set_tensor_strides(p.acc_strides, c, N, D, token);
   p.assign = assign;
   p.dtype = element_type(std::get<0>(grad).scalar_type());
   p.stream = at::cuda::getCurrentCUDAStream(a0.get_device()).stream();
