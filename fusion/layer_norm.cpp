@@ -196,25 +196,27 @@ std::pair<at::Tensor, at::Tensor> add_layer_norm_to(const at::Tensor& x, const a
 #endif
 }
 
-std::pair<at::Tensor, at::Tensor> LayerNormImpl::forward_residual(const at::Tensor& x, const at::Tensor& a) {
+bool LayerNormImpl::one_kernel(const at::Tensor& x) const {
 #ifdef LONGNET_WITH_CUDA
-  if (at::autocast::is_autocast_enabled(at::kCUDA) && options.normalized_shape().size() == 1 &&
-      kernel_takes(x, weight, bias) && a.scalar_type() == at::autocast::get_autocast_dtype(at::kCUDA) &&
-      a.sizes() == x.sizes() && a.device() == x.device()) {
+  return at::autocast::is_autocast_enabled(at::kCUDA) && options.normalized_shape().size() == 1 &&
+         kernel_takes(x, weight, bias);
+#else
+  (void)x;
+  return false;
+#endif
+}
+
+std::pair<at::Tensor, at::Tensor> LayerNormImpl::forward_residual(const at::Tensor& x, const at::Tensor& a) {
+  if (one_kernel(x) && a.scalar_type() == at::autocast::get_autocast_dtype(at::kCUDA) && a.sizes() == x.sizes() &&
+      a.device() == x.device()) {
     return add_layer_norm_to(x, a, weight, bias, options.eps(), a.scalar_type());
   }
-#endif
   at::Tensor sum = x + a;
   return {sum, forward(sum)};
 }
 
 at::Tensor LayerNormImpl::forward(const at::Tensor& x) {
-#ifdef LONGNET_WITH_CUDA
-  if (at::autocast::is_autocast_enabled(at::kCUDA) && options.normalized_shape().size() == 1 &&
-      kernel_takes(x, weight, bias)) {
-    return layer_norm_to(x, weight, bias, options.eps(), at::autocast::get_autocast_dtype(at::kCUDA));
-  }
-#endif
+  if (one_kernel(x)) return layer_norm_to(x, weight, bias, options.eps(), at::autocast::get_autocast_dtype(at::kCUDA));
   return torch::nn::LayerNormImpl::forward(x);
 }
 

@@ -26,6 +26,9 @@ class LayerNormImpl : public torch::nn::LayerNormImpl {
   // autocast dtype (an attention or MLP output), the add is fused into the same kernel each way, and the backward
   // also adds the gradient that x + a receives from its other uses and rounds the gradient of a.
   std::pair<at::Tensor, at::Tensor> forward_residual(const at::Tensor& x, const at::Tensor& a);
+
+ private:
+  bool one_kernel(const at::Tensor& x) const;  // CUDA autocast and an input the kernels take
 };
 TORCH_MODULE(LayerNorm);
 

@@ -4,6 +4,8 @@
 #include "fusion/kernels/layer_norm.h"
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -173,10 +175,17 @@ __global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(LayerNorm
   }
 }
 
+// Asked of the driver once per device: every backward sizes its grid (and its caller the partials) from it.
 int device_sms() {
-  int device = 0, sms = 0;
+  static std::array<std::atomic<int>, 64> known{};
+  int device = 0;
   LONGNET_CUDA_CHECK(cudaGetDevice(&device));
-  LONGNET_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const bool cached = device >= 0 && device < static_cast<int>(known.size());
+  int sms = cached ? known[static_cast<size_t>(device)].load(std::memory_order_relaxed) : 0;
+  if (sms == 0) {
+    LONGNET_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    if (cached) known[static_cast<size_t>(device)].store(sms, std::memory_order_relaxed);
+  }
   return sms;
 }
 
