@@ -134,7 +134,10 @@ std::pair<at::Tensor, at::Tensor> MultiheadDilatedAttentionImpl::queries_and_key
   if (options_.position == PositionEncoding::rope || options_.position == PositionEncoding::xpos) {
     const int64_t start = shard ? shard->start : 0, length = shard ? shard->length : n;
     const at::Tensor positions = at::arange(start, start + n, x.options().dtype(at::kLong));  // (N,)
-    const auto [cos, sin] = rotary_cos_sin(positions, d, options_.rope_theta);
+    // The tables in apply_rotary's arithmetic type (float64 only for float64 inputs), converted once for q and k.
+    const auto table_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const auto [cos64, sin64] = rotary_cos_sin(positions, d, options_.rope_theta);
+    const at::Tensor cos = cos64.to(table_type), sin = sin64.to(table_type);
     if (options_.position == PositionEncoding::rope) {
       q = apply_rotary(q, cos, sin);
       k = apply_rotary(k, cos, sin);
