@@ -1,6 +1,7 @@
 #include "modalities/video.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <condition_variable>
 #include <deque>
@@ -12,8 +13,8 @@
 #include "core/error.h"
 #include "modalities/ffmpeg_input.h"
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
 #endif
 
 extern "C" {
@@ -85,6 +86,100 @@ class FrameQueue {
   bool closed_ = false, stopped_ = false;
   std::exception_ptr error_;
 };
+
+// BT.601 limited range to RGB for one row of 4:4:4 samples, the coefficients libswscale uses by default (16.8 fixed
+// point).
+void yuv_to_rgb_scalar(const uint8_t* py, const uint8_t* pu, const uint8_t* pv, uint8_t* rgb, int from, int n) {
+  auto to_byte = [](int v) { return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v)); };
+  for (int x = from; x < n; ++x) {
+    const int c = 298 * (py[x] - 16) + 128, d = pu[x] - 128, e = pv[x] - 128;
+    rgb[3 * x] = to_byte((c + 409 * e) >> 8);
+    rgb[3 * x + 1] = to_byte((c - 100 * d - 208 * e) >> 8);
+    rgb[3 * x + 2] = to_byte((c + 516 * d) >> 8);
+  }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// Shuffles that interleave 16 R, G and B bytes into 48: byte k of output vector j takes channel (16j + k) mod 3 of
+// pixel (16j + k) / 3 (index −1 gives zero).
+constexpr auto kInterleave = [] {
+  std::array<std::array<std::array<int8_t, 16>, 3>, 3> m{};
+  for (int j = 0; j < 3; ++j) {
+    for (int channel = 0; channel < 3; ++channel) {
+      for (int k = 0; k < 16; ++k) {
+        m[j][channel][k] = (16 * j + k) % 3 == channel ? static_cast<int8_t>((16 * j + k) / 3) : int8_t{-1};
+      }
+    }
+  }
+  return m;
+}();
+
+// The same, 16 pixels at a time: pairs of 16-bit terms multiplied and summed into 32 bits (saturating packs clamp),
+// then one byte shuffle per output vector interleaves R, G and B. SSSE3 for the shuffle, chosen at run time.
+__attribute__((target("ssse3"))) void yuv_to_rgb_ssse3(const uint8_t* py, const uint8_t* pu, const uint8_t* pv,
+                                                       uint8_t* rgb, int n) {
+  const __m128i zero = _mm_setzero_si128(), k16 = _mm_set1_epi16(16), k128 = _mm_set1_epi16(128);
+  const __m128i round = _mm_set1_epi32(128);
+  const __m128i ce_r = _mm_setr_epi16(298, 409, 298, 409, 298, 409, 298, 409);
+  const __m128i cd_g = _mm_setr_epi16(298, -100, 298, -100, 298, -100, 298, -100);
+  const __m128i e0_g = _mm_setr_epi16(-208, 0, -208, 0, -208, 0, -208, 0);
+  const __m128i cd_b = _mm_setr_epi16(298, 516, 298, 516, 298, 516, 298, 516);
+  auto sums_to_16 = [&](__m128i lo, __m128i hi) {  // two halves of 4 int32 sums → 8 int16
+    return _mm_packs_epi32(_mm_srai_epi32(_mm_add_epi32(lo, round), 8), _mm_srai_epi32(_mm_add_epi32(hi, round), 8));
+  };
+  // Eight pixels (16-bit terms c, d, e) → eight 16-bit values per channel.
+  auto eight = [&](__m128i c, __m128i d, __m128i e, __m128i& r, __m128i& g, __m128i& b) {
+    const __m128i ce_lo = _mm_unpacklo_epi16(c, e), ce_hi = _mm_unpackhi_epi16(c, e);
+    const __m128i cd_lo = _mm_unpacklo_epi16(c, d), cd_hi = _mm_unpackhi_epi16(c, d);
+    const __m128i e0_lo = _mm_unpacklo_epi16(e, zero), e0_hi = _mm_unpackhi_epi16(e, zero);
+    r = sums_to_16(_mm_madd_epi16(ce_lo, ce_r), _mm_madd_epi16(ce_hi, ce_r));
+    g = sums_to_16(_mm_add_epi32(_mm_madd_epi16(cd_lo, cd_g), _mm_madd_epi16(e0_lo, e0_g)),
+                   _mm_add_epi32(_mm_madd_epi16(cd_hi, cd_g), _mm_madd_epi16(e0_hi, e0_g)));
+    b = sums_to_16(_mm_madd_epi16(cd_lo, cd_b), _mm_madd_epi16(cd_hi, cd_b));
+  };
+  auto mask = [](int j, int channel) {
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(kInterleave[j][channel].data()));
+  };
+  const __m128i m[3][3] = {{mask(0, 0), mask(0, 1), mask(0, 2)},
+                           {mask(1, 0), mask(1, 1), mask(1, 2)},
+                           {mask(2, 0), mask(2, 1), mask(2, 2)}};
+  int x = 0;
+  for (; x + 16 <= n; x += 16) {
+    auto load = [&](const uint8_t* p, __m128i offset, __m128i& lo, __m128i& hi) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + x));
+      lo = _mm_sub_epi16(_mm_unpacklo_epi8(v, zero), offset);
+      hi = _mm_sub_epi16(_mm_unpackhi_epi8(v, zero), offset);
+    };
+    __m128i c0, c1, d0, d1, e0, e1, r0, r1, g0, g1, b0, b1;
+    load(py, k16, c0, c1);
+    load(pu, k128, d0, d1);
+    load(pv, k128, e0, e1);
+    eight(c0, d0, e0, r0, g0, b0);
+    eight(c1, d1, e1, r1, g1, b1);
+    const __m128i r = _mm_packus_epi16(r0, r1), g = _mm_packus_epi16(g0, g1), b = _mm_packus_epi16(b0, b1);
+    for (int j = 0; j < 3; ++j) {
+      const __m128i v = _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(r, m[j][0]), _mm_shuffle_epi8(g, m[j][1])),
+                                     _mm_shuffle_epi8(b, m[j][2]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(rgb + 3 * x + 16 * j), v);
+    }
+  }
+  yuv_to_rgb_scalar(py, pu, pv, rgb, x, n);
+}
+
+#endif
+
+// SSSE3 where the CPU has it (decided once): the byte shuffles interleave in one step what a scalar loop spent most of
+// the conversion's time on.
+void yuv_to_rgb(const uint8_t* py, const uint8_t* pu, const uint8_t* pv, uint8_t* rgb, int n) {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool have_ssse3 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("ssse3") != 0;
+  }();
+  if (have_ssse3) return yuv_to_rgb_ssse3(py, pu, pv, rgb, n);
+#endif
+  yuv_to_rgb_scalar(py, pu, pv, rgb, 0, n);
+}
 
 class VideoDecoder {
  public:
@@ -419,58 +514,6 @@ class VideoDecoder {
     }
   }
 
-  // BT.601 limited range to RGB, the coefficients libswscale uses by default (16.8 fixed point): planar rows in
-  // 8-pixel SSE2 blocks (pairs of 16-bit terms multiplied and summed into 32 bits; saturating packs clamp), then
-  // one pass interleaves.
-  void yuv_to_rgb(const uint8_t* py, const uint8_t* pu, const uint8_t* pv, uint8_t* rgb, int n) {
-    rgb_planar_.resize(static_cast<size_t>(3) * n);
-    uint8_t* r = rgb_planar_.data();
-    uint8_t* g = r + n;
-    uint8_t* b = g + n;
-    int x = 0;
-#if defined(__SSE2__)
-    const __m128i zero = _mm_setzero_si128(), k16 = _mm_set1_epi16(16), k128 = _mm_set1_epi16(128);
-    const __m128i round = _mm_set1_epi32(128);
-    const __m128i cr_r = _mm_setr_epi16(298, 409, 298, 409, 298, 409, 298, 409);  // (c, e)
-    const __m128i cd_g = _mm_setr_epi16(298, -100, 298, -100, 298, -100, 298, -100);  // (c, d)
-    const __m128i e_g = _mm_setr_epi16(-208, 0, -208, 0, -208, 0, -208, 0);  // (e, 0)
-    const __m128i cd_b = _mm_setr_epi16(298, 516, 298, 516, 298, 516, 298, 516);  // (c, d)
-    auto channel = [&](__m128i lo, __m128i hi) {  // two halves of 4 int32 sums → 8 bytes
-      lo = _mm_srai_epi32(_mm_add_epi32(lo, round), 8);
-      hi = _mm_srai_epi32(_mm_add_epi32(hi, round), 8);
-      return _mm_packus_epi16(_mm_packs_epi32(lo, hi), zero);
-    };
-    for (; x + 8 <= n; x += 8) {
-      auto load = [&](const uint8_t* p, __m128i offset) {
-        return _mm_sub_epi16(_mm_unpacklo_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + x)), zero), offset);
-      };
-      const __m128i c = load(py, k16), d = load(pu, k128), e = load(pv, k128);
-      const __m128i ce_lo = _mm_unpacklo_epi16(c, e), ce_hi = _mm_unpackhi_epi16(c, e);
-      const __m128i cd_lo = _mm_unpacklo_epi16(c, d), cd_hi = _mm_unpackhi_epi16(c, d);
-      const __m128i e0_lo = _mm_unpacklo_epi16(e, zero), e0_hi = _mm_unpackhi_epi16(e, zero);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(r + x),
-                       channel(_mm_madd_epi16(ce_lo, cr_r), _mm_madd_epi16(ce_hi, cr_r)));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(g + x),
-                       channel(_mm_add_epi32(_mm_madd_epi16(cd_lo, cd_g), _mm_madd_epi16(e0_lo, e_g)),
-                               _mm_add_epi32(_mm_madd_epi16(cd_hi, cd_g), _mm_madd_epi16(e0_hi, e_g))));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(b + x),
-                       channel(_mm_madd_epi16(cd_lo, cd_b), _mm_madd_epi16(cd_hi, cd_b)));
-    }
-#endif
-    auto to_byte = [](int v) { return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v)); };
-    for (; x < n; ++x) {
-      const int c = 298 * (py[x] - 16) + 128, d = pu[x] - 128, e = pv[x] - 128;
-      r[x] = to_byte((c + 409 * e) >> 8);
-      g[x] = to_byte((c - 100 * d - 208 * e) >> 8);
-      b[x] = to_byte((c + 516 * d) >> 8);
-    }
-    for (x = 0; x < n; ++x) {
-      rgb[3 * x] = r[x];
-      rgb[3 * x + 1] = g[x];
-      rgb[3 * x + 2] = b[x];
-    }
-  }
-
   static constexpr size_t kPad = 64;  // bytes after the last row that SIMD loads may touch
   static int padded(int width) { return (width + 31) / 32 * 32; }
 
@@ -499,7 +542,7 @@ class VideoDecoder {
   ffmpeg::PacketPtr pkt_;
   ffmpeg::FramePtr frame_, last_;
   std::unique_ptr<SwsContext, SwsFree> sws_, scale_;
-  std::vector<uint8_t> halved_[3][2], yuv_, rgb_planar_;  // 2×2-averaged planes (two per plane: in and out of a step)
+  std::vector<uint8_t> halved_[3][2], yuv_;  // 2×2-averaged planes (two per plane: in and out of a step)
   std::vector<uint16_t> row_sum_;
   AVRational tb_{1, 1};
   int64_t start_ = 0, duration_ = 0, frame_dur_ = 1;
