@@ -112,7 +112,7 @@ TEST_CASE("add_layer_norm_to equals the add followed by layer_norm_to, to the bi
   }
 }
 
-TEST_CASE("LayerNorm under CUDA autocast equals torch's LayerNorm then the cast; elsewhere it is torch's",
+TEST_CASE("LayerNorm under CUDA autocast equals torch's LayerNorm then the cast and is torch's elsewhere",
           "[fusion][gpu]") {
   REQUIRE(torch::cuda::is_available());
   torch::manual_seed(5);
