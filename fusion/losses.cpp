@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include "core/error.h"
+#include "fusion/strategies.h"
 
 namespace longnet::fusion {
 
@@ -16,7 +17,7 @@ at::Tensor info_nce(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
   at::Tensor x = a, y = b;
   if (both.defined()) {
     if (both.dim() != 1 || both.size(0) != a.size(0)) throw Error("info_nce: both must be (B,) bool");
-    const at::Tensor rows = both.to(at::kBool).nonzero().squeeze(1).to(a.device());
+    const at::Tensor rows = to_device_async(both.to(at::kCPU, at::kBool).nonzero().squeeze(1), a.device());
     x = a.index_select(0, rows);
     y = b.index_select(0, rows);
   }

@@ -16,6 +16,8 @@ namespace longnet::fusion {
 // a, b: (B, E) (L2-normalised by the caller when cosine similarities are wanted); temperature: a positive scalar
 // tensor; both: (B,) bool or undefined (all rows). Rows where `both` is false are dropped. With no row left the loss
 // is a zero that still belongs to the graph. Throws Error for mismatched shapes.
+// `both` is read on the host, like the presence flags it comes from (fusion/strategies.h), so that finding its rows
+// does not wait for the device; a mask on the device is accepted and costs that wait.
 at::Tensor info_nce(const at::Tensor& a, const at::Tensor& b, const at::Tensor& temperature,
                     const at::Tensor& both = {});
 at::Tensor info_nce(const at::Tensor& a, const at::Tensor& b, double temperature, const at::Tensor& both = {});

@@ -83,7 +83,9 @@ at::Tensor MultimodalModelImpl::run_stack(Modality m, const ModalityInput& input
   return stack_norms_[idx(m)](h);
 }
 
-MultimodalOutput MultimodalModelImpl::forward(const MultimodalInput& input) {
+MultimodalOutput MultimodalModelImpl::forward(const MultimodalInput& given) {
+  MultimodalInput input = given;
+  if (input.present.defined()) input.present = input.present.cpu();  // the one wait when it is on the device
   int64_t batch = input.present.defined() ? input.present.size(0) : -1;
   for (const auto& mi : input.modalities) {
     if (batch < 0 && mi) batch = mi->data.size(0);
@@ -143,7 +145,7 @@ MultimodalOutput MultimodalModelImpl::forward_batch(const MultimodalInput& input
   if (batch < 0) throw DataError("multimodal model: the input has no modality");
   at::Tensor present = input.present;
   if (!present.defined()) {
-    present = at::zeros({batch, kModalityCount}, at::TensorOptions(device).dtype(at::kBool));
+    present = at::zeros({batch, kModalityCount}, at::kBool);
     for (Modality m : kAllModalities) {
       if (input.modalities[idx(m)]) present.select(1, col(m)).fill_(true);
     }
@@ -151,15 +153,13 @@ MultimodalOutput MultimodalModelImpl::forward_batch(const MultimodalInput& input
   if (present.dim() != 2 || present.size(1) != kModalityCount || present.scalar_type() != at::kBool) {
     throw DataError("multimodal model: present must be (B, " + std::to_string(kModalityCount) + ") bool");
   }
-  present = present.to(device);
-  const at::Tensor present_cpu = present.cpu();
   for (Modality m : kAllModalities) {
-    if (!input.modalities[idx(m)] && present_cpu.select(1, col(m)).any().item<bool>()) {
+    if (!input.modalities[idx(m)] && present.select(1, col(m)).any().item<bool>()) {
       throw DataError("multimodal model: present marks modality " + modalities::to_string(m) +
                       " in some sample, but the input has none of it");
     }
   }
-  if (!present_cpu.any(1).all().item<bool>()) throw DataError("multimodal model: a sample has no present modality");
+  if (!present.any(1).all().item<bool>()) throw DataError("multimodal model: a sample has no present modality");
 
   // ---- per-modality stacks on their present rows ----------------------------------------------------------------------
   const at::TensorOptions opts = joint_projection_->weight.options();
@@ -167,8 +167,10 @@ MultimodalOutput MultimodalModelImpl::forward_batch(const MultimodalInput& input
   std::array<at::Tensor, kModalityCount> rows, results;
   for (Modality m : kAllModalities) {
     if (!input.modalities[idx(m)]) continue;
-    rows[idx(m)] = present_cpu.select(1, col(m)).nonzero().squeeze(1).to(device);
-    if (rows[idx(m)].size(0) > 0) to_run.push_back(m);
+    const at::Tensor host_rows = present.select(1, col(m)).nonzero().squeeze(1);
+    if (host_rows.size(0) == 0) continue;
+    rows[idx(m)] = to_device_async(host_rows, device);
+    to_run.push_back(m);
   }
   bool ran_in_parallel = false;
 #ifdef LONGNET_WITH_CUDA
@@ -222,16 +224,17 @@ MultimodalOutput MultimodalModelImpl::forward_batch(const MultimodalInput& input
 
   // ---- fusion and heads ------------------------------------------------------------------------------------------------
   out.joint = l2_normalise(joint_projection_(fusion_->forward(fusion_in)));
+  const at::Tensor present_on_device = to_device_async(present, device);  // masks the heads' absent rows
   for (Modality m : kAllModalities) {
     if (!out.tokens[idx(m)].defined()) continue;
     const at::Tensor pooled = masked_mean(out.tokens[idx(m)], fusion_in.padding[idx(m)]);
     out.embeddings[idx(m)] =
-        zero_absent(l2_normalise(projections_[idx(m)](pooled)), present.select(1, col(m)));
+        zero_absent(l2_normalise(projections_[idx(m)](pooled)), present_on_device.select(1, col(m)));
   }
   if (out.tokens[idx(Modality::text)].defined()) {
     const at::Tensor logits = at::linear(out.tokens[idx(Modality::text)],
                                          encoders_[idx(Modality::text)]->embedding_weight());
-    out.lm_logits = zero_absent(logits, present.select(1, col(Modality::text)));
+    out.lm_logits = zero_absent(logits, present_on_device.select(1, col(Modality::text)));
   }
   return out;
 }

@@ -27,7 +27,7 @@
 //   fusion::MultimodalInput in;
 //   in.modalities[0] = fusion::ModalityInput{.data = ids};                                      // text (B, L)
 //   in.modalities[1] = fusion::ModalityInput{.data = patches, .positions = pos, .padding = pad}; // image
-//   in.present = present;                                                                     // (B, 4) bool
+//   in.present = present;                                                         // (B, 4) bool, on the host
 //   fusion::MultimodalOutput out = model(in);
 #pragma once
 
@@ -61,7 +61,10 @@ struct ModalityInput {
 
 struct MultimodalInput {
   std::array<std::optional<ModalityInput>, modalities::kModalityCount> modalities;  // indexed by Modality
-  at::Tensor present;  // (B, M) bool; undefined: every given modality is present in every sample
+  // (B, M) bool, on the host: which rows run which stack is read there without waiting for the device
+  // (fusion/strategies.h); a tensor on the device is accepted and copied to the host once. Undefined: every given
+  // modality is present in every sample.
+  at::Tensor present;
 };
 
 struct MultimodalOutput {
@@ -69,7 +72,7 @@ struct MultimodalOutput {
   ModalityTensors embeddings;  // (B, E) L2-normalised, zero rows where absent; undefined when not given
   at::Tensor joint;            // (B, E) L2-normalised joint embedding
   at::Tensor lm_logits;        // (B, L, vocab), zero rows where text is absent; undefined without text
-  at::Tensor present;          // (B, M) bool, as used
+  at::Tensor present;          // (B, M) bool on the host, as used
 };
 
 // One line of `longnet model summary`.
@@ -98,7 +101,7 @@ class MultimodalModelImpl : public torch::nn::Module {
   FusionStrategyImpl& fusion() { return *fusion_; }
 
  private:
-  MultimodalOutput forward_batch(const MultimodalInput& input);
+  MultimodalOutput forward_batch(const MultimodalInput& input);  // input.present on the host or undefined
   // encoder → stack → norm of modality m on the given rows: (G, N, C).
   at::Tensor run_stack(modalities::Modality m, const ModalityInput& input, const at::Tensor& rows);
 

@@ -105,7 +105,7 @@ class ConcatSeqFusion : public FusionStrategyImpl {
   at::Tensor forward(const FusionInput& in) override {
     check_input(in, ctx_.enabled);
     at::Tensor out = at::zeros({in.present.size(0), ctx_.model.width}, options_of(in));
-    for (const auto& [mask, rows] : presence_groups(in.present)) {
+    for (const auto& [mask, rows] : presence_groups(in.present, out.device())) {
       Concatenation c = concatenate(in, mask, rows);
       for (auto& block : blocks_) c.x = block(c.x, optional_mask(c.padding));
       out = out.index_copy(0, rows, masked_mean(norm_(c.x), c.padding));
@@ -220,7 +220,7 @@ class MultiwayFusion : public FusionStrategyImpl {
   at::Tensor forward(const FusionInput& in) override {
     check_input(in, ctx_.enabled);
     at::Tensor out = at::zeros({in.present.size(0), ctx_.model.width}, options_of(in));
-    for (const auto& [mask, rows] : presence_groups(in.present)) {
+    for (const auto& [mask, rows] : presence_groups(in.present, out.device())) {
       const Concatenation c = concatenate(in, mask, rows);
       at::Tensor x = c.x;
       for (auto& block : blocks_) x = block->forward(c, x);
@@ -261,7 +261,7 @@ class LateFusion : public FusionStrategyImpl {
     check_input(in, ctx_.enabled);
     const at::TensorOptions opts = options_of(in);
     // Weights softmax-normalised over each sample's present modalities (absent ones get exactly 0).
-    const at::Tensor present = in.present.to(opts.device());
+    const at::Tensor present = to_device_async(in.present, opts.device());
     const at::Tensor weights = at::where(present, gates_.exp().unsqueeze(0), at::zeros({}, gates_.options()));
     const at::Tensor normalised = weights / weights.sum(1, true);  // (B, M)
     at::Tensor joint = at::zeros({in.present.size(0), ctx_.model.width}, opts);
@@ -322,7 +322,7 @@ class ConcatFeatureFusion : public FusionStrategyImpl {
     check_input(in, ctx_.enabled);
     const at::TensorOptions opts = options_of(in);
     const int64_t b = in.present.size(0), t = ctx_.fusion.pooled_length, c = ctx_.model.width;
-    const at::Tensor present = in.present.to(opts.device());
+    const at::Tensor present = to_device_async(in.present, opts.device());
     std::vector<at::Tensor> features;
     for (Modality m : kAllModalities) {
       if (!ctx_.enabled[idx(m)]) continue;
@@ -383,7 +383,7 @@ class BottleneckFusion : public FusionStrategyImpl {
     const at::TensorOptions opts = options_of(in);
     const int64_t nb = ctx_.fusion.bottleneck_tokens;
     at::Tensor out = at::zeros({in.present.size(0), ctx_.model.width}, opts);
-    for (const auto& [mask, rows] : presence_groups(in.present)) {
+    for (const auto& [mask, rows] : presence_groups(in.present, opts.device())) {
       const int64_t g = rows.size(0);
       std::array<at::Tensor, kModalityCount> xs, pads;
       for (Modality m : kAllModalities) {
@@ -491,7 +491,7 @@ at::Tensor masked_mean(const at::Tensor& x, const at::Tensor& padding) {
   return (x * keep).sum(1) / keep.sum(1).clamp_min(1.0);
 }
 
-std::vector<std::pair<uint32_t, at::Tensor>> presence_groups(const at::Tensor& present) {
+std::vector<std::pair<uint32_t, at::Tensor>> presence_groups(const at::Tensor& present, at::Device device) {
   const at::Tensor flags = present.to(at::kCPU, at::kBool).contiguous();
   const auto a = flags.accessor<bool, 2>();
   std::map<uint32_t, std::vector<int64_t>> groups;
@@ -503,9 +503,16 @@ std::vector<std::pair<uint32_t, at::Tensor>> presence_groups(const at::Tensor& p
   }
   std::vector<std::pair<uint32_t, at::Tensor>> out;
   for (auto& [mask, rows] : groups) {
-    out.emplace_back(mask, at::tensor(rows, at::kLong).to(present.device()));
+    out.emplace_back(mask, to_device_async(at::tensor(rows, at::kLong), device));
   }
   return out;
+}
+
+at::Tensor to_device_async(const at::Tensor& host, at::Device device) {
+  if (!host.is_cpu() || !device.is_cuda()) return host.to(device);
+  at::Tensor pinned = at::empty(host.sizes(), host.options().pinned_memory(true));
+  pinned.copy_(host);
+  return pinned.to(device, /*non_blocking=*/true);
 }
 
 double block_forward_flops(const torch::nn::Module& block, const ModelConfig& model,

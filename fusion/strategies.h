@@ -43,7 +43,8 @@ using ModalityTensors = std::array<at::Tensor, modalities::kModalityCount>;
 struct FusionInput {
   ModalityTensors tokens{};   // (B, N_m, C) per modality; undefined when the batch has none of it
   ModalityTensors padding{};  // (B, N_m) bool, true = padding; undefined: no padding
-  at::Tensor present{};       // (B, M) bool; every sample has at least one present modality
+  at::Tensor present{};       // (B, M) bool, on the host (see presence_groups; the tokens' device is accepted);
+                              // every sample has at least one present modality
 };
 
 // Everything a strategy is built from.
@@ -77,9 +78,18 @@ std::shared_ptr<FusionStrategyImpl> make_strategy(const StrategyContext& context
 // token.
 at::Tensor masked_mean(const at::Tensor& x, const at::Tensor& padding);
 
-// Samples grouped by their set of present modalities: (bit mask over Modality, row indices (G,) int64 on present's
-// device), in increasing mask order.
-std::vector<std::pair<uint32_t, at::Tensor>> presence_groups(const at::Tensor& present);
+// Presence bookkeeping runs on the host: the flags (B, M) and the row indices derived from them are tiny, and
+// reading them on a GPU (item, nonzero, a blocking copy) would make the host wait for all queued work. A `present` on
+// the device is accepted, at the cost of that one wait when it is copied to the host.
+
+// Samples grouped by their set of present modalities: (bit mask over Modality, row indices (G,) int64 on `device`),
+// in increasing mask order.
+std::vector<std::pair<uint32_t, at::Tensor>> presence_groups(const at::Tensor& present, at::Device device);
+
+// `host` on `device` without making the host wait: to a CUDA device, a non-blocking copy from a fresh pinned buffer
+// (a copy from pageable memory would wait, and the caller may write `host` while the copy is in flight); otherwise
+// `host.to(device)`.
+at::Tensor to_device_async(const at::Tensor& host, at::Device device);
 
 // Forward FLOPs of one sample of n tokens through `block` (a transformer block or a part of one): 2·n·(its matrix
 // parameters) plus, when `dilated` is given, the attention's score and value products.

@@ -182,3 +182,27 @@ TEST_CASE("malformed multimodal inputs are DataErrors, no enabled modality is a 
   config = tiny_config("no_such_strategy");
   CHECK_THROWS_AS(fusion::MultimodalModel(tiny_model(), tiny_attention(), config), ConfigError);
 }
+
+TEST_CASE("present on the host, on the inputs' device or left out gives the same outputs", "[fusion][multimodal][cpu]") {
+  const std::string strategy = GENERATE(from_range(all_strategies()));
+  const bool batch_invariant = GENERATE(false, true);
+  CAPTURE(strategy, batch_invariant);
+  auto model = tiny_model_for(strategy, batch_invariant);
+  torch::NoGradGuard no_grad;
+  auto same = [](const MultimodalOutput& a, const MultimodalOutput& b) {
+    for (int64_t s = 0; s < a.joint.size(0); ++s) check_rows(a, s, b, s);
+    CHECK(torch::equal(a.present, b.present));
+  };
+
+  MultimodalInput all = full_batch(3, 4);
+  const MultimodalOutput given = model(all);
+  CHECK(given.present.is_cpu());
+  MultimodalInput left_out = all;
+  left_out.present = at::Tensor();
+  same(given, model(left_out));
+
+  MultimodalInput mixed = mixed_batch(5);
+  const MultimodalOutput on_host = model(mixed);
+  mixed.present = mixed.present.to(mixed.modalities[mi(Modality::video)]->data.device());
+  same(on_host, model(mixed));
+}

@@ -127,3 +127,21 @@ TEST_CASE("every strategy trains: the loss falls on a synthetic correlated task"
   CHECK(std::isfinite(last));
   CHECK(last < 0.5 * first);
 }
+
+TEST_CASE("presence_groups: one group per set of present modalities, in mask order", "[fusion][strategies][cpu]") {
+  const at::Tensor present = torch::tensor({1, 1, 0, 0,  //
+                                            0, 1, 0, 1,  //
+                                            1, 1, 0, 0,  //
+                                            0, 0, 1, 0}, torch::kBool).view({4, 4});
+  const auto groups = fusion::presence_groups(present, torch::kCPU);
+  REQUIRE(groups.size() == 3);
+  CHECK(groups[0].first == 0b0011U);
+  CHECK(torch::equal(groups[0].second, torch::tensor({0, 2}, torch::kLong)));
+  CHECK(groups[1].first == 0b0100U);
+  CHECK(torch::equal(groups[1].second, torch::tensor({3}, torch::kLong)));
+  CHECK(groups[2].first == 0b1010U);
+  CHECK(torch::equal(groups[2].second, torch::tensor({1}, torch::kLong)));
+  CHECK_THROWS_AS(fusion::presence_groups(torch::zeros({1, 4}, torch::kBool), torch::kCPU), DataError);
+  // A host target needs no copy.
+  CHECK(fusion::to_device_async(present, torch::kCPU).is_same(present));
+}
