@@ -82,8 +82,8 @@ void drop_media(fusion::MultimodalInput& input, const std::vector<int64_t>& samp
   }
 }
 
-// The batch on `device`, patches as float32. A padding mask without any padding is left out: attention without a
-// key mask takes the faster kernels.
+// The batch on `device`, patches as float32, presence flags left on the host (fusion/strategies.h). A padding mask
+// without any padding is left out: attention without a key mask takes the faster kernels.
 fusion::MultimodalInput to_device(const fusion::MultimodalInput& in, c10::Device device) {
   fusion::MultimodalInput out;
   for (size_t m = 0; m < kM; ++m) {
@@ -97,24 +97,33 @@ fusion::MultimodalInput to_device(const fusion::MultimodalInput& in, c10::Device
         .positions = x.positions.defined() ? x.positions.to(device, true) : at::Tensor(),
         .padding = padded ? x.padding.to(device, true) : at::Tensor()};
   }
-  out.present = in.present.to(device);
+  out.present = in.present;
   return out;
 }
 
+// The rows of a batch where a host flag (B) is set: found on the host, and on the device for indexing the batch.
+struct Rows {
+  at::Tensor host, device;
+};
+
+Rows rows_where(const at::Tensor& flags, c10::Device device) {
+  at::Tensor host = flags.nonzero().squeeze(1);
+  return {host, fusion::to_device_async(host, device)};
+}
+
 // The rows `rows` of `in`, with only the modalities in `keep`.
-fusion::MultimodalInput select(const fusion::MultimodalInput& in, const at::Tensor& rows,
-                               const std::vector<Modality>& keep) {
+fusion::MultimodalInput select(const fusion::MultimodalInput& in, const Rows& rows, const std::vector<Modality>& keep) {
   fusion::MultimodalInput out;
-  out.present = torch::zeros({rows.size(0), static_cast<int64_t>(kM)}, in.present.options());
+  out.present = torch::zeros({rows.host.size(0), static_cast<int64_t>(kM)}, in.present.options());
   for (const Modality m : keep) {
     if (!in.modalities[idx(m)]) continue;
     const auto& x = *in.modalities[idx(m)];
     out.modalities[idx(m)] = fusion::ModalityInput{
-        .data = x.data.index_select(0, rows),
-        .positions = x.positions.defined() ? x.positions.index_select(0, rows) : at::Tensor(),
-        .padding = x.padding.defined() ? x.padding.index_select(0, rows) : at::Tensor()};
+        .data = x.data.index_select(0, rows.device),
+        .positions = x.positions.defined() ? x.positions.index_select(0, rows.device) : at::Tensor(),
+        .padding = x.padding.defined() ? x.padding.index_select(0, rows.device) : at::Tensor()};
     const auto c = static_cast<int64_t>(idx(m));
-    out.present.select(1, c).copy_(in.present.select(1, c).index_select(0, rows));
+    out.present.select(1, c).copy_(in.present.select(1, c).index_select(0, rows.host));
   }
   for (const Modality m : keep) {  // a modality no selected row has is left out
     const auto c = static_cast<int64_t>(idx(m));
@@ -126,9 +135,9 @@ fusion::MultimodalInput select(const fusion::MultimodalInput& in, const at::Tens
 // What the two passes over a batch give, scattered back to the batch's rows.
 struct Passes {
   std::array<at::Tensor, kM> embeddings;  // (B, E) or undefined
-  at::Tensor present;                     // (B, M) bool
+  at::Tensor present;                     // (B, M) bool, on the host
   at::Tensor media;                       // (B, E) or undefined
-  at::Tensor media_present;               // (B) bool
+  at::Tensor media_present;               // (B) bool, on the host
   at::Tensor lm_logits, text_ids, text_padding;  // the text rows only
 };
 
@@ -136,16 +145,18 @@ at::Tensor scatter_rows(const at::Tensor& x, const at::Tensor& rows, int64_t bat
   return x.new_zeros({batch, x.size(1)}).index_copy(0, rows, x);
 }
 
-Passes run_passes(fusion::MultimodalModel& model, const fusion::MultimodalInput& in) {
+// The two passes over a batch from the loader (on the host), run on `device`.
+Passes run_passes(fusion::MultimodalModel& model, const fusion::MultimodalInput& batch, c10::Device device) {
+  const auto in = to_device(batch, device);
   Passes p;
   const int64_t B = in.present.size(0);
   p.present = in.present;
   const auto text_col = in.present.select(1, static_cast<int64_t>(idx(Modality::text)));
   if (in.modalities[idx(Modality::text)] && text_col.any().item<bool>()) {
-    const auto rows = text_col.nonzero().squeeze(1);
+    const auto rows = rows_where(text_col, device);
     const auto sub = select(in, rows, {Modality::text});
     const auto out = model->forward(sub);
-    p.embeddings[idx(Modality::text)] = scatter_rows(out.embeddings[idx(Modality::text)], rows, B);
+    p.embeddings[idx(Modality::text)] = scatter_rows(out.embeddings[idx(Modality::text)], rows.device, B);
     p.lm_logits = out.lm_logits;
     p.text_ids = sub.modalities[idx(Modality::text)]->data;
     p.text_padding = sub.modalities[idx(Modality::text)]->padding;
@@ -156,12 +167,14 @@ Passes run_passes(fusion::MultimodalModel& model, const fusion::MultimodalInput&
   }
   p.media_present = media_cols;
   if (media_cols.any().item<bool>()) {
-    const auto rows = media_cols.nonzero().squeeze(1);
+    const auto rows = rows_where(media_cols, device);
     const auto out = model->forward(select(in, rows, {kMedia.begin(), kMedia.end()}));
     for (const Modality m : kMedia) {
-      if (out.embeddings[idx(m)].defined()) p.embeddings[idx(m)] = scatter_rows(out.embeddings[idx(m)], rows, B);
+      if (out.embeddings[idx(m)].defined()) {
+        p.embeddings[idx(m)] = scatter_rows(out.embeddings[idx(m)], rows.device, B);
+      }
     }
-    p.media = scatter_rows(out.joint, rows, B);
+    p.media = scatter_rows(out.joint, rows.device, B);
   }
   return p;
 }
@@ -195,7 +208,7 @@ Losses compute_losses(const Passes& p, const ExperimentConfig& c, const at::Tens
   const int64_t B = p.present.size(0), E = c.multimodal.fusion.embed_dim;
   auto filled = [&](const at::Tensor& e, bool enabled) {
     if (e.defined() || !ranks || !enabled) return e;
-    return torch::zeros({B, E}, p.present.options().dtype(torch::kFloat));
+    return torch::zeros({B, E}, temperature.options().dtype(torch::kFloat));  // on the model's device
   };
   auto gather = [&](const at::Tensor& t) { return distributed::gather_rows(t, group); };  // t itself in one process
   Losses l;
@@ -207,24 +220,29 @@ Losses compute_losses(const Passes& p, const ExperimentConfig& c, const at::Tens
   };
   const auto text = filled(p.embeddings[idx(Modality::text)], c.multimodal[Modality::text].enabled);
   if (text.defined()) {
-    const auto has_text = p.present.select(1, static_cast<int64_t>(idx(Modality::text)));
+    // The masks stay on the host (fusion/losses.h). With several ranks the flags travel once, through the group's
+    // device (NCCL needs it), and come back: the one wait a step has for them.
+    const auto media_present = p.media.defined() ? p.media_present : torch::zeros({B}, p.present.options());
+    auto flags = torch::cat({p.present, media_present.unsqueeze(1)}, 1);  // (B, M + 1)
+    if (ranks) flags = gather(fusion::to_device_async(flags, temperature.device())).cpu();
+    const auto has_text = flags.select(1, static_cast<int64_t>(idx(Modality::text)));
     const auto all_text = gather(text.to(torch::kFloat));
     const std::pair<Modality, double> pairs[] = {
         {Modality::video, o.video_text}, {Modality::audio, o.audio_text}, {Modality::image, o.image_text}};
     for (const auto& [m, weight] : pairs) {
       const auto emb = filled(p.embeddings[idx(m)], c.multimodal[m].enabled);
       if (weight <= 0 || !emb.defined()) continue;
-      const auto both = has_text & p.present.select(1, static_cast<int64_t>(idx(m)));
+      const auto both = has_text & flags.select(1, static_cast<int64_t>(idx(m)));
       add(modalities::to_string(m) + "_text", weight,
-          fusion::info_nce(gather(emb.to(torch::kFloat)), all_text, temperature, gather(both)));
+          fusion::info_nce(gather(emb.to(torch::kFloat)), all_text, temperature, both));
     }
     const bool any_media = c.multimodal[Modality::image].enabled || c.multimodal[Modality::video].enabled ||
                            c.multimodal[Modality::audio].enabled;
     const auto media = filled(p.media, any_media);
     if (o.media_text > 0 && media.defined()) {
-      const auto media_present = p.media.defined() ? p.media_present : torch::zeros({B}, p.present.options());
       add("media_text", o.media_text,
-          fusion::info_nce(gather(media.to(torch::kFloat)), all_text, temperature, gather(has_text & media_present)));
+          fusion::info_nce(gather(media.to(torch::kFloat)), all_text, temperature,
+                           has_text & flags.select(1, static_cast<int64_t>(kM))));
     }
     if (o.lm > 0 && p.lm_logits.defined() && p.text_ids.size(1) > 1) {
       add("lm", o.lm, caption_lm_loss(p), ranks ? 1.0 / group.size() : 1.0);
@@ -459,11 +477,11 @@ std::pair<Passes, Passes> eval_passes(fusion::MultimodalModel& model, const Batc
                                       const EmbedOptions& options) {
   auto input = batch.input;
   const AutocastGuard autocast(options.bf16 && device.is_cuda());
-  auto full = run_passes(model, to_device(input, device));
+  auto full = run_passes(model, input, device);
   if (options.missing_rate <= 0) return {full, full};
   input.present = input.present.clone();
   drop_media(input, batch.samples, options.missing_rate, options.seed, 0);
-  return {full, run_passes(model, to_device(input, device))};
+  return {full, run_passes(model, input, device)};
 }
 
 }  // namespace
@@ -520,7 +538,7 @@ SplitEmbeddings embed_split(fusion::MultimodalModel& model, const ShardReader& r
     auto flush = [&] {
       if (pending_ids.empty()) return;
       const AutocastGuard autocast(options.bf16 && device.is_cuda());
-      const auto passes = run_passes(model, to_device(text_batch(pending_ids), device));
+      const auto passes = run_passes(model, text_batch(pending_ids), device);
       caption_rows.push_back(passes.embeddings[idx(Modality::text)].to(torch::kFloat).cpu());
       caption_items.insert(caption_items.end(), pending_items.begin(), pending_items.end());
       pending_ids.clear();
@@ -614,7 +632,7 @@ json zero_shot_report(fusion::MultimodalModel& model, const SplitEmbeddings& e, 
   torch::NoGradGuard no_grad;
   const bool was_training = model->is_training();
   model->eval();
-  const auto passes = run_passes(model, to_device(input, device));
+  const auto passes = run_passes(model, input, device);
   if (was_training) model->train();
   const auto C = static_cast<int64_t>(c.eval.zero_shot_classes.size());
   auto classes = passes.embeddings[idx(Modality::text)].to(torch::kFloat).cpu().view({C, P / C, -1}).mean(1);
@@ -865,7 +883,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
         Losses losses;
         {
           const AutocastGuard autocast(c.train.precision == "bf16");
-          const auto passes = run_passes(model, to_device(input, device));
+          const auto passes = run_passes(model, input, device);
           losses = compute_losses(passes, c, temperature->value(), groups.world);
         }
         if (injected_at(options.inject_nonfinite_steps, step)) {
