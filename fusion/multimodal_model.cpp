@@ -83,6 +83,13 @@ at::Tensor MultimodalModelImpl::run_stack(Modality m, const ModalityInput& input
   return stack_norms_[idx(m)](h);
 }
 
+void MultimodalModelImpl::check_ranges(const MultimodalInput& host_input) const {
+  for (Modality m : kAllModalities) {
+    const auto& mi = host_input.modalities[idx(m)];
+    if (mi && encoders_[idx(m)]) encoders_[idx(m)]->check_ranges(mi->data, mi->positions);
+  }
+}
+
 MultimodalOutput MultimodalModelImpl::forward(const MultimodalInput& given) {
   MultimodalInput input = given;
   if (input.present.defined()) input.present = input.present.cpu();  // the one wait when it is on the device

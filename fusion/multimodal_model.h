@@ -90,6 +90,9 @@ class MultimodalModelImpl : public torch::nn::Module {
   // Throws DataError for malformed inputs (shapes, a modality given that is not enabled, presence flags for a
   // modality that is not given, a sample without any modality).
   MultimodalOutput forward(const MultimodalInput& input);
+  // The encoders' value checks (ModalityEncoder::check_ranges) on a batch still on the host: forward makes them only
+  // for CPU tensors, since reading a device tensor's extremes would make the host wait. Throws DataError.
+  void check_ranges(const MultimodalInput& host_input) const;
 
   // Per component, for one sample whose modalities have lengths[m] tokens (0: absent; disabled modalities are left
   // out). FLOPs are forward only; a training step costs about three times as much.

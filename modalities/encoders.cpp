@@ -120,17 +120,11 @@ at::Tensor ModalityEncoderImpl::forward(const at::Tensor& input, const at::Tenso
       throw DataError(name + ": ids must be (B, L) int64, got " + std::to_string(input.dim()) + " dims of " +
                       std::string(c10::toString(input.scalar_type())));
     }
-    if (input.numel() > 0) {
-      const int64_t lo = input.min().item<int64_t>(), hi = input.max().item<int64_t>();
-      if (lo < 0 || hi >= options_.input_dim) {
-        throw DataError(name + ": token id " + std::to_string(lo < 0 ? lo : hi) + " outside the vocabulary [0, " +
-                        std::to_string(options_.input_dim) + ")");
-      }
-    }
     if (input.size(1) > max_pos) {
       throw DataError(name + ": " + std::to_string(input.size(1)) + " tokens exceed max_positions = " +
                       std::to_string(max_pos));
     }
+    if (input.is_cpu()) check_ranges(input, positions);
     h = tokens_(input);
     axis_positions = at::arange(input.size(1), input.options()).view({1, -1, 1}).expand({input.size(0), -1, 1});
   } else {
@@ -143,22 +137,37 @@ at::Tensor ModalityEncoderImpl::forward(const at::Tensor& input, const at::Tenso
       throw DataError(name + ": positions must be (B, N, 3) int64 (t, y, x) matching the patches " +
                       c10::str(input.sizes()));
     }
-    switch (options_.modality) {
-      case Modality::image: axis_positions = positions.narrow(2, 1, 2); break;  // (y, x)
-      case Modality::video: axis_positions = positions; break;                   // (t, y, x)
-      default: axis_positions = positions.narrow(2, 0, 1); break;               // t
-    }
-    if (axis_positions.numel() > 0) {
-      const int64_t lo = axis_positions.min().item<int64_t>(), hi = axis_positions.max().item<int64_t>();
-      if (lo < 0 || hi >= max_pos) {
-        throw DataError(name + ": position " + std::to_string(lo < 0 ? lo : hi) + " outside [0, " +
-                        std::to_string(max_pos) + ") (max_positions)");
-      }
-    }
+    axis_positions = used_positions(positions);
+    if (positions.is_cpu()) check_ranges(input, positions);
     const at::Tensor values = input.to(patches_->weight.scalar_type());
     h = patches_(patch_norm_ ? patch_norm_(values) : values);
   }
   return h + modality_embedding_ + positional(axis_positions, h.scalar_type());
+}
+
+at::Tensor ModalityEncoderImpl::used_positions(const at::Tensor& positions) const {
+  switch (options_.modality) {
+    case Modality::image: return positions.narrow(2, 1, 2);  // (y, x)
+    case Modality::video: return positions;                  // (t, y, x)
+    default: return positions.narrow(2, 0, 1);              // t
+  }
+}
+
+void ModalityEncoderImpl::check_ranges(const at::Tensor& input, const at::Tensor& positions) const {
+  const std::string name = to_string(options_.modality) + " encoder";
+  auto check = [&](const at::Tensor& values, int64_t end, const std::string& what, const std::string& range) {
+    if (values.numel() == 0) return;
+    const int64_t lo = values.min().item<int64_t>(), hi = values.max().item<int64_t>();
+    if (lo < 0 || hi >= end) {
+      throw DataError(name + ": " + what + " " + std::to_string(lo < 0 ? lo : hi) + " outside " + range);
+    }
+  };
+  const int64_t max_pos = options_.max_positions;
+  if (options_.modality == Modality::text) {
+    check(input, options_.input_dim, "token id", "the vocabulary [0, " + std::to_string(options_.input_dim) + ")");
+  } else if (positions.defined() && positions.dim() == 3 && positions.size(2) == 3) {
+    check(used_positions(positions), max_pos, "position", "[0, " + std::to_string(max_pos) + ") (max_positions)");
+  }
 }
 
 const at::Tensor& ModalityEncoderImpl::embedding_weight() const {

@@ -77,8 +77,14 @@ class ModalityEncoderImpl : public torch::nn::Module {
 
   // text: input (B, L) int64 ids in [0, vocab), positions ignored (0..L-1);
   // others: input (B, N, dim) float, positions (B, N, 3) int64 (t, y, x) → (B, N, C) in the module's dtype.
-  // Throws DataError for wrong shapes or dtypes, ids outside the vocabulary and positions outside [0, max_positions).
+  // Throws DataError for wrong shapes or dtypes, and on the CPU for values check_ranges rejects.
   at::Tensor forward(const at::Tensor& input, const at::Tensor& positions = {});
+
+  // Throws DataError for ids outside the vocabulary or used positions outside [0, max_positions). forward runs it on
+  // CPU inputs only: on a GPU reading the extremes back would make the host wait for the device, so callers check
+  // the host batch before moving it (the multimodal pipeline does, through MultimodalModel::check_ranges). There
+  // an id or a learned position out of range still stops its table lookup with a device-side assertion.
+  void check_ranges(const at::Tensor& input, const at::Tensor& positions = {}) const;
 
   const EncoderOptions& options() const { return options_; }
   // The token (or patch) embedding matrix: (vocab, C) for text (an LM head may share it), (C, dim) otherwise.
@@ -89,6 +95,7 @@ class ModalityEncoderImpl : public torch::nn::Module {
 
  private:
   at::Tensor positional(const at::Tensor& axis_positions, at::ScalarType dtype);  // (B, N, axes) → (B, N, C)
+  at::Tensor used_positions(const at::Tensor& positions) const;  // the axes this modality encodes: (B, N, axes)
 
   EncoderOptions options_;
   torch::nn::Embedding tokens_{nullptr};     // text

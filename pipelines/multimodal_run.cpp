@@ -147,6 +147,7 @@ at::Tensor scatter_rows(const at::Tensor& x, const at::Tensor& rows, int64_t bat
 
 // The two passes over a batch from the loader (on the host), run on `device`.
 Passes run_passes(fusion::MultimodalModel& model, const fusion::MultimodalInput& batch, c10::Device device) {
+  if (!device.is_cpu()) model->check_ranges(batch);  // on the host: on the device the check would wait for it
   const auto in = to_device(batch, device);
   Passes p;
   const int64_t B = in.present.size(0);

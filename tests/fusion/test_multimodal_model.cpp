@@ -170,6 +170,12 @@ TEST_CASE("malformed multimodal inputs are DataErrors, no enabled modality is a 
   short_batch.modalities[mi(Modality::audio)]->data = short_batch.modalities[mi(Modality::audio)]->data.narrow(0, 0, 1);
   CHECK_THROWS_AS(model(short_batch), DataError);
   CHECK_THROWS_AS(model(MultimodalInput{}), DataError);
+  MultimodalInput bad_id = in;
+  bad_id.modalities[mi(Modality::text)]->data = bad_id.modalities[mi(Modality::text)]->data.clone();
+  bad_id.modalities[mi(Modality::text)]->data[1][0] = -3;
+  CHECK_THROWS_WITH(model->check_ranges(bad_id), Catch::Contains("text encoder: token id -3"));  // before a transfer
+  CHECK_THROWS_AS(model(bad_id), DataError);                                                   // on the CPU
+  CHECK_NOTHROW(model->check_ranges(in));
 
   auto config = tiny_config("late");
   config[Modality::video].enabled = false;

@@ -1,6 +1,7 @@
 // Presence bookkeeping on a CUDA device (fusion/strategies.h): with `present` on the host, every fusion strategy and
 // info_nce queue their work without making the host wait for the device (CUDA's sync debug mode turns each wait into
-// an error), and the multimodal model gives the same outputs with `present` on the host, on the device or left out.
+// an error), the multimodal model gives the same outputs with `present` on the host, on the device or left out, and
+// its whole forward does not wait once the batch's values are checked on the host.
 #include <string>
 
 #include <c10/cuda/CUDAFunctions.h>
@@ -113,4 +114,26 @@ TEST_CASE("the model on CUDA: present on the host, on the device or left out giv
   const MultimodalOutput given = model(all);
   all.present = at::Tensor();
   same(given, model(all));
+}
+
+TEST_CASE("the model's forward on CUDA does not wait for the device once the batch is checked on the host",
+          "[fusion][gpu]") {
+  REQUIRE(torch::cuda::is_available());
+  const std::string strategy = GENERATE(from_range(all_strategies()));
+  CAPTURE(strategy);
+  auto model = tiny_model_for(strategy);
+  model->to(torch::kCUDA);
+  torch::NoGradGuard no_grad;
+  MultimodalInput host = full_batch(4, 2);
+  host.present[1][mi(Modality::image)] = false;
+  host.present[2][mi(Modality::text)] = host.present[2][mi(Modality::video)] = false;
+  model->check_ranges(host);  // the encoders' value checks, which on the device would wait for it
+  const MultimodalInput in = on_cuda(host);
+  const MultimodalOutput warm_up = model(in);
+  MultimodalOutput out;
+  {
+    const WaitsAreErrors guard;
+    out = model(in);
+  }
+  CHECK(torch::equal(out.joint, warm_up.joint));
 }

@@ -176,6 +176,12 @@ TEST_CASE("encoders reject malformed inputs with DataError and bad options with 
   } catch (const DataError& e) {
     CHECK(std::string(e.what()) == "image encoder: position 4 outside [0, 4) (max_positions)");
   }
+  CHECK_THROWS_WITH(image->check_ranges(values, positions), "image encoder: position 4 outside [0, 4) (max_positions)");
+  positions[0][1][2] = 3;
+  CHECK_NOTHROW(image->check_ranges(values, positions));
+  CHECK_THROWS_WITH(text->check_ranges(torch::tensor({{1, 10}}, torch::kLong)),
+                    "text encoder: token id 10 outside the vocabulary [0, 10)");
+  CHECK_NOTHROW(text->check_ranges(torch::tensor({{0, 9}}, torch::kLong)));
   CHECK_THROWS_AS(ModalityEncoder(EncoderOptions{.modality = Modality::video, .width = 0}), ConfigError);
   CHECK_THROWS_AS(parse_positional_kind("rotary"), ConfigError);
   CHECK(parse_modality("audio") == Modality::audio);
