@@ -45,14 +45,28 @@ MultimodalInput on_cuda(const MultimodalInput& in) {
   return out;
 }
 
+// The tiny model of `strategy` on the GPU.
+fusion::MultimodalModel cuda_model(const std::string& strategy) {
+  auto model = tiny_model_for(strategy);
+  model->to(torch::kCUDA);
+  return model;
+}
+
+// Four samples on the host, one without an image and one with neither text nor video.
+MultimodalInput mixed_batch() {
+  MultimodalInput in = full_batch(4, 2);
+  in.present[1][mi(Modality::image)] = false;
+  in.present[2][mi(Modality::text)] = in.present[2][mi(Modality::video)] = false;
+  return in;
+}
+
 }  // namespace
 
 TEST_CASE("with present on the host, fusion strategies and info_nce do not wait for the device", "[fusion][gpu]") {
   REQUIRE(torch::cuda::is_available());
   const std::string strategy = GENERATE(from_range(all_strategies()));
   CAPTURE(strategy);
-  auto model = tiny_model_for(strategy);
-  model->to(torch::kCUDA);
+  auto model = cuda_model(strategy);
   torch::NoGradGuard no_grad;
   const auto cuda = torch::TensorOptions(torch::kCUDA).dtype(torch::kDouble);
   torch::manual_seed(3);
@@ -87,8 +101,7 @@ TEST_CASE("the model on CUDA: present on the host, on the device or left out giv
   REQUIRE(torch::cuda::is_available());
   const std::string strategy = GENERATE(from_range(all_strategies()));
   CAPTURE(strategy);
-  auto model = tiny_model_for(strategy);
-  model->to(torch::kCUDA);
+  auto model = cuda_model(strategy);
   torch::NoGradGuard no_grad;
   auto same = [](const MultimodalOutput& x, const MultimodalOutput& y) {
     CHECK(torch::equal(x.joint, y.joint));
@@ -101,9 +114,7 @@ TEST_CASE("the model on CUDA: present on the host, on the device or left out giv
     CHECK(torch::equal(x.present, y.present));
   };
 
-  MultimodalInput in = on_cuda(full_batch(4, 2));
-  in.present[1][mi(Modality::image)] = false;
-  in.present[2][mi(Modality::text)] = in.present[2][mi(Modality::video)] = false;
+  const MultimodalInput in = on_cuda(mixed_batch());
   const MultimodalOutput on_host = model(in);
   CHECK(on_host.present.is_cpu());
   MultimodalInput on_device = in;
@@ -121,12 +132,9 @@ TEST_CASE("the model's forward on CUDA does not wait for the device once the bat
   REQUIRE(torch::cuda::is_available());
   const std::string strategy = GENERATE(from_range(all_strategies()));
   CAPTURE(strategy);
-  auto model = tiny_model_for(strategy);
-  model->to(torch::kCUDA);
+  auto model = cuda_model(strategy);
   torch::NoGradGuard no_grad;
-  MultimodalInput host = full_batch(4, 2);
-  host.present[1][mi(Modality::image)] = false;
-  host.present[2][mi(Modality::text)] = host.present[2][mi(Modality::video)] = false;
+  const MultimodalInput host = mixed_batch();
   model->check_ranges(host);  // the encoders' value checks, which on the device would wait for it
   const MultimodalInput in = on_cuda(host);
   const MultimodalOutput warm_up = model(in);
