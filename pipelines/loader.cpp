@@ -283,18 +283,17 @@ Batch Loader::collate(const std::vector<int64_t>& samples, int64_t epoch) const 
       longest = std::max(longest, limit > 0 ? std::min(limit, t.size(0)) : t.size(0));
     }
     if (longest == 0) continue;  // no sample of the batch has it
+    // Pinned host memory lets the copies to the GPU run asynchronously (the allocation is the worker's, not the
+    // training loop's): a copy from pageable memory waits for the work queued before it. float16 halves the bytes
+    // the patches' copy moves.
+    const auto host = torch::TensorOptions().pinned_memory(options_.pin_memory);
     fusion::ModalityInput in;
-    in.padding = torch::ones({B, longest}, torch::kBool);
+    in.padding = torch::ones({B, longest}, host.dtype(torch::kBool));
     if (m == Modality::text) {
-      in.data = torch::full({B, longest}, options_.pad_id, torch::kLong);
+      in.data = torch::full({B, longest}, options_.pad_id, host.dtype(torch::kLong));
     } else {
-      // Pinned host memory lets the copy to the GPU run asynchronously (the allocation is the worker's, not the
-      // training loop's); float16 halves the bytes the copy moves.
-      const auto options = torch::TensorOptions()
-                               .dtype(options_.half_patches ? torch::kHalf : torch::kFloat)
-                               .pinned_memory(options_.pin_memory);
-      in.data = torch::zeros({B, longest, dim}, options);
-      in.positions = torch::zeros({B, longest, 3}, torch::kLong);
+      in.data = torch::zeros({B, longest, dim}, host.dtype(options_.half_patches ? torch::kHalf : torch::kFloat));
+      in.positions = torch::zeros({B, longest, 3}, host.dtype(torch::kLong));
     }
     for (size_t b = 0; b < samples.size(); ++b) {
       auto it = fields[b].find(name);
