@@ -901,8 +901,8 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
                               : v / static_cast<double>(c.train.grad_accumulation);
         }
       }
-      step_loss = step_loss_t.item<double>() / static_cast<double>(c.train.grad_accumulation);
       if (grad_sync) {
+        step_loss = step_loss_t.item<double>() / static_cast<double>(c.train.grad_accumulation);
         grad_sync->finish();
         // Every rank logs the same loss and takes the same decision: the parts averaged over the ranks (the
         // contrastive ones are the global batch's on each already), weighted; a non-finite loss anywhere shows in
@@ -922,9 +922,11 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
           weighted += step_weights[k] * average;
         }
         step_loss = std::isfinite(packed[0].item<double>()) ? weighted : packed[0].item<double>();
-      }
-      if (std::isfinite(step_loss) && c.train.grad_clip > 0) {
-        grad_norm = clip_grad_norm(parameters, c.train.grad_clip);
+        if (std::isfinite(step_loss) && c.train.grad_clip > 0) grad_norm = clip_grad_norm(parameters, c.train.grad_clip);
+      } else {
+        const StepValues read = read_loss_and_clip(step_loss_t, parameters, c.train.grad_clip);
+        step_loss = read.loss / static_cast<double>(c.train.grad_accumulation);
+        grad_norm = read.grad_norm;
       }
       apply = failures.accept(step, step_loss, grad_norm);
     } catch (const c10::OutOfMemoryError& e) {

@@ -150,7 +150,7 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
     double step_loss = std::numeric_limits<double>::quiet_NaN(), grad_norm = 0;
     bool apply = false;
     try {
-      step_loss = 0;
+      at::Tensor step_loss_t;  // on the device, summed in double as the host sum it replaces
       // The windows of a step come from a generator seeded by (seed, data group, step): a resumed run draws what the
       // uninterrupted one would, on every data group, and the ranks of a sequence group draw the same windows.
       std::seed_seq sampler_seed{static_cast<uint64_t>(c.run.seed), static_cast<uint64_t>(data_rank),
@@ -167,16 +167,21 @@ fs::path train_language_model(const ExperimentConfig& c, const RunOptions& optio
         if (injected_at(options.inject_oom_steps, step)) throw_injected_oom(step);
         if (grad_sync && micro + 1 == c.train.grad_accumulation) grad_sync->arm();  // the last backward all-reduces
         (loss / static_cast<double>(c.train.grad_accumulation)).backward();
-        step_loss += loss.item<double>() / static_cast<double>(c.train.grad_accumulation);
+        const at::Tensor part = loss.detach().to(torch::kDouble) / static_cast<double>(c.train.grad_accumulation);
+        step_loss_t = step_loss_t.defined() ? step_loss_t + part : part;
       }
       if (grad_sync) {  // gradients averaged over the data groups; the logged loss too (a sequence group's sum)
         grad_sync->finish();
-        auto total = torch::tensor({step_loss}, torch::dtype(torch::kDouble).device(device));
+        auto total = step_loss_t.reshape({1});
         groups.world.all_reduce(total);
         step_loss = total.item<double>() / static_cast<double>(data_size);
-      }
-      if (std::isfinite(step_loss) && c.train.grad_clip > 0) {
-        grad_norm = clip_grad_norm(model->parameters(), c.train.grad_clip);
+        if (std::isfinite(step_loss) && c.train.grad_clip > 0) {
+          grad_norm = clip_grad_norm(model->parameters(), c.train.grad_clip);
+        }
+      } else {
+        const StepValues read = read_loss_and_clip(step_loss_t, model->parameters(), c.train.grad_clip);
+        step_loss = read.loss;
+        grad_norm = read.grad_norm;
       }
       apply = failures.accept(step, step_loss, grad_norm);
     } catch (const c10::OutOfMemoryError& e) {

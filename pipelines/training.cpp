@@ -147,18 +147,34 @@ std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<at::Tensor>& p
   return std::make_unique<FusedAdamW>(std::move(groups));
 }
 
-double clip_grad_norm(const std::vector<at::Tensor>& parameters, double max_norm) {
+at::Tensor clip_grad_norm_queued(const std::vector<at::Tensor>& parameters, double max_norm) {
   const torch::NoGradGuard no_grad;
   std::vector<at::Tensor> grads;
   for (const auto& p : parameters) {
     if (p.grad().defined()) grads.push_back(p.grad());
   }
-  if (grads.empty()) return 0.0;
+  if (grads.empty()) return {};
   const auto norms = at::_foreach_norm(grads, 2);
   const auto total = norms.size() == 1 ? norms.front() : at::stack(norms).norm(2);
   const auto coef = torch::clamp(max_norm / (total + 1e-6), std::nullopt, 1.0);
   at::_foreach_mul_(grads, coef);
-  return total.item<double>();
+  return total;
+}
+
+double clip_grad_norm(const std::vector<at::Tensor>& parameters, double max_norm) {
+  const at::Tensor total = clip_grad_norm_queued(parameters, max_norm);
+  return total.defined() ? total.item<double>() : 0.0;
+}
+
+StepValues read_loss_and_clip(const at::Tensor& loss, const std::vector<at::Tensor>& parameters, double max_norm) {
+  const at::Tensor norm = max_norm > 0 ? clip_grad_norm_queued(parameters, max_norm) : at::Tensor();
+  at::Tensor values = loss.detach().reshape({1}).to(at::kDouble);
+  if (norm.defined()) values = at::cat({values, norm.detach().reshape({1}).to(values.options())});
+  values = values.cpu();
+  const auto v = values.accessor<double, 1>();
+  StepValues out{v[0], 0.0};
+  if (norm.defined() && std::isfinite(out.loss)) out.grad_norm = v[1];
+  return out;
 }
 
 void set_learning_rate(torch::optim::Optimizer& optimizer, double lr) {

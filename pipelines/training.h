@@ -47,6 +47,18 @@ std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<at::Tensor>& p
 // min(1, max_norm / (norm + 1e-6)); multi-tensor kernels instead of one norm and one scale launch per parameter.
 // Returns the norm before clipping.
 double clip_grad_norm(const std::vector<at::Tensor>& parameters, double max_norm);
+// The same without reading the norm back: the clipping is queued and the norm returned as a 0-dim float tensor on
+// the gradients' device (undefined when no parameter has a gradient).
+at::Tensor clip_grad_norm_queued(const std::vector<at::Tensor>& parameters, double max_norm);
+
+// A step's loss (a 0-dim tensor) and gradient norm in one read from the device, one wait instead of two. With
+// max_norm > 0 the gradients are clipped first, queued before the loss is known, so that the host prepares the
+// clipping while the device finishes the backward. A step whose loss is not finite applies no update (StepFailures),
+// so clipping its gradients changes nothing; its norm reads 0, as when clipping waited for a finite loss.
+struct StepValues {
+  double loss = 0, grad_norm = 0;
+};
+StepValues read_loss_and_clip(const at::Tensor& loss, const std::vector<at::Tensor>& parameters, double max_norm);
 void set_learning_rate(torch::optim::Optimizer& optimizer, double lr);
 
 // Modules whose parameters a checkpoint holds: the model first, then extras (e.g. a learned temperature).

@@ -1,8 +1,10 @@
 // Checks shared by the CPU and GPU tests of pipelines/training.h's optimizer and clipping: each compares the fast
-// path against torch's own per-parameter implementation on the same parameters and gradients.
+// path against torch's own per-parameter implementation on the same parameters and gradients (the one-read step values
+// against the separate calls).
 #pragma once
 
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <vector>
 
@@ -107,6 +109,34 @@ inline void check_clip_matches_torch(const at::Device& device) {
     }
     CHECK(!ours.back().grad().defined());
   }
+}
+
+// read_loss_and_clip gives the loss, and clip_grad_norm's norm and clipping, from one read; a non-finite loss reads a
+// norm of 0; max_norm = 0 leaves the gradients alone.
+inline void check_read_loss_and_clip(const at::Device& device) {
+  auto ours = make_parameters(device), theirs = make_parameters(device);
+  set_gradients(ours, 2);
+  set_gradients(theirs, 2);
+  const auto loss = torch::tensor(2.5f, torch::TensorOptions().device(device));
+  const pipelines::StepValues read = pipelines::read_loss_and_clip(loss, ours, 0.5);
+  CHECK(read.loss == 2.5);
+  const double norm = pipelines::clip_grad_norm(theirs, 0.5);
+  CHECK(norm > 0.5);  // the clipping scaled the gradients
+  CHECK(read.grad_norm == norm);
+  for (size_t i = 0; i < ours.size(); ++i) CHECK(torch::equal(ours[i].grad(), theirs[i].grad()));
+
+  const pipelines::StepValues diverged =
+      pipelines::read_loss_and_clip(loss * std::numeric_limits<float>::quiet_NaN(), ours, 0.5);
+  CHECK(std::isnan(diverged.loss));
+  CHECK(diverged.grad_norm == 0.0);
+
+  auto plain = make_parameters(device);
+  set_gradients(plain, 2);
+  const auto before = plain[0].grad().clone();
+  const pipelines::StepValues unclipped = pipelines::read_loss_and_clip(loss, plain, 0.0);
+  CHECK(unclipped.loss == 2.5);
+  CHECK(unclipped.grad_norm == 0.0);
+  CHECK(torch::equal(plain[0].grad(), before));
 }
 
 }  // namespace longnet::test

@@ -9,3 +9,7 @@ TEST_CASE("make_adamw's fused step equals torch::optim::AdamW, through a checkpo
 TEST_CASE("clip_grad_norm equals torch::nn::utils::clip_grad_norm_", "[pipelines][cpu]") {
   longnet::test::check_clip_matches_torch(at::Device(at::kCPU));
 }
+
+TEST_CASE("read_loss_and_clip reads the loss and the clipped norm at once", "[pipelines][cpu]") {
+  longnet::test::check_read_loss_and_clip(at::Device(at::kCPU));
+}

@@ -11,3 +11,8 @@ TEST_CASE("clip_grad_norm on CUDA equals torch::nn::utils::clip_grad_norm_", "[p
   REQUIRE(torch::cuda::is_available());
   longnet::test::check_clip_matches_torch(at::Device(at::kCUDA));
 }
+
+TEST_CASE("read_loss_and_clip reads the loss and the clipped norm at once on CUDA", "[pipelines][gpu]") {
+  REQUIRE(torch::cuda::is_available());
+  longnet::test::check_read_loss_and_clip(at::Device(at::kCUDA));
+}
