@@ -192,14 +192,14 @@ int main(int argc, char** argv) {
         const double pair_median = median(pair_ratios), cpu_median = median(cpu_ratios);
         const std::string name = clip.filename().string();
         std::printf("%-22s %3d %10.2f %10.2f %8.2f %8.2f %8.2f %10.2f %8.2f %10.2f %6lld / %5lld\n", size.c_str(),
-                    threads, ff, all.seconds, all.seconds / ff, pair_median, cpu_median, seek.seconds, ff / seek.seconds,
-                    noseek.seconds,
+                    threads, ff, all.seconds, all.seconds / ff, pair_median, cpu_median, seek.seconds,
+                    ff / seek.seconds, noseek.seconds,
                     static_cast<long long>(seek.stats.frames_decoded),
                     static_cast<long long>(all.stats.frames_decoded));
         std::fflush(stdout);
         md += "| " + size + " h264 " + std::to_string(seconds) + " s | " + t + " | " + fmt("%.2f", ff) + " | " +
-              fmt("%.2f", all.seconds) + " | " + fmt("%.2f", all.seconds / ff) + " | " + fmt("%.2f", pair_median) + " | " +
-              fmt("%.2f", cpu_median) + " | " + fmt("%.2f", seek.seconds) +
+              fmt("%.2f", all.seconds) + " | " + fmt("%.2f", all.seconds / ff) + " | " + fmt("%.2f", pair_median) +
+              " | " + fmt("%.2f", cpu_median) + " | " + fmt("%.2f", seek.seconds) +
               " | " + fmt("%.1f×", ff / seek.seconds) + " | " + fmt("%.2f", noseek.seconds) + " | " +
               std::to_string(seek.stats.frames_decoded) + " / " + std::to_string(all.stats.frames_decoded) + " |\n";
         rows.push_back({{"clip", name},

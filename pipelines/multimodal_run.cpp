@@ -922,7 +922,9 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
           weighted += step_weights[k] * average;
         }
         step_loss = std::isfinite(packed[0].item<double>()) ? weighted : packed[0].item<double>();
-        if (std::isfinite(step_loss) && c.train.grad_clip > 0) grad_norm = clip_grad_norm(parameters, c.train.grad_clip);
+        if (std::isfinite(step_loss) && c.train.grad_clip > 0) {
+          grad_norm = clip_grad_norm(parameters, c.train.grad_clip);
+        }
       } else {
         const StepValues read = read_loss_and_clip(step_loss_t, parameters, c.train.grad_clip);
         step_loss = read.loss / static_cast<double>(c.train.grad_accumulation);

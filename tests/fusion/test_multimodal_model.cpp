@@ -189,7 +189,8 @@ TEST_CASE("malformed multimodal inputs are DataErrors, no enabled modality is a 
   CHECK_THROWS_AS(fusion::MultimodalModel(tiny_model(), tiny_attention(), config), ConfigError);
 }
 
-TEST_CASE("present on the host, on the inputs' device or left out gives the same outputs", "[fusion][multimodal][cpu]") {
+TEST_CASE("present on the host, on the inputs' device or left out gives the same outputs",
+          "[fusion][multimodal][cpu]") {
   const std::string strategy = GENERATE(from_range(all_strategies()));
   const bool batch_invariant = GENERATE(false, true);
   CAPTURE(strategy, batch_invariant);
