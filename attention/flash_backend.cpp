@@ -17,6 +17,7 @@
 #include <torch/torch.h>
 
 #include "attention/cuda_backend.h"
+#include "core/device_copy.h"
 #include "core/error.h"
 
 #ifdef LONGNET_WITH_CUDA
@@ -210,7 +211,7 @@ at::Tensor sparsify_kv(const at::Tensor& kv, const Call& c, int64_t H) {
   const int64_t group = H / Hkv;
   std::vector<int64_t> index(c.heads);
   for (int64_t j = 0; j < c.heads; ++j) index[j] = (c.head0 + j * c.head_step) / group;
-  const auto idx = torch::tensor(index, torch::dtype(torch::kLong)).to(kv.device(), /*non_blocking=*/true);
+  const auto idx = to_device_async(torch::tensor(index, torch::dtype(torch::kLong)), kv.device());
   TORCH_CHECK(c.offset_step == 0, "flash backend: grouped kv heads need calls by offset");
   return sparsify(kv, c, 0, kv.size(3), Hkv).index_select(1, idx);
 }

@@ -5,7 +5,7 @@
 #include <ATen/ATen.h>
 
 #include "core/error.h"
-#include "fusion/strategies.h"
+#include "core/device_copy.h"
 
 namespace longnet::fusion {
 

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include "core/device_copy.h"
 #include "core/error.h"
 
 #ifdef LONGNET_WITH_CUDA

@@ -12,6 +12,7 @@
 #include <torch/nn/modules/normalization.h>
 
 #include "attention/multihead_dilated_attention.h"
+#include "core/device_copy.h"
 #include "core/error.h"
 #include "core/linear.h"
 #include "fusion/checkpoint.h"
@@ -506,13 +507,6 @@ std::vector<std::pair<uint32_t, at::Tensor>> presence_groups(const at::Tensor& p
     out.emplace_back(mask, to_device_async(at::tensor(rows, at::kLong), device));
   }
   return out;
-}
-
-at::Tensor to_device_async(const at::Tensor& host, at::Device device) {
-  if (!host.is_cpu() || !device.is_cuda()) return host.to(device);
-  at::Tensor pinned = at::empty(host.sizes(), host.options().pinned_memory(true));
-  pinned.copy_(host);
-  return pinned.to(device, /*non_blocking=*/true);
 }
 
 double block_forward_flops(const torch::nn::Module& block, const ModelConfig& model,

@@ -80,16 +80,12 @@ at::Tensor masked_mean(const at::Tensor& x, const at::Tensor& padding);
 
 // Presence bookkeeping runs on the host: the flags (B, M) and the row indices derived from them are tiny, and
 // reading them on a GPU (item, nonzero, a blocking copy) would make the host wait for all queued work. A `present` on
-// the device is accepted, at the cost of that one wait when it is copied to the host.
+// the device is accepted, at the cost of that one wait when it is copied to the host. Indices and masks reach the
+// device through longnet::to_device_async (core/device_copy.h).
 
 // Samples grouped by their set of present modalities: (bit mask over Modality, row indices (G,) int64 on `device`),
 // in increasing mask order.
 std::vector<std::pair<uint32_t, at::Tensor>> presence_groups(const at::Tensor& present, at::Device device);
-
-// `host` on `device` without making the host wait: to a CUDA device, a non-blocking copy from a fresh pinned buffer
-// (a copy from pageable memory would wait, and the caller may write `host` while the copy is in flight); otherwise
-// `host.to(device)`.
-at::Tensor to_device_async(const at::Tensor& host, at::Device device);
 
 // Forward FLOPs of one sample of n tokens through `block` (a transformer block or a part of one): 2·n·(its matrix
 // parameters) plus, when `dilated` is given, the attention's score and value products.

@@ -14,6 +14,7 @@
 #include <torch/torch.h>
 
 #include "core/atomic_file.h"
+#include "core/device_copy.h"
 #include "core/error.h"
 #include "core/keyed_random.h"
 #include "core/log.h"
@@ -108,7 +109,7 @@ struct Rows {
 
 Rows rows_where(const at::Tensor& flags, c10::Device device) {
   at::Tensor host = flags.nonzero().squeeze(1);
-  return {host, fusion::to_device_async(host, device)};
+  return {host, to_device_async(host, device)};
 }
 
 // The rows `rows` of `in`, with only the modalities in `keep`.
@@ -225,7 +226,7 @@ Losses compute_losses(const Passes& p, const ExperimentConfig& c, const at::Tens
     // device (NCCL needs it), and come back: the one wait a step has for them.
     const auto media_present = p.media.defined() ? p.media_present : torch::zeros({B}, p.present.options());
     auto flags = torch::cat({p.present, media_present.unsqueeze(1)}, 1);  // (B, M + 1)
-    if (ranks) flags = gather(fusion::to_device_async(flags, temperature.device())).cpu();
+    if (ranks) flags = gather(to_device_async(flags, temperature.device())).cpu();
     const auto has_text = flags.select(1, static_cast<int64_t>(idx(Modality::text)));
     const auto all_text = gather(text.to(torch::kFloat));
     const std::pair<Modality, double> pairs[] = {

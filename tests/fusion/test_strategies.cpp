@@ -5,6 +5,7 @@
 
 #include <torch/torch.h>
 
+#include "core/device_copy.h"
 #include "core/error.h"
 #include "fusion/longnet_lm.h"
 #include "fusion/losses.h"
@@ -143,5 +144,5 @@ TEST_CASE("presence_groups: one group per set of present modalities, in mask ord
   CHECK(torch::equal(groups[2].second, torch::tensor({1}, torch::kLong)));
   CHECK_THROWS_AS(fusion::presence_groups(torch::zeros({1, 4}, torch::kBool), torch::kCPU), DataError);
   // A host target needs no copy.
-  CHECK(fusion::to_device_async(present, torch::kCPU).is_same(present));
+  CHECK(longnet::to_device_async(present, torch::kCPU).is_same(present));
 }
