@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <vector>
@@ -67,6 +68,17 @@ bool set_branch(kernels::FusedDilatedParams& p, const DilatedAttentionConfig& co
   return p.head_lo < p.head_hi;
 }
 
+// LONGNET_FUSED_FORWARD=portable runs the mma.sync forward where the Hopper (wgmma) one would (tests and benchmarks
+// compare the two); "auto" or unset chooses by the device. Any other value is an error.
+bool portable_forward_forced() {
+  const char* forced = std::getenv("LONGNET_FUSED_FORWARD");
+  if (forced == nullptr || *forced == '\0') return false;
+  const std::string name(forced);
+  if (name == "portable") return true;
+  if (name == "auto") return false;
+  throw ConfigError("LONGNET_FUSED_FORWARD must be portable or auto, got '" + name + "'");
+}
+
 std::pair<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                const std::optional<at::Tensor>& mask,
                                                const DilatedAttentionConfig& config, double scale) {
@@ -77,6 +89,7 @@ std::pair<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Te
   p.out = out.data_ptr();
   set_strides(p.out_strides, out);
   p.lse = lse.data_ptr<float>();
+  p.portable = portable_forward_forced();
   for (size_t i = 0; i < config.segment_lengths.size(); ++i) {
     if (!set_branch(p, config, i, 0, p.heads)) continue;
     p.first = config.mix == Mix::head_split || i == 0;  // nothing merged into these heads yet

@@ -155,6 +155,21 @@ at::Tensor fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   return attention::fused_dilated_attention(q, k, v, config, {}).out;
 }
 
+// `fused_portable`: the fused backend with its mma.sync forward where the Hopper one would run
+// (LONGNET_FUSED_FORWARD=portable for the call; the backward is the same kernel either way).
+at::Tensor fused_portable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const DilatedAttentionConfig& config) {
+  setenv("LONGNET_FUSED_FORWARD", "portable", 1);
+  try {
+    auto out = attention::fused_dilated_attention(q, k, v, config, {}).out;
+    unsetenv("LONGNET_FUSED_FORWARD");
+    return out;
+  } catch (...) {
+    unsetenv("LONGNET_FUSED_FORWARD");
+    throw;
+  }
+}
+
 using Method = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const DilatedAttentionConfig&);
 
 // Our two backends, in the order they run at each length.
@@ -291,7 +306,9 @@ void add_attention_bench_options(CLI::App& app, AttentionBenchOptions& options) 
   app.add_flag("!--no-inference", options.inference, "Skip the no-grad forward runs");
   app.add_option("--mode", options.mode, "fwd, fwdbwd or both")->capture_default_str();
   app.add_option("--mix", options.mix, "lse or head_split (attention.mix)")->capture_default_str();
-  app.add_option("--methods", options.methods, "Methods to run: fused, ours (the flash backend), composed, dense_sdpa")
+  app.add_option("--methods", options.methods,
+                 "Methods to run: fused, fused_portable (its mma.sync forward on Hopper), ours (the flash backend), "
+                 "composed, dense_sdpa")
       ->capture_default_str();
   app.add_option("--repetitions", options.repetitions, "Timed repetitions per measurement")->capture_default_str();
   app.add_option("--warmup", options.warmup, "Untimed runs before timing")->capture_default_str();
@@ -320,11 +337,12 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
     return std::find(options.methods.begin(), options.methods.end(), method) != options.methods.end();
   };
   for (const auto& m : options.methods) {
-    if (m != "fused" && m != "ours" && m != "composed" && m != "dense_sdpa") {
-      throw ConfigError("bench attention: unknown method '" + m + "' (expected fused, ours, composed or dense_sdpa)");
+    if (m != "fused" && m != "fused_portable" && m != "ours" && m != "composed" && m != "dense_sdpa") {
+      throw ConfigError("bench attention: unknown method '" + m +
+                        "' (expected fused, fused_portable, ours, composed or dense_sdpa)");
     }
   }
-  if (wanted("fused")) {
+  if (wanted("fused") || wanted("fused_portable")) {
     std::string why;
     if (!attention::fused_backend_supports(torch::empty({1, 1, config.heads, config.head_dim}, opts), {}, &why)) {
       throw Error("bench attention: the fused backend cannot run here: " + why);
@@ -348,7 +366,8 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
               "TFLOP/s", "tokens/s", "peak_GB");
 
   std::vector<OwnMethod> own;
-  for (const OwnMethod m : {OwnMethod{"fused", fused, true}, OwnMethod{"ours", ours, true}}) {
+  for (const OwnMethod m : {OwnMethod{"fused", fused, true}, OwnMethod{"fused_portable", fused_portable, true},
+                            OwnMethod{"ours", ours, true}}) {
     if (wanted(m.name)) own.push_back(m);
   }
   for (OwnMethod& method : own) {

@@ -102,6 +102,7 @@ struct FusedDilatedParams {
   int64_t out_strides[3] = {0, 0, 0};
   float* lse = nullptr;
   bool first = false;  // no branch has written these heads yet: out is zero and lse -inf, nothing to read
+  bool portable = false;  // the mma.sync forward even where the Hopper (wgmma) one runs: tests and benchmarks
 
   // backward
   const void* dout = nullptr;
