@@ -1,7 +1,8 @@
-// The `fused` backend of dilated attention: our own tensor-core kernels (attention/kernels/fused_dilated.cu), one
+// The `fused` backend of dilated attention: our own tensor-core kernels (attention/kernels/fused_dilated*.cu), one
 // launch per branch in each direction. The forward merges every query tile's rows into the running output and LSE in
 // its epilogue, so there are no branch outputs, no gather copies and no combine pass; the backward recomputes each
 // branch's probabilities from the merged LSE (exact for the whole mix) and accumulates dq, dk, dv in float32.
+// On Hopper with D = 64 the forward runs on wgmma; LONGNET_FUSED_FORWARD=portable keeps it on mma.sync (comparisons).
 //
 // Semantics: exactly those of attention/dilated_attention.h (both mix modes, causal, key padding, grouped-query
 // heads, ragged last segments, w > N). Thread-safe.

@@ -4,13 +4,16 @@
     tools/bench_table.py bench/results/h100_attention_local5.json [more.json ...] > table.md
 
 One table per (config, mode): a row per length N, a column per method with median ms (p10–p90) and effective
-TFLOP/s; then the no-grad forward lengths and time(4M)/time(1M), time(8M)/time(1M) per backend. Nothing is typed by hand.
+TFLOP/s; then the no-grad forward lengths and time(4M)/time(1M), time(8M)/time(1M) per backend. A file that measures
+a length more than once (a scaling run: 1M, 8M, 1M, 8M, …) also gets each backend's runs in the order they ran, with
+every large length's ratio to the 1M runs before and after it. Nothing is typed by hand.
 """
 import json
 import sys
 from collections import defaultdict
 
-METHODS = ["fused", "ours", "composed", "fkodom", "dense_sdpa"]
+METHODS = ["fused", "fused_portable", "ours", "composed", "fkodom", "dense_sdpa"]
+OWN = ("fused", "fused_portable", "ours")  # our backends: throughput, memory, check
 MODE_TITLES = {"fwd": "forward", "fwdbwd": "forward + backward", "inference": "forward, no grad (inference)"}
 
 
@@ -52,7 +55,7 @@ def tables(records):
         out.append(f"### `{config}` {MODE_TITLES.get(mode, mode)}, mix = {mix}: B={p['B']}, H={p['H']}, D={p['D']}, "
                    f"w={p['segment_lengths']}, r={p['dilation_rates']}, causal={str(p['causal']).lower()}")
         out.append("")
-        own = [m for m in ("fused", "ours") if m in methods]  # our backends: throughput, memory, check
+        own = [m for m in OWN if m in methods]
         header = (["N"] + methods + [f"tokens/s ({m})" for m in own] + [f"peak GiB ({m})" for m in own]
                   + [f"max error vs composed ({m})" for m in own])
         out.append("| " + " | ".join(header) + " |")
@@ -76,15 +79,50 @@ def tables(records):
             if ratios and other == "fkodom":
                 out.append("")
                 out.append(f"ours faster than {other} by: " + ", ".join(ratios) + ".")
-        if mode == "inference":
-            for m in ("fused", "ours"):
+        repeated = has_repeats(records, mode)
+        if repeated:
+            out.append("")
+            out.append("A length measured more than once shows its last run here; every run is listed below.")
+        if mode == "inference" and not repeated:
+            for m in OWN:
                 t = {n: r["stats"]["median_ms"] for (n, mm), r in recs.items() if mm == m and r["status"] == "ok"}
                 for big in (1 << 22, 1 << 23):
                     if (1 << 20) in t and big in t:
                         out.append("")
                         out.append(f"{m}: time({tokens(big)}) / time(1M) = {t[big] / t[1 << 20]:.2f} (linear scaling: "
                                    f"{big >> 20}.00); largest length run: {tokens(max(t))}.")
+    out += run_order(records)
     return "\n".join(out)
+
+
+def has_repeats(records, mode):
+    keys = [(r["method"], r["params"]["N"]) for r in records if r["mode"] == mode]
+    return len(keys) != len(set(keys))
+
+
+def run_order(records):
+    """Lines listing each backend's no-grad runs in the order they ran, when a length repeats."""
+    out = []
+    for m in OWN:
+        runs = [r for r in records if r["method"] == m and r["mode"] == "inference" and r["status"] == "ok"]
+        lengths = [r["params"]["N"] for r in runs]
+        if len(lengths) == len(set(lengths)):
+            continue
+        out.append("")
+        out.append(f"{m}, no-grad runs in the order they ran: "
+                   + ", ".join(f"{tokens(r['params']['N'])} {r['stats']['median_ms']:.2f} ms" for r in runs) + ".")
+        ratios = []
+        for i, r in enumerate(runs):
+            n = r["params"]["N"]
+            if n <= 1 << 20:
+                continue
+            for j, label in ((i - 1, "before"), (i + 1, "after")):
+                if 0 <= j < len(runs) and runs[j]["params"]["N"] == 1 << 20:
+                    ratios.append(f"{tokens(n)}/1M {label} = "
+                                  f"{r['stats']['median_ms'] / runs[j]['stats']['median_ms']:.2f}")
+        if ratios:
+            out.append(f"{m}: " + ", ".join(ratios) + ".")
+    return out
 
 
 def main(paths):

@@ -7,7 +7,9 @@
 // causal mask in the original order is the plain causal mask in t, since the rows keep their order.
 //
 // Forward (flash-attention 2 style): 4 warps, 32 query rows each, online softmax over key tiles of 64 with K/V
-// double-buffered; the epilogue merges the tile's rows into the running (out, lse) by their log-sum-exp.
+// double-buffered; the epilogue merges the tile's rows into the running (out, lse) by their log-sum-exp. On Hopper
+// with D = 64 the launcher runs fused_dilated_sm90.cu's wgmma forward instead (FusedDilatedParams::portable keeps
+// this one).
 // Backward: 4 warps, 16 keys each, over query tiles of 64: P and dS are recomputed from the merged lse and
 // delta = rowsum(dout·out), which makes each branch's gradient exact for the whole mix; dk and dv stay in registers,
 // dS goes through shared memory for dq, which is added atomically.
