@@ -69,26 +69,17 @@ __global__ void __launch_bounds__(kFwdThreads) fused_fwd_kernel(const FusedDilat
   const int L = br.L;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
 
-  const T* qg = static_cast<const T*>(p.q) + br.b * p.q_strides[0] + (br.first + q0 * p.r) * p.q_strides[1] +
-                br.h * p.q_strides[2];
-  const T* kg = static_cast<const T*>(p.k) + br.b * p.k_strides[0] + br.first * p.k_strides[1] + br.hk * p.k_strides[2];
-  const T* vg = static_cast<const T*>(p.v) + br.b * p.v_strides[0] + br.first * p.v_strides[1] + br.hk * p.v_strides[2];
-  const bool* mask = p.key_padding != nullptr ? p.key_padding + br.b * p.n + br.first : nullptr;
-  const int64_t k_row = p.r * p.k_strides[1], v_row = p.r * p.v_strides[1];
-
+  const ForwardRows<T> rows(p, br, q0);
+  const bool* mask = rows.mask;
   const int keys = p.causal ? min(L, q0 + kFwdRows) : L;
   const int tiles = (keys + kFwdKeys - 1) / kFwdKeys;
   auto load_kv = [&](int j) {
-    const int n0 = j * kFwdKeys, stage = j & 1;
-    load_rows<kFwdKeys, D, kFwdThreads>(sK + stage * kFwdKeys * D, kg + n0 * k_row, k_row, L - n0, tid);
-    load_rows<kFwdKeys, D, kFwdThreads>(sV + stage * kFwdKeys * D, vg + n0 * v_row, v_row, L - n0, tid);
-    if (tid < kFwdKeys) {
-      const int key = n0 + tid;
-      sDrop[stage * kFwdKeys + tid] = key >= L || (mask != nullptr && mask[static_cast<int64_t>(key) * p.r]);
-    }
+    const int stage = j & 1;
+    rows.template load_kv<kFwdKeys, D, kFwdThreads>(sK + stage * kFwdKeys * D, sV + stage * kFwdKeys * D,
+                                           sDrop + stage * kFwdKeys, j * kFwdKeys, L, tid);
   };
 
-  load_rows<kFwdRows, D, kFwdThreads>(sQ, qg, p.r * p.q_strides[1], L - q0, tid);
+  load_rows<kFwdRows, D, kFwdThreads>(sQ, rows.q, rows.q_row, L - q0, tid);
   load_kv(0);
   cp_async_commit();
 

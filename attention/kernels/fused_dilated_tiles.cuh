@@ -201,6 +201,38 @@ __host__ __device__ __forceinline__ int64_t tiles_per_segment(const FusedDilated
   return ((w + p.r - 1) / p.r + rows - 1) / rows;
 }
 
+// A forward CTA's global views of its branch: query rows from sparse row q0, keys and values from sparse row 0,
+// consecutive sparse rows *_row elements apart, and the padding flags of the keys (null without a mask).
+template <typename T>
+struct ForwardRows {
+  const T *q, *k, *v;
+  const bool* mask;
+  int64_t q_row, k_row, v_row, mask_row;
+
+  __device__ __forceinline__ ForwardRows(const FusedDilatedParams& p, const Branch& br, int q0)
+      : q(static_cast<const T*>(p.q) + br.b * p.q_strides[0] + (br.first + q0 * p.r) * p.q_strides[1] +
+          br.h * p.q_strides[2]),
+        k(static_cast<const T*>(p.k) + br.b * p.k_strides[0] + br.first * p.k_strides[1] + br.hk * p.k_strides[2]),
+        v(static_cast<const T*>(p.v) + br.b * p.v_strides[0] + br.first * p.v_strides[1] + br.hk * p.v_strides[2]),
+        mask(p.key_padding != nullptr ? p.key_padding + br.b * p.n + br.first : nullptr),
+        q_row(p.r * p.q_strides[1]),
+        k_row(p.r * p.k_strides[1]),
+        v_row(p.r * p.v_strides[1]),
+        mask_row(p.r) {}
+
+  // Gathers key/value rows [n0, n0 + kKeys) into one pipeline stage (zero rows past L) and flags the keys that are
+  // out of range or removed by the padding mask.
+  template <int kKeys, int D, int kThreads>
+  __device__ __forceinline__ void load_kv(T* sK, T* sV, uint8_t* drop, int n0, int L, int tid) const {
+    load_rows<kKeys, D, kThreads>(sK, k + n0 * k_row, k_row, L - n0, tid);
+    load_rows<kKeys, D, kThreads>(sV, v + n0 * v_row, v_row, L - n0, tid);
+    if (tid < kKeys) {
+      const int key = n0 + tid;
+      drop[tid] = key >= L || (mask != nullptr && mask[static_cast<int64_t>(key) * mask_row]);
+    }
+  }
+};
+
 // Sets to -inf the scores of a 16-row fragment (rows row_a, row_a + 8; key columns n0 + 8·nt + 2c, +1) whose key is
 // dropped (drop[col]: out of range or padding) or, when causal, after the row.
 template <int NT>
