@@ -1,6 +1,7 @@
 #include "bench/bench_attention.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -61,10 +62,16 @@ double percentile(const std::vector<double>& sorted, double p) {
   return sorted[std::clamp<size_t>(rank, 1, sorted.size()) - 1];
 }
 
-// CUDA events on the current stream around each repetition, after `warmup` untimed runs.
-Stats time_ms(const std::function<void()>& fn, int warmup, int repetitions) {
+// CUDA events on the current stream around each repetition, after `warmup` untimed runs and then more untimed runs
+// until `warmup_seconds` have passed since the first.
+Stats time_ms(const std::function<void()>& fn, int warmup, double warmup_seconds, int repetitions) {
+  const auto warmup_start = std::chrono::steady_clock::now();
   for (int i = 0; i < warmup; ++i) fn();
   torch::cuda::synchronize();
+  while (std::chrono::duration<double>(std::chrono::steady_clock::now() - warmup_start).count() < warmup_seconds) {
+    fn();
+    torch::cuda::synchronize();
+  }
   std::vector<double> samples;
   for (int i = 0; i < repetitions; ++i) {
     at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
@@ -222,10 +229,11 @@ class Runner {
     record["check"] = check;
     try {
       reset_peak_memory();
-      const Stats s = time_ms(fn, options_.warmup, options_.repetitions);
+      const Stats s = time_ms(fn, options_.warmup, options_.warmup_seconds, options_.repetitions);
       record["status"] = "ok";
       record["stats"] = {{"median_ms", s.median_ms}, {"p10_ms", s.p10_ms}, {"p90_ms", s.p90_ms},
-                         {"repetitions", options_.repetitions}, {"warmup", options_.warmup}};
+                         {"repetitions", options_.repetitions}, {"warmup", options_.warmup},
+                         {"warmup_seconds", options_.warmup_seconds}};
       record["tflops"] = flops / (s.median_ms * 1e-3) / 1e12;
       record["tokens_per_s"] = static_cast<double>(n) / (s.median_ms * 1e-3);
       record["peak_memory_bytes"] = peak_memory_bytes();
@@ -312,14 +320,17 @@ void add_attention_bench_options(CLI::App& app, AttentionBenchOptions& options) 
       ->capture_default_str();
   app.add_option("--repetitions", options.repetitions, "Timed repetitions per measurement")->capture_default_str();
   app.add_option("--warmup", options.warmup, "Untimed runs before timing")->capture_default_str();
+  app.add_option("--warmup-seconds", options.warmup_seconds,
+                 "Then keep running untimed until this many seconds have passed (the card's sustained clocks)")
+      ->capture_default_str();
   app.add_option("--json", options.output_json, "Write the records to this JSON file");
   app.add_option("--commit", options.git_commit, "Git commit recorded in the JSON (default: $LONGNET_GIT_COMMIT)");
 }
 
 int run_attention_benchmark(const AttentionBenchOptions& options) {
   if (!torch::cuda::is_available()) throw Error("bench attention: no CUDA device is visible");
-  if (options.repetitions < 1 || options.warmup < 0) {
-    throw ConfigError("bench attention: repetitions must be >= 1 and warmup >= 0");
+  if (options.repetitions < 1 || options.warmup < 0 || !(options.warmup_seconds >= 0)) {
+    throw ConfigError("bench attention: repetitions must be >= 1, warmup >= 0 and warmup-seconds >= 0");
   }
   if (options.mode != "fwd" && options.mode != "fwdbwd" && options.mode != "both") {
     throw ConfigError("bench attention: mode must be fwd, fwdbwd or both, got '" + options.mode + "'");

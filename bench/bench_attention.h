@@ -28,6 +28,8 @@ struct AttentionBenchOptions {
   bool inference = true;                            // also forward under no-grad at inference_lengths
   int repetitions = 10;
   int warmup = 3;
+  double warmup_seconds = 0;  // after `warmup` runs, keep running untimed until this much time has passed, so that
+                              // every measurement starts in the card's sustained (power-capped) clock state
   std::string output_json;                          // empty: table only
   std::string git_commit;                           // empty: $LONGNET_GIT_COMMIT, else "unknown"
 };
