@@ -4,8 +4,8 @@
 
 #include <ATen/ATen.h>
 
-#include "core/error.h"
 #include "core/device_copy.h"
+#include "core/error.h"
 
 namespace longnet::fusion {
 

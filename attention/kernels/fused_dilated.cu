@@ -13,7 +13,6 @@
 // Backward: 4 warps, 16 keys each, over query tiles of 64: P and dS are recomputed from the merged lse and
 // delta = rowsum(dout·out), which makes each branch's gradient exact for the whole mix; dk and dv stay in registers,
 // dS goes through shared memory for dq, which is added atomically.
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
