@@ -426,8 +426,7 @@ void launch_fused_dilated_fwd(const FusedDilatedParams& params) {
     throw std::invalid_argument("launch_fused_dilated_fwd: out and lse must be device pointers");
   }
   if (params.n == 0 || params.batch == 0 || params.head_hi == params.head_lo) return;
-  if (!params.portable && fused::sm90_forward_available(params.head_dim)) {
-    fused::launch_sm90_forward(params);
+  if (!params.portable && fused::sm90_forward_available(params.head_dim) && fused::launch_sm90_forward(params)) {
     return;
   }
   constexpr const char* what = "launch_fused_dilated_fwd";
