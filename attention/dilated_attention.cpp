@@ -219,9 +219,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 Backend resolve_backend(const at::Tensor& q, const DilatedAttentionConfig& config, const AttentionOptions& options) {
   if (config.backend != Backend::automatic) return config.backend;
   const bool half = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
-  // The fused kernels are exact but slower than cuDNN on the strided views (bench/results/README.md), so `auto`
-  // keeps the flash backend; `fused` is chosen explicitly.
-  return q.is_cuda() && half && !options.relative_bias ? Backend::flash : Backend::reference;
+  if (!q.is_cuda() || !half || options.relative_bias) return Backend::reference;
+  // On Hopper with D = 64 the fused forward (TMA, wgmma) beats cuDNN on the strided views and its backward is the
+  // flash backend's; elsewhere the fused kernels are exact but slower (bench/results/README.md).
+  return fused_backend_preferred(q, options) ? Backend::fused : Backend::flash;
 }
 
 AttentionResult dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -26,9 +26,10 @@
 // `flash` (CUDA, bf16/fp16: torch's fused attention on zero-copy strided views, branches combined by our kernel,
 // exact backward through a custom autograd function; both mix modes) and `fused` (CUDA sm_80+, bf16/fp16, D = 64 or
 // 128: our own tensor-core kernels, one pass per branch with the merge in the epilogue; attention/fused_backend.h).
-// `automatic` picks `flash` for CUDA bf16/fp16 inputs without a relative position bias (it is the fastest on H100 and
-// H200), and `reference` otherwise; an explicitly requested backend that cannot run the inputs raises an error
-// naming what is missing. Thread-safe (no global state besides torch's).
+// `automatic` picks, for CUDA bf16/fp16 inputs without a relative position bias, `fused` where its forward is the
+// Hopper kernel (compute capability 9.x, D = 64; there it is the fastest, and its backward is the flash backend's)
+// and `flash` elsewhere; `reference` otherwise. An explicitly requested backend that cannot run the inputs raises an
+// error naming what is missing. Thread-safe (no global state besides torch's).
 #pragma once
 
 #include <cstdint>

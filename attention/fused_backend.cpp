@@ -12,6 +12,7 @@
 #include <torch/torch.h>
 
 #include "attention/cuda_backend.h"
+#include "attention/flash_backend.h"
 #include "core/error.h"
 
 #ifdef LONGNET_WITH_CUDA
@@ -77,6 +78,21 @@ bool portable_forward_forced() {
   if (name == "portable") return true;
   if (name == "auto") return false;
   throw ConfigError("LONGNET_FUSED_FORWARD must be portable or auto, got '" + name + "'");
+}
+
+// Which backward runs: our kernel, or the flash backend's (cuDNN's fused backward per branch with the merged output
+// and LSE, exact for the whole mix as ours is). LONGNET_FUSED_BACKWARD=kernel|flash forces one; "auto" or unset takes
+// the flash backend's where the forward runs on Hopper, since there it is about twice as fast as our mma.sync
+// backward (bench/results/README.md), and ours elsewhere. Any other value is an error.
+bool flash_backward_chosen(const at::Tensor& q) {
+  const char* forced = std::getenv("LONGNET_FUSED_BACKWARD");
+  const std::string name = forced != nullptr ? forced : "";
+  if (name == "kernel") return false;
+  if (name == "flash") return true;
+  if (!name.empty() && name != "auto") {
+    throw ConfigError("LONGNET_FUSED_BACKWARD must be kernel, flash or auto, got '" + name + "'");
+  }
+  return kernels::fused_dilated_fwd_on_hopper(q.size(3), q.get_device());
 }
 
 std::pair<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -152,6 +168,12 @@ struct FusedImpl {
       const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
       const at::Tensor& dout, const std::optional<at::Tensor>& mask, const DilatedAttentionConfig& config,
       double scale) {
+    if (flash_backward_chosen(q)) {
+      AttentionOptions options;
+      options.key_padding_mask = mask;
+      options.scale = scale;
+      return flash_dilated_attention_backward(q, k, v, out, lse, dout, config, options);
+    }
     return backward_impl(q, k, v, out, lse, dout, mask, config, scale);
   }
 };
@@ -181,6 +203,15 @@ bool fused_backend_supports(const at::Tensor& q, const AttentionOptions& options
   (void)options;
 #endif
   return true;
+}
+
+bool fused_backend_preferred(const at::Tensor& q, const AttentionOptions& options) {
+  if (!fused_backend_supports(q, options, nullptr)) return false;
+#ifdef LONGNET_WITH_CUDA
+  return kernels::fused_dilated_fwd_on_hopper(q.size(3), q.get_device());
+#else
+  return false;
+#endif
 }
 
 AttentionResult fused_dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

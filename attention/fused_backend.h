@@ -2,7 +2,9 @@
 // launch per branch in each direction. The forward merges every query tile's rows into the running output and LSE in
 // its epilogue, so there are no branch outputs, no gather copies and no combine pass; the backward recomputes each
 // branch's probabilities from the merged LSE (exact for the whole mix) and accumulates dq, dk, dv in float32.
-// On Hopper with D = 64 the forward runs on wgmma; LONGNET_FUSED_FORWARD=portable keeps it on mma.sync (comparisons).
+// On Hopper with D = 64 the forward loads tiles with TMA and multiplies on wgmma (LONGNET_FUSED_FORWARD=portable keeps
+// it on mma.sync, for comparisons), and the backward is the flash backend's exact backward (cuDNN per branch with the
+// merged output and LSE), which is faster there than our mma.sync one (LONGNET_FUSED_BACKWARD=kernel keeps ours).
 //
 // Semantics: exactly those of attention/dilated_attention.h (both mix modes, causal, key padding, grouped-query
 // heads, ragged last segments, w > N). Thread-safe.
@@ -25,5 +27,9 @@ AttentionResult fused_dilated_attention(const at::Tensor& q, const at::Tensor& k
 
 // Whether fused_dilated_attention can run these inputs; when false and `why` is given, *why says what is missing.
 bool fused_backend_supports(const at::Tensor& q, const AttentionOptions& options, std::string* why);
+
+// Whether `automatic` takes this backend for q: it runs q and its forward is the Hopper one (compute capability 9.x,
+// D = 64, a build with sm_90a), which is faster than the flash backend's there.
+bool fused_backend_preferred(const at::Tensor& q, const AttentionOptions& options);
 
 }  // namespace longnet::attention

@@ -162,28 +162,42 @@ at::Tensor fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   return attention::fused_dilated_attention(q, k, v, config, {}).out;
 }
 
-// `fused_portable`: the fused backend with its mma.sync forward where the Hopper one would run
-// (LONGNET_FUSED_FORWARD=portable for the call; the backward is the same kernel either way).
-at::Tensor fused_portable(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const DilatedAttentionConfig& config) {
-  setenv("LONGNET_FUSED_FORWARD", "portable", 1);
-  try {
-    auto out = attention::fused_dilated_attention(q, k, v, config, {}).out;
-    unsetenv("LONGNET_FUSED_FORWARD");
-    return out;
-  } catch (...) {
-    unsetenv("LONGNET_FUSED_FORWARD");
-    throw;
-  }
-}
-
 using Method = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const DilatedAttentionConfig&);
 
-// Our two backends, in the order they run at each length.
+// Our backends, in the order they run at each length. The fused variants differ only in the engines the fused backend
+// reads from LONGNET_FUSED_FORWARD and LONGNET_FUSED_BACKWARD (null: the device's choice), set while they run:
+// `fused` the device's choices (on Hopper the TMA/wgmma forward and the flash backend's backward), `fused_kernels`
+// the device's forward with our backward kernel, `fused_portable` our mma.sync kernels both ways.
 struct OwnMethod {
   const char* name;
   Method fn;
   bool fits;
+  const char* fused_forward = nullptr;
+  const char* fused_backward = nullptr;
+};
+
+// Sets a method's engine variables for a scope and clears them after (the benchmark runs with them unset).
+class MethodEnv {
+ public:
+  explicit MethodEnv(const OwnMethod& m) {
+    set("LONGNET_FUSED_FORWARD", m.fused_forward);
+    set("LONGNET_FUSED_BACKWARD", m.fused_backward);
+  }
+  ~MethodEnv() {
+    unsetenv("LONGNET_FUSED_FORWARD");
+    unsetenv("LONGNET_FUSED_BACKWARD");
+  }
+  MethodEnv(const MethodEnv&) = delete;
+  MethodEnv& operator=(const MethodEnv&) = delete;
+
+ private:
+  static void set(const char* name, const char* value) {
+    if (value != nullptr) {
+      setenv(name, value, 1);
+    } else {
+      unsetenv(name);
+    }
+  }
 };
 
 at::Tensor dense_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal) {
@@ -315,8 +329,8 @@ void add_attention_bench_options(CLI::App& app, AttentionBenchOptions& options) 
   app.add_option("--mode", options.mode, "fwd, fwdbwd or both")->capture_default_str();
   app.add_option("--mix", options.mix, "lse or head_split (attention.mix)")->capture_default_str();
   app.add_option("--methods", options.methods,
-                 "Methods to run: fused, fused_portable (its mma.sync forward on Hopper), ours (the flash backend), "
-                 "composed, dense_sdpa")
+                 "Methods to run: fused, fused_kernels (with our backward kernel), fused_portable (our mma.sync "
+                 "kernels both ways), ours (the flash backend), composed, dense_sdpa")
       ->capture_default_str();
   app.add_option("--repetitions", options.repetitions, "Timed repetitions per measurement")->capture_default_str();
   app.add_option("--warmup", options.warmup, "Untimed runs before timing")->capture_default_str();
@@ -348,12 +362,13 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
     return std::find(options.methods.begin(), options.methods.end(), method) != options.methods.end();
   };
   for (const auto& m : options.methods) {
-    if (m != "fused" && m != "fused_portable" && m != "ours" && m != "composed" && m != "dense_sdpa") {
+    if (m != "fused" && m != "fused_kernels" && m != "fused_portable" && m != "ours" && m != "composed" &&
+        m != "dense_sdpa") {
       throw ConfigError("bench attention: unknown method '" + m +
-                        "' (expected fused, fused_portable, ours, composed or dense_sdpa)");
+                        "' (expected fused, fused_kernels, fused_portable, ours, composed or dense_sdpa)");
     }
   }
-  if (wanted("fused") || wanted("fused_portable")) {
+  if (wanted("fused") || wanted("fused_kernels") || wanted("fused_portable")) {
     std::string why;
     if (!attention::fused_backend_supports(torch::empty({1, 1, config.heads, config.head_dim}, opts), {}, &why)) {
       throw Error("bench attention: the fused backend cannot run here: " + why);
@@ -377,7 +392,8 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
               "TFLOP/s", "tokens/s", "peak_GB");
 
   std::vector<OwnMethod> own;
-  for (const OwnMethod m : {OwnMethod{"fused", fused, true}, OwnMethod{"fused_portable", fused_portable, true},
+  for (const OwnMethod m : {OwnMethod{"fused", fused, true}, OwnMethod{"fused_kernels", fused, true, nullptr, "kernel"},
+                            OwnMethod{"fused_portable", fused, true, "portable", "kernel"},
                             OwnMethod{"ours", ours, true}}) {
     if (wanted(m.name)) own.push_back(m);
   }
@@ -385,6 +401,7 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
     if (!options.inference) break;
     // Forward only, no autograd state: how long a sequence one card holds.
     torch::NoGradGuard no_grad;
+    const MethodEnv env(method);
     for (const int64_t n : options.inference_lengths) {
       at::Tensor q, k, v;
       try {
@@ -426,6 +443,7 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
 
     // Correctness before timing: each of our forwards against the composed one (exact in the forward pass).
     for (OwnMethod& method : own) {
+      const MethodEnv env(method);
       json check = json::object();
       if (composed_fits && method.fits) {
         try {

@@ -335,12 +335,12 @@ class SequenceParallelFunction : public torch::autograd::Function<SequenceParall
     const SequencePart part = sequence_part(global_n, P, group.rank());
     torch::AutoGradMode enable_grad(true);
 
-    // The local branches on the flash backend, when nothing flows into the returned LSE (training losses read the
-    // output only): each fused backward run with the merged output and LSE of the whole mix gives these branches'
-    // exact share of the gradient directly (attention/flash_backend.h), without recomputing them. Their gradients,
-    // in q's dtype, then take the spanning branches' share in place.
+    // The local branches on a CUDA backend (flash or fused), when nothing flows into the returned LSE (training
+    // losses read the output only): each fused backward run with the merged output and LSE of the whole mix gives
+    // these branches' exact share of the gradient directly (attention/flash_backend.h), without recomputing them.
+    // Their gradients, in q's dtype, then take the spanning branches' share in place.
     const bool fast_local = !local.segment_lengths.empty() && !d_lse.defined() &&
-                            attention::resolve_backend(q, local, options) == attention::Backend::flash;
+                            attention::resolve_backend(q, local, options) != attention::Backend::reference;
     at::Tensor dq, dk, dv;
     if (fast_local) {
       std::tie(dq, dk, dv) =

@@ -416,9 +416,19 @@ void by_dtype_and_dim(const FusedDilatedParams& p, const char* what, Launch&& la
   });
 }
 
+int current_device() {
+  int device = 0;
+  LONGNET_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+
 }  // namespace
 
 bool fused_dilated_supports_head_dim(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
+
+bool fused_dilated_fwd_on_hopper(int64_t head_dim, int device) {
+  return fused::sm90_forward_available(head_dim, device);
+}
 
 void launch_fused_dilated_fwd(const FusedDilatedParams& params) {
   check_common(params, "launch_fused_dilated_fwd");
@@ -426,7 +436,8 @@ void launch_fused_dilated_fwd(const FusedDilatedParams& params) {
     throw std::invalid_argument("launch_fused_dilated_fwd: out and lse must be device pointers");
   }
   if (params.n == 0 || params.batch == 0 || params.head_hi == params.head_lo) return;
-  if (!params.portable && fused::sm90_forward_available(params.head_dim) && fused::launch_sm90_forward(params)) {
+  if (!params.portable && fused_dilated_fwd_on_hopper(params.head_dim, current_device()) &&
+      fused::launch_sm90_forward(params)) {
     return;
   }
   constexpr const char* what = "launch_fused_dilated_fwd";

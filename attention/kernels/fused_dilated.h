@@ -10,6 +10,10 @@ namespace longnet::attention::kernels {
 // Head dims the fused kernels are compiled for.
 bool fused_dilated_supports_head_dim(int64_t head_dim);
 
+// Whether the forward runs the Hopper kernel (TMA loads, wgmma) for this head dim on `device`: compute capability
+// 9.x, D = 64, and a build with the sm_90a target. Elsewhere it runs the mma.sync kernel.
+bool fused_dilated_fwd_on_hopper(int64_t head_dim, int device);
+
 // One branch's forward, merged in place into params.out / params.lse.
 void launch_fused_dilated_fwd(const FusedDilatedParams& params);
 

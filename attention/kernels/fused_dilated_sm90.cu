@@ -321,14 +321,14 @@ bool encode_view(CUtensorMap& view, const void* base, const int64_t (&strides)[3
 
 }  // namespace
 
-bool sm90_forward_available(int64_t head_dim) {
+bool sm90_forward_available(int64_t head_dim, int device) {
 #if defined(LONGNET_HAVE_SM90A)
-  int device = 0, major = 0;
-  LONGNET_CUDA_CHECK(cudaGetDevice(&device));
+  int major = 0;
   LONGNET_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   return head_dim == kD && major == 9;
 #else
   (void)head_dim;
+  (void)device;
   return false;
 #endif
 }

@@ -355,10 +355,10 @@ inline void launch_kernel(void (*kernel)(FusedDilatedParams), dim3 grid, int thr
   LONGNET_CUDA_CHECK(cudaGetLastError());
 }
 
-// The Hopper forward (fused_dilated_sm90.cu): true when this build has it for the head dim and the current device
-// runs it (compute capability 9.x with the sm_90a target compiled in). launch_sm90_forward returns false, having
+// The Hopper forward (fused_dilated_sm90.cu): true when this build has it for the head dim and `device` runs it
+// (compute capability 9.x with the sm_90a target compiled in). launch_sm90_forward returns false, having
 // launched nothing, when TMA cannot address q, k or v (a base address or stride not a multiple of 16 bytes).
-bool sm90_forward_available(int64_t head_dim);
+bool sm90_forward_available(int64_t head_dim, int device);
 bool launch_sm90_forward(const FusedDilatedParams& p);
 
 }  // namespace longnet::attention::kernels::fused

@@ -204,10 +204,14 @@ TEST_CASE("flash and fused backends match the float64 oracle: forward, LSE, dq, 
   require_gpu();
   std::vector<Case> cases = hand_picked_cases();
   for (uint64_t seed = 1; seed <= 20; ++seed) cases.push_back(random_case(seed));
-  // "fused" takes the device's forward (wgmma on Hopper), "fused-portable" the mma.sync one everywhere.
-  const std::string backend = GENERATE(as<std::string>{}, "flash", "fused", "fused-portable");
+  // "fused" takes the device's choices (on Hopper: the TMA/wgmma forward and the flash backend's backward),
+  // "fused-kernels" the device's forward and our backward kernel, "fused-portable" our mma.sync kernels both ways.
+  const std::string backend = GENERATE(as<std::string>{}, "flash", "fused", "fused-kernels", "fused-portable");
   const bool fused = backend != "flash";
   const ScopedEnv forward("LONGNET_FUSED_FORWARD", backend == "fused-portable" ? "portable" : "");
+  const ScopedEnv backward("LONGNET_FUSED_BACKWARD", backend == "fused-kernels" || backend == "fused-portable"
+                                                         ? "kernel"
+                                                         : "");
   Case c = GENERATE_COPY(from_range(cases));
   // The fused kernels are built for D = 64 and 128: other cases run there with D = 64.
   if (fused && c.head_dim != 64 && c.head_dim != 128) c.head_dim = 64;
@@ -432,7 +436,7 @@ TEST_CASE("flash backend reports what it cannot run and names bad arguments", "[
   REQUIRE_THROWS_WITH(flash_dilated_attention(q, q, q, config, bad_mask), Catch::Contains("key_padding_mask"));
 }
 
-TEST_CASE("fused backend reports what it cannot run and runs only when chosen", "[attention][cuda]") {
+TEST_CASE("fused backend reports what it cannot run and is what auto picks on Hopper", "[attention][cuda]") {
   require_gpu();
   const auto cuda_bf16 = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kBFloat16);
   const auto q = torch::randn({1, 64, 2, 64}, cuda_bf16);
@@ -449,7 +453,16 @@ TEST_CASE("fused backend reports what it cannot run and runs only when chosen", 
   REQUIRE_THROWS_WITH(fused_dilated_attention(q, k_bad, k_bad, config, {}),
                       Catch::Contains("fused attention backend") && Catch::Contains("k must be"));
 
-  REQUIRE(longnet::attention::resolve_backend(q, config, {}) == longnet::attention::Backend::flash);
+  // `auto`: fused where its forward is the Hopper kernel (compute capability 9.x and D = 64; GPU test builds include
+  // the default sm_90a target), flash elsewhere, and for D = 128, whose fused forward is the mma.sync one.
+  using longnet::attention::Backend;
+  using longnet::attention::resolve_backend;
+  const bool hopper = at::cuda::getCurrentDeviceProperties()->major == 9;
+  REQUIRE(longnet::attention::fused_backend_preferred(q, {}) == hopper);
+  REQUIRE(resolve_backend(q, config, {}) == (hopper ? Backend::fused : Backend::flash));
+  REQUIRE(resolve_backend(q.to(torch::kHalf), config, {}) == (hopper ? Backend::fused : Backend::flash));
+  REQUIRE(resolve_backend(torch::randn({1, 64, 2, 128}, cuda_bf16), config, {}) == Backend::flash);
+  REQUIRE(resolve_backend(q.to(torch::kFloat), config, {}) == Backend::reference);
   config.backend = longnet::attention::Backend::fused;
   REQUIRE_THROWS_WITH(longnet::attention::dilated_attention(torch::randn({1, 64, 2, 32}, cuda_bf16),
                                                            torch::randn({1, 64, 2, 32}, cuda_bf16),
@@ -462,7 +475,10 @@ TEST_CASE("fused backend reports what it cannot run and runs only when chosen", 
 TEST_CASE("fused backend matches the float32 reference on a LongNet branch pattern", "[attention][cuda]") {
   require_gpu();
   const bool causal = GENERATE(false, true);
-  CAPTURE(causal);
+  // The device's backward (the flash backend's on Hopper) and our kernel.
+  const std::string backward = GENERATE(as<std::string>{}, "", "kernel");
+  const ScopedEnv engine("LONGNET_FUSED_BACKWARD", backward);
+  CAPTURE(causal, backward);
   torch::manual_seed(17);
   const auto opts = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kBFloat16);
   const int64_t B = 1, N = 8192, H = 12, D = 64;
@@ -484,7 +500,8 @@ TEST_CASE("fused backend matches the float32 reference on a LongNet branch patte
   const double e_out = relative_error(fused.out, ref.out), e_lse = relative_error(fused.lse, ref.lse);
   const double e_dq = relative_error(q.grad(), q32.grad()), e_dk = relative_error(k.grad(), k32.grad());
   const double e_dv = relative_error(v.grad(), v32.grad());
-  std::cout << "[fused vs reference f32, N=8192 5 branches] causal=" << causal << " out " << e_out << " lse " << e_lse
+  std::cout << "[fused vs reference f32, N=8192 5 branches] causal=" << causal << " backward="
+            << (backward.empty() ? "auto" : backward) << " out " << e_out << " lse " << e_lse
             << " dq " << e_dq << " dk " << e_dk << " dv " << e_dv << "\n";
   CAPTURE(e_out, e_lse, e_dq, e_dk, e_dv);
   REQUIRE(e_out <= kTolerance);
