@@ -247,8 +247,8 @@ AttentionResult dilated_attention(const at::Tensor& q, const at::Tensor& k, cons
     if (!flash_backend_supports(q, options, &why)) {
       throw ConfigError("dilated_attention: the flash backend cannot run these inputs: " + why +
                         (config.backend == Backend::automatic
-                             ? " (backend 'auto' picks flash for CUDA bfloat16/float16 inputs; choose 'reference' "
-                               "to run them with torch ops)"
+                             ? " (backend 'auto' picks flash, or fused on Hopper, for CUDA bfloat16/float16 inputs; "
+                               "choose 'reference' to run them with torch ops)"
                              : ""));
     }
     return flash_dilated_attention(q, k, v, config, options);

@@ -64,10 +64,9 @@ void MultiheadDilatedAttentionOptions::validate() const {
   if (!(rope_theta > 0.0)) fail("rope_theta must be > 0, got " + std::to_string(rope_theta));
   if (!(xpos_scale_base > 0.0)) fail("xpos_scale_base must be > 0, got " + std::to_string(xpos_scale_base));
   if (position == PositionEncoding::relative_bias) {
-    if (dilated.backend == Backend::flash) {
-      throw ConfigError(
-          "attention option position = relative_bias is not supported by backend flash (flash attention takes no "
-          "score bias); use backend reference or auto");
+    if (dilated.backend == Backend::flash || dilated.backend == Backend::fused) {
+      throw ConfigError("attention option position = relative_bias is not supported by backend " +
+                        to_string(dilated.backend) + " (its kernels take no score bias); use backend reference or auto");
     }
     const bool bidirectional = !dilated.causal;
     const int64_t min_buckets = bidirectional ? 4 : 2;  // each side needs an exact and a logarithmic half

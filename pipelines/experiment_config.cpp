@@ -430,9 +430,11 @@ ExperimentConfig parse(const config::Document& doc) {
                                                    std::to_string(c.model.width / c.model.heads));
   }
   if (c.attention.position == attention::PositionEncoding::relative_bias &&
-      c.attention.dilated.backend == attention::Backend::flash) {
+      (c.attention.dilated.backend == attention::Backend::flash ||
+       c.attention.dilated.backend == attention::Backend::fused)) {
     root.section("attention").fail("position", "\"relative_bias\" is supported by the reference backend only, and "
-                                               "attention.backend is \"flash\"");
+                                               "attention.backend is \"" +
+                                                   attention::to_string(c.attention.dilated.backend) + "\"");
   }
   if (c.run.task == "multimodal" && !c.multimodal.any_enabled()) {
     root.section("run").fail("task", "\"multimodal\" needs at least one enabled modality ([modalities.text|image|"

@@ -317,11 +317,12 @@ TEST_CASE("dropout acts in training mode only", "[attention][cpu]") {
 
 TEST_CASE("unsupported and invalid options throw ConfigError naming them", "[attention][cpu]") {
   auto options = small_options(PositionEncoding::relative_bias);
-  SECTION("relative_bias with backend flash") {
-    options.dilated.backend = Backend::flash;
+  SECTION("relative_bias with backend flash or fused") {
+    options.dilated.backend = GENERATE(Backend::flash, Backend::fused);
+    const std::string name = longnet::attention::to_string(options.dilated.backend);
     REQUIRE_THROWS_WITH(MultiheadDilatedAttention(options),
-                        "attention option position = relative_bias is not supported by backend flash (flash attention "
-                        "takes no score bias); use backend reference or auto");
+                        "attention option position = relative_bias is not supported by backend " + name +
+                            " (its kernels take no score bias); use backend reference or auto");
     REQUIRE_THROWS_AS(options.validate(), longnet::ConfigError);
   }
   SECTION("relative_bias with backend auto and reference is fine") {

@@ -267,6 +267,11 @@ const std::vector<BadCase> kBadFiles = {
      {},
      "bad.toml:3:12: 'attention.position' \"relative_bias\" is supported by the reference backend only, and "
      "attention.backend is \"flash\""},
+    {"relative bias on the fused backend",
+     "[attention]\ncausal = true\nposition = \"relative_bias\"\nbackend = \"fused\"\n[data]\ncorpus = [\"c.txt\"]\n",
+     {},
+     "bad.toml:3:12: 'attention.position' \"relative_bias\" is supported by the reference backend only, and "
+     "attention.backend is \"fused\""},
 
     // ---- [fusion] and [modalities.*] -----------------------------------------------------------------------------
     {"fusion strategy typo", "[fusion]\nstrategy = \"concatseq\"\n", {},
