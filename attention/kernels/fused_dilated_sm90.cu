@@ -338,13 +338,18 @@ bool launch_sm90_forward(const FusedDilatedParams& p) {
   if (p.n / p.r >= (int64_t{1} << 31) || p.batch >= (int64_t{1} << 31)) return false;  // TMA coordinates are int32
   TmaViews views;
   const int64_t g_full = (p.n + p.r - 1) / p.r, g_short = p.n / p.r > 0 ? p.n / p.r : 1;
-  for (int i = 0; i < 2; ++i) {
-    const int64_t g_rows = i == 0 ? g_full : g_short;
-    if (!encode_view(views.q[i], p.q, p.q_strides, p.heads, g_rows, p) ||
-        !encode_view(views.k[i], p.k, p.k_strides, p.kv_heads, g_rows, p) ||
-        !encode_view(views.v[i], p.v, p.v_strides, p.kv_heads, g_rows, p)) {
-      return false;
-    }
+  auto encode = [&](int i, int64_t g_rows) {
+    return encode_view(views.q[i], p.q, p.q_strides, p.heads, g_rows, p) &&
+           encode_view(views.k[i], p.k, p.k_strides, p.kv_heads, g_rows, p) &&
+           encode_view(views.v[i], p.v, p.v_strides, p.kv_heads, g_rows, p);
+  };
+  if (!encode(0, g_full)) return false;
+  if (g_short == g_full) {  // n a multiple of r (the usual case): the two views are the same maps
+    views.q[1] = views.q[0];
+    views.k[1] = views.k[0];
+    views.v[1] = views.v[0];
+  } else if (!encode(1, g_short)) {
+    return false;
   }
   const dim3 grid = grid_for(p, kRows, what);
   auto launch = [&](auto kernel) {
