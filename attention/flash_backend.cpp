@@ -24,7 +24,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "attention/kernels/grad_accumulate.h"
+#include "attention/kernels/grad_gather.h"
 #include "attention/kernels/lse_combine.h"
 #endif
 
@@ -40,9 +40,10 @@ constexpr int64_t kMaxCudnnHeadDim = 128;  // cuDNN fused SDPA forward+backward 
 // (FACTS.md: 4M tokens, w = 2048, r = 1); half of that leaves room for the engines' own padding.
 constexpr int64_t kMaxSpanPerCall = int64_t{1} << 30;
 
-// The backward's float32 gradient accumulators (dq, dk, dv of a chunk of heads) stay below this many bytes: 4M
-// tokens × 12 heads × 64 would otherwise need 38 GB of them next to the bf16 gradients, past an 80 GB card.
-constexpr int64_t kBackwardAccumulatorBytes = int64_t{4} << 30;
+// The calls' gradients that the backward holds at once (those of a chunk of heads, until they are summed) stay below
+// this many bytes: at 4M tokens × 12 heads × 64 a mix of branches would otherwise hold tens of GB of them next to
+// q, k, v, the output and their gradients, past an 80 GB card.
+constexpr int64_t kBackwardGradientBytes = int64_t{4} << 30;
 
 // Which fused kernel attends. cuDNN attention is 1.45× faster than flash on these strided views at 1M tokens
 // (FACTS.md), so it runs whenever it can: D ≤ 128. Larger heads go to flash. A key padding mask is an additive bias,
@@ -317,30 +318,55 @@ void combine_by_lse(at::Tensor& out, at::Tensor& lse, const Attended& branch, co
   kernels::launch_lse_combine_fwd(p);
 }
 
-// accumulate: adds the call's gradients (dq, dk, dv as (B', Hs, L, D)) into the accumulators (B, N, heads of the
-// chunk from first_head, D) float32 in one launch, or writes them (`assign`) when the call covers the whole chunk.
-void accumulate(const std::array<at::Tensor*, 3>& acc, const std::tuple<at::Tensor, at::Tensor, at::Tensor>& grad,
-                const Call& c, int64_t first_head, bool assign) {
-  const at::Tensor& a0 = *acc[0];
-  const int64_t N = a0.size(1), hc = a0.size(2), D = a0.size(3), token = hc * D;
-  kernels::GradAccumulateParams p;
-  const int64_t offset = c.b0 * N * token + (c.first_token + c.o) * token + (c.head0 - first_head) * D;
-  const at::Tensor* grads[3] = {&std::get<0>(grad), &std::get<1>(grad), &std::get<2>(grad)};
-  for (int t = 0; t < 3; ++t) {
-    const at::Tensor& g = *grads[t];
-    TORCH_CHECK(g.stride(3) == 1, "flash backward: the fused kernel returned a gradient with inner stride ",
-                g.stride(3));
-    p.acc[t] = acc[t]->data_ptr<float>() + offset;
-    p.grad[t] = g.data_ptr();
-    set_call_output_strides(p.grad_strides[t], c, g);
+// gather_grads: dq, dk and dv of the chunk of query heads [h0, h0 + hc) (and its kv heads) as the sum of the calls'
+// gradients (dq, dk, dv as (B', Hs, L, D) each, per query head), in one launch per output (see GradGatherParams).
+void gather_grads(const std::array<at::Tensor*, 3>& out, const std::vector<Call>& calls,
+                  const std::vector<std::tuple<at::Tensor, at::Tensor, at::Tensor>>& grads, int64_t h0, int64_t hc,
+                  int64_t group) {
+  const at::Tensor& dq = *out[0];
+  const int64_t N = dq.size(1), D = dq.size(3);
+  const auto dtype = element_type(dq.scalar_type());
+  auto table = at::empty({static_cast<int64_t>(calls.size() * sizeof(kernels::GradCall))},
+                         at::TensorOptions().dtype(at::kByte));
+  auto* descriptors = reinterpret_cast<kernels::GradCall*>(table.data_ptr());
+  bool vectorizable = true;
+  const auto narrow32 = [](int64_t x) { return static_cast<int32_t>(x); };  // checked by the caller
+  for (size_t i = 0; i < calls.size(); ++i) {
+    const Call& c = calls[i];
+    kernels::GradCall d;
+    const at::Tensor* g[3] = {&std::get<0>(grads[i]), &std::get<1>(grads[i]), &std::get<2>(grads[i])};
+    for (int t = 0; t < 3; ++t) {
+      TORCH_CHECK(g[t]->stride(3) == 1, "flash backward: the fused kernel returned a gradient with inner stride ",
+                  g[t]->stride(3));
+      d.grad[t] = g[t]->data_ptr();
+      set_call_output_strides(d.grad_strides[t], c, *g[t]);
+    }
+    d.b0 = narrow32(c.b0), d.nb = narrow32(c.nb), d.first_token = narrow32(c.first_token);
+    d.seg_len = narrow32(c.seg_len), d.ns = narrow32(c.ns), d.r = narrow32(c.r), d.o = narrow32(c.o);
+    d.rows = narrow32(c.rows), d.head0 = narrow32(c.head0), d.heads = narrow32(c.heads);
+    d.head_step = narrow32(std::max<int64_t>(c.head_step, 1)), d.offset_step = narrow32(c.offset_step);
+    vectorizable = vectorizable && kernels::grad_call_vectorizable(d, dtype);
+    descriptors[i] = d;
   }
-  set_row_grid(p.rows, c);
+  const auto device_table = to_device_async(table, dq.device());
+  kernels::GradGatherParams p;
+  p.calls = reinterpret_cast<const kernels::GradCall*>(device_table.data_ptr());
+  p.num_calls = static_cast<int32_t>(calls.size());
+  const int64_t first[3] = {h0, h0 / group, h0 / group};
+  for (int t = 0; t < 3; ++t) {
+    const at::Tensor& o = *out[t];
+    p.out[t] = static_cast<char*>(o.data_ptr()) + first[t] * D * static_cast<int64_t>(o.element_size());
+    for (int d = 0; d < 3; ++d) p.out_strides[t][d] = o.stride(d);
+  }
+  p.batch = dq.size(0);
+  p.tokens = N;
+  p.heads = static_cast<int32_t>(hc);
+  p.group = static_cast<int32_t>(group);
+  p.first_head = static_cast<int32_t>(h0);
   p.head_dim = D;
-  set_tensor_strides(p.acc_strides, c, N, D, token);
-  p.assign = assign;
-  p.dtype = element_type(std::get<0>(grad).scalar_type());
-  p.stream = at::cuda::getCurrentCUDAStream(a0.get_device()).stream();
-  kernels::launch_grad_accumulate(p);
+  p.dtype = dtype;
+  p.stream = at::cuda::getCurrentCUDAStream(dq.get_device()).stream();
+  kernels::launch_grad_gather(p, vectorizable);
 }
 
 struct Problem {
@@ -379,14 +405,8 @@ std::pair<at::Tensor, at::Tensor> forward_impl(const Problem& pb, const at::Tens
   return {out, lse};
 }
 
-// Whether call `c` touches every element of the (B, N, heads [h0, h0 + hc), D) accumulators exactly once.
-bool covers_chunk(const Call& c, const Geometry& g, int64_t h0, int64_t hc) {
-  return c.r == 1 && c.offset_step == 0 && c.b0 == 0 && c.nb == g.B && c.first_token == 0 && c.ns * c.seg_len == g.N &&
-         c.rows == c.seg_len && c.head0 == h0 && c.heads == hc;
-}
-
 // Exact gradients of the branches of `pb` given the merged output and LSE of the whole mix they belong to (see the
-// file comment): one fused backward per call, accumulated in float32 a chunk of heads at a time.
+// file comment): one fused backward per call, their gradients summed in float32 a chunk of heads at a time.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const Problem& pb, const at::Tensor& q,
                                                              const at::Tensor& k, const at::Tensor& v,
                                                              const at::Tensor& out, const at::Tensor& lse,
@@ -395,17 +415,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const Problem& pb, 
   const c10::cuda::CUDAGuard guard(q.device());
   const Geometry& g = pb.g;
   const int64_t group = g.H / g.Hkv;
+  if (g.N > std::numeric_limits<int32_t>::max() || g.B > std::numeric_limits<int32_t>::max()) {
+    throw Error("flash attention backend: the backward takes at most 2^31 - 1 tokens and batch rows");
+  }
 
-  // Gradients accumulate in float32 (an element receives one term per branch), a chunk of query heads at a time so
-  // that the float32 accumulators stay within kBackwardAccumulatorBytes whatever N is; each chunk is then rounded
-  // into the gradients. Chunks hold whole grouped-query groups: dk and dv accumulate per query head and are summed
-  // over each group at the end of the chunk. Every element sees the same calls in the same order with or without
-  // chunking, so the result does not depend on the chunk size.
-  const int64_t per_head_bytes = 3 * g.B * g.N * g.D * static_cast<int64_t>(sizeof(float));
-  const int64_t chunk_groups = std::clamp<int64_t>(kBackwardAccumulatorBytes / (per_head_bytes * group), 1, g.Hkv);
+  // Each element of dq, dk and dv is the float32 sum of one term per call that attended its row (and, for dk and dv,
+  // per query head of its group), rounded once. The calls' gradients stay alive until they are summed, a chunk of
+  // query heads at a time, so that they stay within kBackwardGradientBytes whatever N is. Chunks hold whole
+  // grouped-query groups. Every element sees the same calls in the same order with or without chunking, so the
+  // result does not depend on the chunk size.
+  double rows_per_token = 0;  // per head: each branch's calls hold about 1/r of the tokens' rows
+  for (size_t i = 0; i < pb.calls.size(); ++i) {
+    const Call& c = pb.calls[i];
+    rows_per_token += static_cast<double>(c.nb * c.ns * c.rows * c.heads) / static_cast<double>(g.B * g.N * g.H);
+  }
+  const auto per_head_bytes = static_cast<int64_t>(std::ceil(3.0 * g.B * g.N * g.D * q.element_size() *
+                                                             std::max(rows_per_token, 1.0)));
+  const int64_t chunk_groups = std::clamp<int64_t>(kBackwardGradientBytes / (per_head_bytes * group), 1, g.Hkv);
   const int64_t chunk = chunk_groups * group;
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  const auto f32 = q.options().dtype(at::kFloat);
   // A row without keys has lse = -inf and out = 0: with lse = +inf instead, exp(s - lse) = 0 and its gradient
   // vanishes, where -inf would give exp(-inf + inf) = NaN.
   const auto lse_bwd = lse.masked_fill(lse == -std::numeric_limits<double>::infinity(),
@@ -413,21 +441,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const Problem& pb, 
   const auto no_rng = at::zeros({}, q.options().dtype(at::kLong));
   for (int64_t h0 = 0; h0 < g.H; h0 += chunk) {
     const int64_t hc = std::min(chunk, g.H - h0);
-    // A first call that covers every element of the chunk (a w | N, r = 1 branch over all its heads) writes the
-    // accumulators, which then need no zero fill.
     std::vector<Call> calls;
     for (const Call& full_call : pb.calls) {
       if (auto sub = restrict_heads(full_call, h0, h0 + hc)) calls.push_back(*sub);
     }
-    const bool assign_first = !calls.empty() && covers_chunk(calls.front(), g, h0, hc);
-    const auto make = [&] {
-      return assign_first ? at::empty({g.B, g.N, hc, g.D}, f32) : at::zeros({g.B, g.N, hc, g.D}, f32);
-    };
-    auto dq_acc = make();
-    auto dk_acc = make();  // per query head
-    auto dv_acc = make();
-    for (size_t i = 0; i < calls.size(); ++i) {
-      const Call& c = calls[i];
+    std::vector<std::tuple<at::Tensor, at::Tensor, at::Tensor>> grads;
+    grads.reserve(calls.size());
+    for (const Call& c : calls) {
       const auto qc = sparsify_heads(q, c), kc = sparsify_kv(k, c, g.H), vc = sparsify_kv(v, c, g.H);
       const auto oc = sparsify_heads(out, c), doc = sparsify_heads(dout, c);
       // The merged LSE, gathered into the dense layout the fused backward reads.
@@ -451,16 +471,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const Problem& pb, 
           }
         }
       }
-      accumulate({&dq_acc, &dk_acc, &dv_acc}, grad, c, h0, /*assign=*/i == 0 && assign_first);
+      grads.push_back(std::move(grad));
     }
-    dq.narrow(2, h0, hc).copy_(dq_acc);
-    if (group > 1) {
-      dk.narrow(2, h0 / group, hc / group).copy_(dk_acc.view({g.B, g.N, hc / group, group, g.D}).sum(3));
-      dv.narrow(2, h0 / group, hc / group).copy_(dv_acc.view({g.B, g.N, hc / group, group, g.D}).sum(3));
-    } else {
-      dk.narrow(2, h0, hc).copy_(dk_acc);
-      dv.narrow(2, h0, hc).copy_(dv_acc);
-    }
+    gather_grads({&dq, &dk, &dv}, calls, grads, h0, hc, group);
   }
   return {dq, dk, dv};
 }

@@ -39,18 +39,32 @@ struct LseCombineParams {
   cudaStream_t stream = nullptr;
 };
 
-// grad_accumulate: adds one flash call's three gradients (dq, dk, dv of its rows) into the backward's float32
-// accumulators in one pass, or writes them when `assign` is set (the call covers every accumulator element, so the
-// accumulators need no zero fill). Rows are addressed like LseCombineParams': a 4-d index of sizes rows[0..3] with
-// head_dim contiguous elements each, so the strided views of a dilated call need no gather or scatter copies.
-struct GradAccumulateParams {
-  float* acc[3] = {nullptr, nullptr, nullptr};           // float32, strides acc_strides (the same for all three)
-  const void* grad[3] = {nullptr, nullptr, nullptr};     // element type `dtype`, strides grad_strides[i]
-  int64_t rows[4] = {1, 1, 1, 1};
-  int64_t head_dim = 0;
-  int64_t acc_strides[4] = {0, 0, 0, 0};
+// grad_gather: the flash backward's gradients from its calls' dq, dk and dv, in one pass. Output row (b, n, h) of dq is
+// the float32 sum, in call order, of the row of every call that attended it (zero when none did), rounded once to
+// `dtype`; dk and dv rows of kv head hk also sum over the `group` query heads hk·group + g that share it. The calls'
+// 16-bit gradients are read where the fused backward left them, so there are no float32 accumulators to fill, add
+// into and round: one read of each call's gradients and one write of the output.
+//
+// A call is a 4-d grid (nb, ns, heads, rows) of head_dim-element rows: batch b0 + ib, segment ib of `seg_len` tokens
+// from first_token, query head head0 + j·head_step on rows o + j·offset_step + i·r of the segment (the layout of
+// flash_backend.cpp's Call).
+struct GradCall {
+  const void* grad[3] = {nullptr, nullptr, nullptr};  // dq, dk, dv of the call's rows (per query head), `dtype`
   int64_t grad_strides[3][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}};
-  bool assign = false;
+  int32_t b0 = 0, nb = 0, first_token = 0, seg_len = 1, ns = 0, r = 1, o = 0, rows = 0;
+  int32_t head0 = 0, heads = 0, head_step = 1, offset_step = 0;
+};
+
+struct GradGatherParams {
+  const GradCall* calls = nullptr;  // device memory, `num_calls` of them, in summation order
+  int32_t num_calls = 0;
+  void* out[3] = {nullptr, nullptr, nullptr};  // dq at query head first_head, dk and dv at kv head first_head / group
+  int64_t out_strides[3][3] = {{0, 0, 0}, {0, 0, 0}, {0, 0, 0}};  // (batch, token, head); head_dim contiguous
+  int64_t batch = 0, tokens = 0;
+  int32_t heads = 0;       // query heads written to dq, from first_head; heads / group kv heads to dk and dv
+  int32_t group = 1;       // query heads per kv head
+  int32_t first_head = 0;  // absolute index of the first query head (the calls' head0 are absolute)
+  int64_t head_dim = 0;
 
   ElementType dtype = ElementType::bfloat16;
   cudaStream_t stream = nullptr;
