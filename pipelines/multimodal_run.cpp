@@ -2,15 +2,22 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <map>
+#include <optional>
 #include <sstream>
+#include <utility>
 
 #include <sys/resource.h>
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/torch.h>
 
 #include "core/atomic_file.h"
@@ -146,10 +153,10 @@ at::Tensor scatter_rows(const at::Tensor& x, const at::Tensor& rows, int64_t bat
   return x.new_zeros({batch, x.size(1)}).index_copy(0, rows, x);
 }
 
-// The two passes over a batch from the loader (on the host), run on `device`.
-Passes run_passes(fusion::MultimodalModel& model, const fusion::MultimodalInput& batch, c10::Device device) {
-  if (!device.is_cpu()) model->check_ranges(batch);  // on the host: on the device the check would wait for it
-  const auto in = to_device(batch, device);
+// The two passes over a batch already on `device` (to_device of a host batch whose ranges were checked). Taken by
+// value, so that the caller's copy is freed once the passes return (autograd keeps what it needs), not held through
+// the backward.
+Passes run_passes_on_device(fusion::MultimodalModel& model, fusion::MultimodalInput in, c10::Device device) {
   Passes p;
   const int64_t B = in.present.size(0);
   p.present = in.present;
@@ -179,6 +186,12 @@ Passes run_passes(fusion::MultimodalModel& model, const fusion::MultimodalInput&
     p.media = scatter_rows(out.joint, rows.device, B);
   }
   return p;
+}
+
+// The two passes over a batch from the loader (on the host), run on `device`.
+Passes run_passes(fusion::MultimodalModel& model, const fusion::MultimodalInput& batch, c10::Device device) {
+  if (!device.is_cpu()) model->check_ranges(batch);  // on the host: on the device the check would wait for it
+  return run_passes_on_device(model, to_device(batch, device), device);
 }
 
 // Next-token loss of the captions, padding ignored.
@@ -485,6 +498,83 @@ std::pair<Passes, Passes> eval_passes(fusion::MultimodalModel& model, const Batc
   drop_media(input, batch.samples, options.missing_rate, options.seed, 0);
   return {full, run_passes(model, input, device)};
 }
+
+// A training micro-batch: prepared on the host, then its input on the device.
+struct StagedBatch {
+  fusion::MultimodalInput host;                      // checked, media dropped
+  std::vector<std::array<int64_t, kM>> lengths;      // sample_lengths(host)
+  std::optional<fusion::MultimodalInput> on_device;  // to_device(host)
+};
+
+// Training batches from the loader, one staged ahead on request. Otherwise a step starts by fetching and preparing
+// its batch and queueing the copies on the compute stream, while the GPU idles after the previous step's host sync.
+// stage(), called once a backward is queued, takes the next batch, prepares it on the host and, on CUDA, queues its
+// copies (and the float conversion) on a side stream; take() makes the current stream wait for them. Elsewhere take()
+// copies, as without staging. The batches and their order are the loader's either way; but the loader's position is
+// past a staged batch, so a caller saving it stages only where take() comes first.
+class BatchStager {
+ public:
+  // The host-side work on a batch before its copies (checks, drops, lengths); may throw.
+  using Prepare = std::function<StagedBatch(Batch&)>;
+
+  BatchStager(Loader& loader, c10::Device device, Prepare prepare)
+      : loader_(loader), device_(device), prepare_(std::move(prepare)) {}
+
+  void stage() {
+    try {
+      staged_ = from_loader();
+    } catch (...) {  // met by take(), in the step that would have taken the batch
+      error_ = std::current_exception();
+      return;
+    }
+    if (!device_.is_cuda()) return;
+    try {
+      const auto index = device_.has_index() ? device_.index() : c10::cuda::current_device();
+      if (!stream_) stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index);
+      const c10::cuda::CUDAStreamGuard guard(*stream_);
+      staged_->on_device = to_device(staged_->host, device_);
+      ready_.record(*stream_);
+    } catch (const std::exception&) {  // out of memory, say: take() copies on the current stream, as without staging
+      staged_->on_device.reset();
+    }
+  }
+
+  // The staged batch, else the next one from the loader, with its input on the device for the current stream.
+  StagedBatch take() {
+    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+    StagedBatch batch = staged_ ? std::move(*staged_) : from_loader();
+    staged_.reset();
+    if (!batch.on_device) {
+      batch.on_device = to_device(batch.host, device_);
+      return batch;
+    }
+    const auto stream = c10::cuda::getCurrentCUDAStream(stream_->device_index());
+    ready_.block(stream);
+    // Made on the side stream, used on this one: the caching allocator must not hand their memory back to the side
+    // stream before this stream is done with them.
+    for (auto& x : batch.on_device->modalities) {
+      if (!x) continue;
+      for (const at::Tensor* t : {&x->data, &x->positions, &x->padding}) {
+        if (t->defined()) t->record_stream(stream);
+      }
+    }
+    return batch;
+  }
+
+ private:
+  StagedBatch from_loader() {
+    auto batch = loader_.next();  // endless
+    return prepare_(*batch);
+  }
+
+  Loader& loader_;
+  const c10::Device device_;
+  const Prepare prepare_;
+  std::optional<StagedBatch> staged_;
+  std::exception_ptr error_;  // what staging the next batch threw
+  std::optional<c10::cuda::CUDAStream> stream_;
+  c10::cuda::CUDAEvent ready_;  // the staged copies are done
+};
 
 }  // namespace
 
@@ -858,7 +948,21 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
 
   StepProfiler profiler(c.train, run_dir, device.is_cuda());
   StepFailures failures(c.train);
+  BatchStager stager(loader, device, [&](Batch& batch) {
+    check_text_ids(batch.input, c.multimodal[Modality::text].input_dim, train_dirs);
+    if (c.data.missing_rate > 0) {
+      drop_media(batch.input, batch.samples, c.data.missing_rate, static_cast<uint64_t>(c.run.seed), batch.epoch);
+    }
+    StagedBatch staged{.host = batch.input, .lengths = sample_lengths(batch.input), .on_device = std::nullopt};
+    if (!device.is_cpu()) model->check_ranges(staged.host);  // on the host: on the device the check would wait for it
+    return staged;
+  });
   for (int64_t step = first_step; step < c.train.steps; ++step) {
+    const int64_t done = step + 1;
+    const bool last = done == c.train.steps;
+    // Whether a checkpoint follows the step (on rank 0; every rank takes batches alike): it saves the loader's
+    // position, so no batch may be staged across it.
+    const bool saves = (c.train.checkpoint_every > 0 && done % c.train.checkpoint_every == 0) || last;
     profiler.before_step(step);
     const double lr = learning_rate(c.train, step);
     set_learning_rate(*optimizer, lr);
@@ -871,21 +975,16 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
     bool apply = false;
     try {
       for (int64_t micro = 0; micro < c.train.grad_accumulation; ++micro) {
-        auto batch = loader.next();  // endless
-        auto& input = batch->input;
-        check_text_ids(input, c.multimodal[Modality::text].input_dim, train_dirs);
-        if (c.data.missing_rate > 0) {
-          drop_media(input, batch->samples, c.data.missing_rate, static_cast<uint64_t>(c.run.seed), batch->epoch);
-        }
-        for (const auto& lengths : sample_lengths(input)) {
+        StagedBatch batch = stager.take();
+        for (const auto& lengths : batch.lengths) {
           window_flops += flop_counter.training_flops(lengths);  // this rank's (MFU is per device)
           for (int64_t n : lengths) step_tokens += n;
         }
-        window_samples += input.present.size(0) * world;  // ranks take equal slices of each global batch
+        window_samples += batch.host.present.size(0) * world;  // ranks take equal slices of each global batch
         Losses losses;
         {
           const AutocastGuard autocast(c.train.precision == "bf16");
-          const auto passes = run_passes(model, input, device);
+          const auto passes = run_passes_on_device(model, std::move(*batch.on_device), device);
           losses = compute_losses(passes, c, temperature->value(), groups.world);
         }
         if (injected_at(options.inject_nonfinite_steps, step)) {
@@ -901,6 +1000,10 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
           sum = sum.defined() ? sum + v / static_cast<double>(c.train.grad_accumulation)
                               : v / static_cast<double>(c.train.grad_accumulation);
         }
+        // The next micro-batch, or the next step's first, while the GPU runs this backward (before the host syncs
+        // below). Last in the micro-step: whatever the step throws next, the staged batch is taken before the
+        // loader's position is saved.
+        if (micro + 1 < c.train.grad_accumulation || !saves) stager.stage();
       }
       if (grad_sync) {
         step_loss = step_loss_t.item<double>() / static_cast<double>(c.train.grad_accumulation);
@@ -948,8 +1051,6 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
     }
     profiler.after_step(step);
 
-    const int64_t done = step + 1;
-    const bool last = done == c.train.steps;
     if (done % c.train.log_every == 0 || last) {
       if (device.is_cuda()) torch::cuda::synchronize();
       const auto now = std::chrono::steady_clock::now();
@@ -1009,7 +1110,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
       logger.log(c.eval.split, done, flatten_report(last_eval));
       window_start += std::chrono::steady_clock::now() - eval_start;  // evaluation time is not training throughput
     }
-    if (rank == 0 && ((c.train.checkpoint_every > 0 && done % c.train.checkpoint_every == 0) || last)) {
+    if (rank == 0 && saves) {
       const auto save_start = std::chrono::steady_clock::now();
       const auto position = loader.state();
       save_checkpoint(run_dir, done, modules, *optimizer,
