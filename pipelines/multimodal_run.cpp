@@ -948,6 +948,29 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
 
   StepProfiler profiler(c.train, run_dir, device.is_cuda());
   StepFailures failures(c.train);
+  // One device: each step's update is queued without waiting for its loss (DeferredStep); the step is booked (loss,
+  // failures, logs) when the next one has been queued, or before anything that reads the books.
+  std::optional<DeferredStep> deferred;
+  if (!grad_sync && DeferredStep::supported(*optimizer)) deferred.emplace();
+  struct Queued {
+    int64_t step;
+    std::map<std::string, at::Tensor> parts;
+  };
+  std::optional<Queued> queued;
+  double grad_norm = 0;  // the last booked step's
+  const auto book_queued = [&] {
+    if (!queued) return;
+    const Queued q = std::move(*queued);
+    queued.reset();
+    const StepValues read = deferred->collect();
+    const double loss = read.loss / static_cast<double>(c.train.grad_accumulation);
+    grad_norm = read.grad_norm;
+    if (!failures.accept(q.step, loss, grad_norm)) return;  // skipped on the device too
+    last_loss = loss;
+    window_loss += loss;
+    ++window_steps;
+    for (const auto& [k, v] : q.parts) window_parts[k] = window_parts[k].defined() ? window_parts[k] + v : v;
+  };
   BatchStager stager(loader, device, [&](Batch& batch) {
     check_text_ids(batch.input, c.multimodal[Modality::text].input_dim, train_dirs);
     if (c.data.missing_rate > 0) {
@@ -971,8 +994,8 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
     std::map<std::string, at::Tensor> step_parts;
     std::map<std::string, double> step_weights;
     int64_t step_tokens = 0;  // this rank's; summed over the ranks below
-    double step_loss = std::numeric_limits<double>::quiet_NaN(), grad_norm = 0;
-    bool apply = false;
+    double step_loss = std::numeric_limits<double>::quiet_NaN();
+    bool apply = false, queued_now = false;
     try {
       for (int64_t micro = 0; micro < c.train.grad_accumulation; ++micro) {
         StagedBatch batch = stager.take();
@@ -1006,6 +1029,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
         if (micro + 1 < c.train.grad_accumulation || !saves) stager.stage();
       }
       if (grad_sync) {
+        grad_norm = 0;
         step_loss = step_loss_t.item<double>() / static_cast<double>(c.train.grad_accumulation);
         grad_sync->finish();
         // Every rank logs the same loss and takes the same decision: the parts averaged over the ranks (the
@@ -1029,18 +1053,28 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
         if (std::isfinite(step_loss) && c.train.grad_clip > 0) {
           grad_norm = clip_grad_norm(parameters, c.train.grad_clip);
         }
+        apply = failures.accept(step, step_loss, grad_norm);
+      } else if (deferred) {
+        book_queued();  // the previous step: its values are long computed
+        deferred->queue(step_loss_t, parameters, c.train.grad_clip, *optimizer);
+        queued = Queued{step, std::move(step_parts)};
+        queued_now = true;
       } else {
         const StepValues read = read_loss_and_clip(step_loss_t, parameters, c.train.grad_clip);
         step_loss = read.loss / static_cast<double>(c.train.grad_accumulation);
         grad_norm = read.grad_norm;
+        apply = failures.accept(step, step_loss, grad_norm);
       }
-      apply = failures.accept(step, step_loss, grad_norm);
     } catch (const c10::OutOfMemoryError& e) {
       if (device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
+      book_queued();  // the previous step, if it is still queued, is booked first
       failures.out_of_memory(step, e);
     }
     window_tokens += step_tokens;
-    if (apply) {
+    const bool evaluates = rank == 0 && ((c.eval.every > 0 && done % c.eval.every == 0) || last);
+    if (queued_now) {  // booked with the next step, or now when the books are read
+      if (done % c.train.log_every == 0 || evaluates || saves) book_queued();
+    } else if (apply) {
       optimizer->step();
       last_loss = step_loss;
       window_loss += step_loss;
@@ -1099,7 +1133,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
       window_steps = window_samples = window_tokens = 0;
       window_parts.clear();
     }
-    if (rank == 0 && ((c.eval.every > 0 && done % c.eval.every == 0) || last)) {
+    if (evaluates) {
       const auto eval_start = std::chrono::steady_clock::now();
       last_eval = evaluate(model, eval_shards, c, device);
       log::info("step " + std::to_string(done) + " " + c.eval.split + ": " + retrieval_line(last_eval.retrieval) +

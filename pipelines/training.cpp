@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include <ATen/autocast_mode.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/torch.h>
 
@@ -54,8 +55,6 @@ double learning_rate(const TrainConfig& t, int64_t step) {
   return floor + 0.5 * (t.lr - floor) * (1.0 + std::cos(M_PI * progress));
 }
 
-namespace {
-
 // torch's AdamW whose step runs the fused multi-tensor kernel (at::_fused_adamw_: a few launches per parameter group
 // instead of about ten per parameter; on a GPU the per-parameter loop was launch-bound). The state, its
 // serialisation and the update rule are AdamW's: decoupled weight decay p ← p·(1 − lr·λ), bias-corrected moments.
@@ -73,6 +72,32 @@ class FusedAdamW final : public torch::optim::AdamW {
       const at::AutoGradMode enable_grad(true);
       loss = closure();
     }
+    update(std::nullopt);
+    return loss;
+  }
+
+  // step() unless `found_inf` (a float32 scalar on the parameters' device) is nonzero, decided on the device: the
+  // host queues the update without reading it. undo_skipped_step() then takes back the step counts, which live on the
+  // host. Where the fused kernel does not apply, the host reads found_inf and steps or not.
+  void step_unless(const at::Tensor& found_inf) {
+    counted_.clear();
+    if (!fusable()) {
+      if (found_inf.item<float>() == 0.f) AdamW::step();
+      return;
+    }
+    const torch::NoGradGuard no_grad;
+    update(found_inf);
+  }
+
+  // The last step_unless() was skipped on the device: its parameters' step counts go back to what they were.
+  void undo_skipped_step() {
+    for (auto* st : counted_) st->step(st->step() - 1);
+    counted_.clear();
+  }
+
+ private:
+  void update(const std::optional<at::Tensor>& found_inf) {
+    counted_.clear();
     for (auto& group : param_groups_) {
       const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
       // The kernel reads one step count per parameter; parameters that missed steps (no gradient) have their own.
@@ -88,6 +113,7 @@ class FusedAdamW final : public torch::optim::AdamW {
         }
         auto& st = static_cast<torch::optim::AdamWParamState&>(*slot);
         st.step(st.step() + 1);
+        counted_.push_back(&st);
         Lists& l = by_step[st.step()];
         l.params.push_back(p);
         l.grads.push_back(p.grad());
@@ -98,16 +124,16 @@ class FusedAdamW final : public torch::optim::AdamW {
         const auto step_t = torch::full({}, static_cast<double>(count), l.params.front().options().dtype(at::kFloat));
         const std::vector<at::Tensor> steps(l.params.size(), step_t);
         at::_fused_adamw_(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, {}, steps, o.lr(), std::get<0>(o.betas()),
-                          std::get<1>(o.betas()), o.weight_decay(), o.eps(), /*amsgrad=*/false, /*maximize=*/false);
+                          std::get<1>(o.betas()), o.weight_decay(), o.eps(), /*amsgrad=*/false, /*maximize=*/false,
+                          /*grad_scale=*/std::nullopt, found_inf);
       }
     }
-    return loss;
   }
 
- private:
   struct Lists {
     std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs;
   };
+  std::vector<torch::optim::AdamWParamState*> counted_;  // whose step counts the last update raised
 
   bool fusable() const {
     std::optional<at::Device> device;
@@ -131,8 +157,6 @@ class FusedAdamW final : public torch::optim::AdamW {
     return true;
   }
 };
-
-}  // namespace
 
 std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<at::Tensor>& parameters, const TrainConfig& t) {
   std::vector<at::Tensor> decay, no_decay;
@@ -174,6 +198,44 @@ StepValues read_loss_and_clip(const at::Tensor& loss, const std::vector<at::Tens
   const auto v = values.accessor<double, 1>();
   StepValues out{v[0], 0.0};
   if (norm.defined() && std::isfinite(out.loss)) out.grad_norm = v[1];
+  return out;
+}
+
+bool DeferredStep::supported(const torch::optim::AdamW& optimizer) {
+  return dynamic_cast<const FusedAdamW*>(&optimizer) != nullptr;
+}
+
+void DeferredStep::queue(const at::Tensor& loss, const std::vector<at::Tensor>& parameters, double max_norm,
+                         torch::optim::AdamW& optimizer) {
+  if (queued_) throw Error("DeferredStep: the previous step was not collected");
+  auto* fused = dynamic_cast<FusedAdamW*>(&optimizer);
+  if (fused == nullptr) throw Error("DeferredStep: the optimizer is not make_adamw's");
+  const torch::NoGradGuard no_grad;
+  const at::Tensor norm = max_norm > 0 ? clip_grad_norm_queued(parameters, max_norm) : at::Tensor();
+  at::Tensor values = loss.detach().reshape({1}).to(at::kDouble);
+  if (norm.defined()) values = at::cat({values, norm.detach().reshape({1}).to(values.options())});
+  // The step is not finite when its loss or (with clipping) its gradient norm is not: the update is skipped.
+  const auto found_inf = values.isfinite().all().logical_not().to(at::kFloat);
+  fused->step_unless(found_inf);
+  if (values.is_cuda()) {
+    host_ = at::empty({values.size(0)}, values.options().device(at::kCPU).pinned_memory(true));
+    host_.copy_(values, /*non_blocking=*/true);
+    ready_.record(c10::cuda::getCurrentCUDAStream(values.get_device()).unwrap());
+  } else {
+    host_ = values;
+  }
+  queued_ = true;
+  optimizer_ = fused;
+}
+
+StepValues DeferredStep::collect() {
+  if (!queued_) throw Error("DeferredStep: no step is queued");
+  queued_ = false;
+  if (host_.is_pinned()) ready_.synchronize();
+  const auto v = host_.accessor<double, 1>();
+  StepValues out{v[0], 0.0};
+  if (host_.size(0) > 1 && std::isfinite(out.loss)) out.grad_norm = v[1];
+  if (!std::isfinite(out.loss) || !std::isfinite(out.grad_norm)) optimizer_->undo_skipped_step();
   return out;
 }
 

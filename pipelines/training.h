@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include <c10/core/Event.h>
 #include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
 #include <torch/optim/adamw.h>
@@ -59,6 +60,33 @@ struct StepValues {
   double loss = 0, grad_norm = 0;
 };
 StepValues read_loss_and_clip(const at::Tensor& loss, const std::vector<at::Tensor>& parameters, double max_norm);
+
+class FusedAdamW;  // make_adamw's optimizer
+
+// A step queued without reading its loss first, so that the host never waits for the device between steps: the
+// device itself skips the update of a step whose loss (or, with clipping, gradient norm) is not finite, and the host
+// collects the values one step later, once the device has long computed them, for StepFailures and the logs. A
+// skipped step changes no parameter, moment or step count, as if it had not been applied; read_loss_and_clip followed
+// by optimizer.step() or not gives the same parameters. Needs make_adamw's optimizer (supported).
+class DeferredStep {
+ public:
+  static bool supported(const torch::optim::AdamW& optimizer);
+  // Clips (max_norm > 0), then queues the update at the optimizer's learning rate, skipped on the device when the
+  // step is not finite. The previous step must have been collected.
+  void queue(const at::Tensor& loss, const std::vector<at::Tensor>& parameters, double max_norm,
+             torch::optim::AdamW& optimizer);
+  bool queued() const { return queued_; }
+  // The queued step's loss and gradient norm as read_loss_and_clip gives them, waiting for that step's values only.
+  // A step that was not finite has its step counts taken back, so collect it before the next step or a checkpoint.
+  StepValues collect();
+
+ private:
+  bool queued_ = false;
+  at::Tensor host_;           // the values, on the host (pinned: copied there without waiting)
+  c10::Event ready_{c10::DeviceType::CUDA};  // the copy is done
+  FusedAdamW* optimizer_ = nullptr;
+};
+
 void set_learning_rate(torch::optim::Optimizer& optimizer, double lr);
 
 // Modules whose parameters a checkpoint holds: the model first, then extras (e.g. a learned temperature).

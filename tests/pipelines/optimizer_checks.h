@@ -139,4 +139,64 @@ inline void check_read_loss_and_clip(const at::Device& device) {
   CHECK(torch::equal(plain[0].grad(), before));
 }
 
+// DeferredStep against the host's decision (read_loss_and_clip, then a step only when finite), step by step: steps
+// with a non-finite loss, and one with a non-finite gradient, leave the parameters, moments and step counts as if they
+// had not been taken, including the first step, which creates the parameters' state. Collecting twice, or queueing
+// over an uncollected step, is an error.
+inline void check_deferred_step_matches_host_decision(const at::Device& device) {
+  pipelines::TrainConfig train;
+  train.lr = 1e-2;
+  train.weight_decay = 0.1;
+  auto ours = make_parameters(device), theirs = make_parameters(device);
+  auto deferred_opt = pipelines::make_adamw(ours, train), host_opt = pipelines::make_adamw(theirs, train);
+  REQUIRE(pipelines::DeferredStep::supported(*deferred_opt));
+  pipelines::DeferredStep deferred;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const auto opts = torch::TensorOptions().device(device);
+  for (int step = 0; step < 7; ++step) {
+    INFO("step " << step);
+    // Step 0 (where every state is created) and step 3 have a NaN loss; step 5 a NaN gradient with a finite loss.
+    const double loss_value = step == 0 || step == 3 ? nan : 1.0 + step;
+    const auto loss = torch::tensor(loss_value, opts.dtype(torch::kFloat));
+    set_gradients(ours, step);
+    set_gradients(theirs, step);
+    if (step == 5) {
+      ours[2].mutable_grad()[0][0][0] = nan;
+      theirs[2].mutable_grad()[0][0][0] = nan;
+    }
+    deferred.queue(loss, ours, 1.0, *deferred_opt);
+    CHECK_THROWS_WITH(deferred.queue(loss, ours, 1.0, *deferred_opt),
+                      Catch::Contains("the previous step was not collected"));
+    const pipelines::StepValues read = deferred.collect();
+    const pipelines::StepValues want = pipelines::read_loss_and_clip(loss, theirs, 1.0);
+    CHECK((std::isnan(read.loss) ? std::isnan(want.loss) : read.loss == want.loss));
+    CHECK((std::isnan(read.grad_norm) ? std::isnan(want.grad_norm) : read.grad_norm == want.grad_norm));
+    const bool finite = std::isfinite(want.loss) && std::isfinite(want.grad_norm);
+    CHECK(finite == (step != 0 && step != 3 && step != 5));
+    if (finite) host_opt->step();
+    for (size_t i = 0; i < ours.size(); ++i) {
+      INFO("parameter " << i);
+      CHECK(torch::equal(ours[i].detach().cpu(), theirs[i].detach().cpu()));
+      const auto* a = deferred_opt->state().count(ours[i].unsafeGetTensorImpl())
+                          ? &deferred_opt->state().at(ours[i].unsafeGetTensorImpl())
+                          : nullptr;
+      const auto* b = host_opt->state().count(theirs[i].unsafeGetTensorImpl())
+                          ? &host_opt->state().at(theirs[i].unsafeGetTensorImpl())
+                          : nullptr;
+      const auto step_of = [](const auto* s) {
+        return s ? static_cast<const torch::optim::AdamWParamState&>(**s).step() : int64_t{0};
+      };
+      CHECK(step_of(a) == step_of(b));
+      if (a && b) {
+        const auto& sa = static_cast<const torch::optim::AdamWParamState&>(**a);
+        const auto& sb = static_cast<const torch::optim::AdamWParamState&>(**b);
+        CHECK(torch::equal(sa.exp_avg().cpu(), sb.exp_avg().cpu()));
+        CHECK(torch::equal(sa.exp_avg_sq().cpu(), sb.exp_avg_sq().cpu()));
+      }
+    }
+  }
+  CHECK(!ours[0].equal(make_parameters(device)[0]));  // it moved
+  CHECK_THROWS_WITH(deferred.collect(), Catch::Contains("no step is queued"));
+}
+
 }  // namespace longnet::test

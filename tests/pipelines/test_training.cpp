@@ -13,3 +13,7 @@ TEST_CASE("clip_grad_norm equals torch::nn::utils::clip_grad_norm_", "[pipelines
 TEST_CASE("read_loss_and_clip reads the loss and the clipped norm at once", "[pipelines][cpu]") {
   longnet::test::check_read_loss_and_clip(at::Device(at::kCPU));
 }
+
+TEST_CASE("DeferredStep skips non-finite steps on the device as the host would", "[pipelines][cpu]") {
+  longnet::test::check_deferred_step_matches_host_decision(at::Device(at::kCPU));
+}

@@ -16,3 +16,8 @@ TEST_CASE("read_loss_and_clip reads the loss and the clipped norm at once on CUD
   REQUIRE(torch::cuda::is_available());
   longnet::test::check_read_loss_and_clip(at::Device(at::kCUDA));
 }
+
+TEST_CASE("DeferredStep skips non-finite steps on the device as the host would (CUDA)", "[pipelines][gpu]") {
+  REQUIRE(torch::cuda::is_available());
+  longnet::test::check_deferred_step_matches_host_decision(at::Device(at::kCUDA));
+}
