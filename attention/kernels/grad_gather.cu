@@ -24,16 +24,15 @@ using namespace elementwise;
 
 constexpr int kThreads = 256;
 
-// Whether call c attended row (b, n) of query head h, and where: its (ib, s, j, i) in the call's row grid.
+// Whether call c attended row (b, n) of query head h, and where: its (ib, s, j, i) in the call's row grid. The
+// tests without a division come first: most calls reject most rows (another batch, segment range or head).
 __device__ __forceinline__ bool locate(const GradCall& c, int32_t b, int32_t n, int32_t h, int64_t (&index)[4]) {
   const int32_t ib = b - c.b0;
-  if (ib < 0 || ib >= c.nb) return false;
+  const int32_t t = n - c.first_token;
   const int32_t dh = h - c.head0;
-  if (dh < 0) return false;
+  if (ib < 0 || ib >= c.nb || t < 0 || t >= c.ns * c.seg_len || dh < 0) return false;
   const int32_t j = dh / c.head_step;
   if (j * c.head_step != dh || j >= c.heads) return false;
-  const int32_t t = n - c.first_token;
-  if (t < 0 || t >= c.ns * c.seg_len) return false;
   const int32_t s = t / c.seg_len;
   const int32_t q = t - s * c.seg_len - c.o - j * c.offset_step;
   if (q < 0) return false;
@@ -46,79 +45,116 @@ __device__ __forceinline__ bool locate(const GradCall& c, int32_t b, int32_t n, 
   return true;
 }
 
-// kAll: one thread writes dq, dk and dv of query head h (group = 1). Otherwise tensors [t0, t0 + count) of output
-// head `hout`, each summing the query heads hout·group + g of its group (dq: count 1, group 1; dk, dv: group G).
-template <typename T, int kVec, int kCount>
+// A thread sums kPer consecutive kVec-element vectors of one output row (the lookup of the row in each call is then
+// shared by kPer vectors): tensors [t0, t0 + kCount) of output head `hout`, each summing the query heads
+// hout·group + g of its group (all three with group 1; dq alone, then dk and dv with group G). Index arithmetic is
+// 32-bit: the launcher checks that the thread count fits.
+template <typename T, int kVec, int kPer, int kCount>
 __global__ void __launch_bounds__(kThreads) grad_gather_kernel(const GradGatherParams p, int t0, int32_t out_heads,
-                                                               int32_t group, int64_t total, int64_t vectors) {
-  const int64_t gid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+                                                               int32_t group, uint32_t total, uint32_t chunks) {
+  const uint32_t gid = blockIdx.x * kThreads + threadIdx.x;
   if (gid >= total) return;
-  const int64_t v = gid % vectors;
-  int64_t row = gid / vectors;
-  const auto hout = static_cast<int32_t>(row % out_heads);
-  row /= out_heads;
-  const auto n = static_cast<int32_t>(row % p.tokens);
-  const auto b = static_cast<int32_t>(row / p.tokens);
-  float sum[kCount][kVec];
+  const uint32_t chunk = gid % chunks;
+  uint32_t row = gid / chunks;
+  const auto hout = static_cast<int32_t>(row % static_cast<uint32_t>(out_heads));
+  row /= static_cast<uint32_t>(out_heads);
+  const auto tokens = static_cast<uint32_t>(p.tokens);
+  const auto n = static_cast<int32_t>(row % tokens);
+  const auto b = static_cast<int32_t>(row / tokens);
+  const int64_t first = static_cast<int64_t>(chunk) * kPer * kVec;  // element of the row
+  float sum[kCount][kPer][kVec];
 #pragma unroll
   for (int t = 0; t < kCount; ++t) {
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) sum[t][e] = 0.f;
-  }
-  for (int32_t g = 0; g < group; ++g) {
-    const int32_t h = p.first_head + hout * group + g;
-    float head_sum[kCount][kVec];  // this query head's terms, summed in call order before the group's sum
+    for (int u = 0; u < kPer; ++u) {
 #pragma unroll
-    for (int t = 0; t < kCount; ++t) {
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) head_sum[t][e] = 0.f;
+      for (int e = 0; e < kVec; ++e) sum[t][u][e] = 0.f;
     }
+  }
+  // Adds call ci's terms of query head h into acc.
+  const auto add_calls = [&](int32_t h, float (&acc)[kCount][kPer][kVec]) {
     for (int32_t ci = 0; ci < p.num_calls; ++ci) {
       const GradCall& c = p.calls[ci];
       int64_t index[4];
       if (!locate(c, b, n, h, index)) continue;
+      Vec<T, kVec> x[kCount][kPer];  // every load of the call first, then the sums
 #pragma unroll
       for (int t = 0; t < kCount; ++t) {
-        const T* grad = static_cast<const T*>(c.grad[t0 + t]) + offset_of(index, c.grad_strides[t0 + t]) + v * kVec;
-        const Vec<T, kVec> x = *reinterpret_cast<const Vec<T, kVec>*>(grad);
+        const T* grad = static_cast<const T*>(c.grad[t0 + t]) + offset_of(index, c.grad_strides[t0 + t]) + first;
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) head_sum[t][e] += to_float(x.v[e]);
+        for (int u = 0; u < kPer; ++u) x[t][u] = reinterpret_cast<const Vec<T, kVec>*>(grad)[u];
+      }
+#pragma unroll
+      for (int t = 0; t < kCount; ++t) {
+#pragma unroll
+        for (int u = 0; u < kPer; ++u) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) acc[t][u][e] += to_float(x[t][u].v[e]);
+        }
       }
     }
+  };
+  if (group == 1) {
+    add_calls(p.first_head + hout, sum);
+  } else {
+    for (int32_t g = 0; g < group; ++g) {
+      float head_sum[kCount][kPer][kVec];  // this query head's terms, summed in call order before the group's sum
 #pragma unroll
-    for (int t = 0; t < kCount; ++t) {
+      for (int t = 0; t < kCount; ++t) {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) sum[t][e] = g == 0 ? head_sum[t][e] : sum[t][e] + head_sum[t][e];
+        for (int u = 0; u < kPer; ++u) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) head_sum[t][u][e] = 0.f;
+        }
+      }
+      add_calls(p.first_head + hout * group + g, head_sum);
+#pragma unroll
+      for (int t = 0; t < kCount; ++t) {
+#pragma unroll
+        for (int u = 0; u < kPer; ++u) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) sum[t][u][e] += head_sum[t][u][e];
+        }
+      }
     }
   }
 #pragma unroll
   for (int t = 0; t < kCount; ++t) {
     const int64_t* st = p.out_strides[t0 + t];
-    Vec<T, kVec> y;
+    auto* out = reinterpret_cast<Vec<T, kVec>*>(static_cast<T*>(p.out[t0 + t]) + b * st[0] + n * st[1] +
+                                                hout * st[2] + first);
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) y.v[e] = from_float<T>(sum[t][e]);
-    *reinterpret_cast<Vec<T, kVec>*>(static_cast<T*>(p.out[t0 + t]) + b * st[0] + n * st[1] + hout * st[2] +
-                                     v * kVec) = y;
+    for (int u = 0; u < kPer; ++u) {
+      Vec<T, kVec> y;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) y.v[e] = from_float<T>(sum[t][u][e]);
+      out[u] = y;
+    }
   }
 }
 
-template <typename T, int kVec, int kCount>
+template <typename T, int kVec, int kPer, int kCount>
 void launch_part(const GradGatherParams& p, int t0, int32_t out_heads, int32_t group) {
-  const int64_t vectors = p.head_dim / kVec;
-  const int64_t total = p.batch * p.tokens * out_heads * vectors;
+  const int64_t chunks = p.head_dim / (kVec * kPer);
+  const int64_t total = p.batch * p.tokens * out_heads * chunks;
   if (total == 0) return;
+  if (total > INT32_MAX - kThreads) {
+    throw std::invalid_argument("launch_grad_gather: " + std::to_string(total) +
+                                " threads exceed 32-bit indexing; use fewer heads a chunk");
+  }
   const unsigned grid = grid_for("launch_grad_gather", total, kThreads);
-  grad_gather_kernel<T, kVec, kCount><<<grid, kThreads, 0, p.stream>>>(p, t0, out_heads, group, total, vectors);
+  grad_gather_kernel<T, kVec, kPer, kCount><<<grid, kThreads, 0, p.stream>>>(
+      p, t0, out_heads, group, static_cast<uint32_t>(total), static_cast<uint32_t>(chunks));
   LONGNET_CUDA_CHECK(cudaGetLastError());
 }
 
-template <typename T, int kVec>
+template <typename T, int kVec, int kPer>
 void launch_vec(const GradGatherParams& p) {
   if (p.group == 1) {
-    launch_part<T, kVec, 3>(p, 0, p.heads, 1);
+    launch_part<T, kVec, kPer, 3>(p, 0, p.heads, 1);
   } else {
-    launch_part<T, kVec, 1>(p, 0, p.heads, 1);
-    launch_part<T, kVec, 2>(p, 1, p.heads / p.group, p.group);
+    launch_part<T, kVec, kPer, 1>(p, 0, p.heads, 1);
+    launch_part<T, kVec, kPer, 2>(p, 1, p.heads / p.group, p.group);
   }
 }
 
@@ -132,10 +168,12 @@ void launch_dtype(const GradGatherParams& p, bool calls_vectorizable) {
     vectorized = vectorized && aligned(p.out[t], 16);
     for (int d = 0; d < 3; ++d) vectorized = vectorized && p.out_strides[t][d] % kVec == 0;
   }
-  if (vectorized) {
-    launch_vec<T, kVec>(p);
+  if (vectorized && p.head_dim % (2 * kVec) == 0) {
+    launch_vec<T, kVec, 2>(p);  // D = 64 in 16-bit: four threads a row
+  } else if (vectorized) {
+    launch_vec<T, kVec, 1>(p);
   } else {
-    launch_vec<T, 1>(p);
+    launch_vec<T, 1, 1>(p);
   }
 }
 
