@@ -1,6 +1,7 @@
 #include "fusion/block.h"
 
 #include <cmath>
+#include <tuple>
 
 #include <ATen/ATen.h>
 
@@ -74,6 +75,28 @@ at::Tensor TransformerBlockImpl::forward(const at::Tensor& x, const std::optiona
                         x);
   }
   return run(x, key_padding_mask, shard);
+}
+
+Residual TransformerBlockImpl::forward_stream(const Residual& in, const std::optional<at::Tensor>& key_padding_mask,
+                                             const attention::SequenceShard* shard) {
+  if (checkpoint_ && is_training()) return {forward(in.value(), key_padding_mask, shard), {}};
+  at::Tensor x, normed;
+  if (in.add.defined()) {
+    std::tie(x, normed) = attention_norm_->forward_residual(in.x, in.add);
+  } else {
+    x = in.x;
+    normed = attention_norm_(x);
+  }
+  const auto [y, mlp_normed] = mlp_norm_->forward_residual(
+      x, at::dropout(attention_(normed, key_padding_mask, shard), dropout_, is_training()));
+  return {y, at::dropout(mlp(mlp_normed), dropout_, is_training())};
+}
+
+Residual run_blocks(std::vector<TransformerBlock>& blocks, const at::Tensor& x,
+                    const std::optional<at::Tensor>& key_padding_mask, const attention::SequenceShard* shard) {
+  Residual h{x, {}};
+  for (auto& block : blocks) h = block->forward_stream(h, key_padding_mask, shard);
+  return h;
 }
 
 at::Tensor TransformerBlockImpl::run(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask,

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
@@ -42,6 +43,14 @@ struct AttentionConfig {
   int64_t relative_max_distance = 128;
 };
 
+// A value of the residual stream, x + add, with the add left to whoever reads it next: a block's pre-norm does it
+// in its own kernel each way (LayerNorm::forward_residual), which saves a pass over the stream forward and another
+// backward (the gradient of x otherwise reaches it from two uses and is summed). Undefined add: x itself.
+struct Residual {
+  at::Tensor x, add;
+  at::Tensor value() const { return add.defined() ? x + add : x; }
+};
+
 // The options of a block's MultiheadDilatedAttention (validated: throws ConfigError like
 // MultiheadDilatedAttentionOptions::validate).
 attention::MultiheadDilatedAttentionOptions attention_options(const ModelConfig& model, const AttentionConfig& attention);
@@ -58,6 +67,11 @@ class TransformerBlockImpl : public torch::nn::Module {
   // backward: an activation-checkpointed block recomputes through it), x is that part of a longer sequence.
   at::Tensor forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask = std::nullopt,
                      const attention::SequenceShard* shard = nullptr);
+
+  // forward() on in.value(), its output returned as y + the MLP branch with that add left to the next block's norm
+  // (run_blocks). An activation-checkpointed block takes and returns whole values.
+  Residual forward_stream(const Residual& in, const std::optional<at::Tensor>& key_padding_mask = std::nullopt,
+                          const attention::SequenceShard* shard = nullptr);
 
   // The MLP branch alone (without norm, dropout and residual): (..., C) → (..., C).
   at::Tensor mlp(const at::Tensor& x);
@@ -81,5 +95,11 @@ class TransformerBlockImpl : public torch::nn::Module {
 };
 
 TORCH_MODULE(TransformerBlock);
+
+// The blocks one after another on x: what calling each in turn gives, with each block's last residual add done in
+// the next block's pre-norm. The result's add is left to the caller (Residual::value, or a norm).
+Residual run_blocks(std::vector<TransformerBlock>& blocks, const at::Tensor& x,
+                    const std::optional<at::Tensor>& key_padding_mask = std::nullopt,
+                    const attention::SequenceShard* shard = nullptr);
 
 }  // namespace longnet::fusion

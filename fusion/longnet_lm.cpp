@@ -34,9 +34,7 @@ at::Tensor LongNetLMImpl::forward(const at::Tensor& tokens, const std::optional<
     throw Error("LongNetLM: tokens must be (B, N) int64, got " + std::to_string(tokens.dim()) + " dims of " +
                 std::string(c10::toString(tokens.scalar_type())));
   }
-  at::Tensor h = embedding_(tokens);  // (B, N, C)
-  for (auto& block : blocks_) h = block(h, key_padding_mask, shard);
-  h = final_norm_(h);
+  const at::Tensor h = final_norm_(run_blocks(blocks_, embedding_(tokens), key_padding_mask, shard).value());
   return at::linear(h, embedding_->weight);  // (B, N, vocab): the head is the embedding, transposed
 }
 

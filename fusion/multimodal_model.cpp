@@ -79,9 +79,8 @@ at::Tensor MultimodalModelImpl::run_stack(Modality m, const ModalityInput& input
   const at::Tensor positions = input.positions.defined() ? input.positions.index_select(0, rows) : at::Tensor();
   std::optional<at::Tensor> padding;
   if (input.padding.defined()) padding = input.padding.index_select(0, rows);
-  at::Tensor h = encoders_[idx(m)](data, positions);
-  for (auto& block : stacks_[idx(m)]) h = block(h, padding);
-  return stack_norms_[idx(m)](h);
+  const at::Tensor h = encoders_[idx(m)](data, positions);
+  return stack_norms_[idx(m)](run_blocks(stacks_[idx(m)], h, padding).value());
 }
 
 void MultimodalModelImpl::check_ranges(const MultimodalInput& host_input) const {

@@ -108,7 +108,7 @@ class ConcatSeqFusion : public FusionStrategyImpl {
     at::Tensor out = at::zeros({in.present.size(0), ctx_.model.width}, options_of(in));
     for (const auto& [mask, rows] : presence_groups(in.present, out.device())) {
       Concatenation c = concatenate(in, mask, rows);
-      for (auto& block : blocks_) c.x = block(c.x, optional_mask(c.padding));
+      c.x = run_blocks(blocks_, c.x, optional_mask(c.padding)).value();
       out = out.index_copy(0, rows, masked_mean(norm_(c.x), c.padding));
     }
     return out;
@@ -341,7 +341,7 @@ class ConcatFeatureFusion : public FusionStrategyImpl {
                                    at::zeros({}, opts)));
     }
     at::Tensor x = projection_(at::cat(features, -1));  // (B, T, C)
-    for (auto& block : blocks_) x = block(x);
+    x = run_blocks(blocks_, x).value();
     return norm_(x).mean(1);
   }
 
