@@ -1,4 +1,4 @@
-// What the memory-bound kernels (attention's lse_combine.cu, grad_accumulate.cu and rotary.cu, and
+// What the memory-bound kernels (attention's lse_combine.cu, grad_gather.cu and rotary.cu, and
 // fusion/kernels/layer_norm.cu) share: float32 arithmetic
 // on float32/fp16/bf16 elements, 16-byte vectors of them, rows addressed by a 4-d index and strides, and the host
 // checks before a launch.
