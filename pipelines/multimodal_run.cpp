@@ -1056,9 +1056,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
         apply = failures.accept(step, step_loss, grad_norm);
       } else if (deferred) {
         book_queued();  // the previous step: its values are long computed
-        deferred->queue(step_loss_t, parameters, c.train.grad_clip, *optimizer);
-        queued = Queued{step, std::move(step_parts)};
-        queued_now = true;
+        queued_now = true;  // the update is queued below, where optimizer->step() runs for the other paths
       } else {
         const StepValues read = read_loss_and_clip(step_loss_t, parameters, c.train.grad_clip);
         step_loss = read.loss / static_cast<double>(c.train.grad_accumulation);
@@ -1073,6 +1071,8 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
     window_tokens += step_tokens;
     const bool evaluates = rank == 0 && ((c.eval.every > 0 && done % c.eval.every == 0) || last);
     if (queued_now) {  // booked with the next step, or now when the books are read
+      deferred->queue(step_loss_t, parameters, c.train.grad_clip, *optimizer);
+      queued = Queued{step, std::move(step_parts)};
       if (done % c.train.log_every == 0 || evaluates || saves) book_queued();
     } else if (apply) {
       optimizer->step();
