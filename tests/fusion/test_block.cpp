@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "fusion/block.h"
+#include "tests/fusion/block_chain.h"
 #include "tests/support/single_threaded.h"
 
 using namespace longnet;
@@ -131,23 +132,8 @@ TEST_CASE("run_blocks equals calling the blocks in turn, forward and gradients",
     blocks.push_back(make_block(model, small_attention()));
   }
   const at::Tensor x0 = torch::randn({2, 9, 16}, torch::kDouble);
-  auto run = [&](bool stream) {
-    for (auto& b : blocks) b->zero_grad();
-    const at::Tensor x = x0.clone().requires_grad_();
-    at::Tensor y = x;
-    if (stream) {
-      y = run_blocks(blocks, x).value();
-    } else {
-      for (auto& b : blocks) y = b(y);
-    }
-    y.pow(2).sum().backward();
-    std::vector<at::Tensor> out{y.detach(), x.grad()};
-    for (auto& b : blocks) {
-      for (const auto& p : b->parameters()) out.push_back(p.grad().clone());
-    }
-    return out;
-  };
-  const auto stream = run(true), plain = run(false);
+  const auto stream = test::chain_outputs(blocks, x0, true, false);
+  const auto plain = test::chain_outputs(blocks, x0, false, false);
   REQUIRE(stream.size() == plain.size());
   for (size_t i = 0; i < stream.size(); ++i) {
     CAPTURE(i);

@@ -10,6 +10,7 @@
 
 #include "fusion/block.h"
 #include "fusion/layer_norm.h"
+#include "tests/fusion/block_chain.h"
 
 #include <catch2/catch.hpp>
 
@@ -168,27 +169,8 @@ TEST_CASE("run_blocks under CUDA autocast equals calling the blocks in turn, for
   }
   torch::manual_seed(5);
   const auto x0 = torch::randn({2, 256, 128}, torch::TensorOptions().device(torch::kCUDA));
-  auto run = [&](bool stream) {
-    for (auto& b : blocks) b->zero_grad();
-    const at::Tensor x = x0.clone().requires_grad_();
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-    at::Tensor y = x;
-    if (stream) {
-      y = run_blocks(blocks, x).value();
-    } else {
-      for (auto& b : blocks) y = b(y);
-    }
-    at::autocast::set_autocast_enabled(at::kCUDA, false);
-    at::autocast::clear_cache();
-    y.to(at::kFloat).pow(2).sum().backward();
-    std::vector<at::Tensor> out{y.detach(), x.grad()};
-    for (auto& b : blocks) {
-      for (const auto& p : b->parameters()) out.push_back(p.grad().clone());
-    }
-    return out;
-  };
-  const auto stream = run(true), plain = run(false);
+  const auto stream = longnet::test::chain_outputs(blocks, x0, true, true);
+  const auto plain = longnet::test::chain_outputs(blocks, x0, false, true);
   REQUIRE(stream.size() == plain.size());
   CHECK(stream[0].scalar_type() == at::kFloat);  // the residual stream stays float32
   for (size_t i = 0; i < stream.size(); ++i) {
