@@ -82,7 +82,7 @@ class DeferredStep {
 
  private:
   bool queued_ = false;
-  at::Tensor host_;           // the values, on the host (pinned: copied there without waiting)
+  at::Tensor host_;                          // the values, on the host (pinned: copied there without waiting)
   c10::Event ready_{c10::DeviceType::CUDA};  // the copy is done
   FusedAdamW* optimizer_ = nullptr;
 };
