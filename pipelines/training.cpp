@@ -190,15 +190,29 @@ double clip_grad_norm(const std::vector<at::Tensor>& parameters, double max_norm
   return total.defined() ? total.item<double>() : 0.0;
 }
 
-StepValues read_loss_and_clip(const at::Tensor& loss, const std::vector<at::Tensor>& parameters, double max_norm) {
+namespace {
+
+// A step's loss and, with max_norm > 0, its gradient norm after queueing the clipping: (1) or (2) float64 on the
+// loss's device, nothing read yet.
+at::Tensor queue_step_values(const at::Tensor& loss, const std::vector<at::Tensor>& parameters, double max_norm) {
   const at::Tensor norm = max_norm > 0 ? clip_grad_norm_queued(parameters, max_norm) : at::Tensor();
   at::Tensor values = loss.detach().reshape({1}).to(at::kDouble);
   if (norm.defined()) values = at::cat({values, norm.detach().reshape({1}).to(values.options())});
-  values = values.cpu();
-  const auto v = values.accessor<double, 1>();
+  return values;
+}
+
+// queue_step_values' tensor, on the host, as StepValues: a non-finite loss reads a norm of 0.
+StepValues step_values(const at::Tensor& host) {
+  const auto v = host.accessor<double, 1>();
   StepValues out{v[0], 0.0};
-  if (norm.defined() && std::isfinite(out.loss)) out.grad_norm = v[1];
+  if (host.size(0) > 1 && std::isfinite(out.loss)) out.grad_norm = v[1];
   return out;
+}
+
+}  // namespace
+
+StepValues read_loss_and_clip(const at::Tensor& loss, const std::vector<at::Tensor>& parameters, double max_norm) {
+  return step_values(queue_step_values(loss, parameters, max_norm).cpu());
 }
 
 bool DeferredStep::supported(const torch::optim::AdamW& optimizer) {
@@ -211,9 +225,7 @@ void DeferredStep::queue(const at::Tensor& loss, const std::vector<at::Tensor>& 
   auto* fused = dynamic_cast<FusedAdamW*>(&optimizer);
   if (fused == nullptr) throw Error("DeferredStep: the optimizer is not make_adamw's");
   const torch::NoGradGuard no_grad;
-  const at::Tensor norm = max_norm > 0 ? clip_grad_norm_queued(parameters, max_norm) : at::Tensor();
-  at::Tensor values = loss.detach().reshape({1}).to(at::kDouble);
-  if (norm.defined()) values = at::cat({values, norm.detach().reshape({1}).to(values.options())});
+  const at::Tensor values = queue_step_values(loss, parameters, max_norm);
   // The step is not finite when its loss or (with clipping) its gradient norm is not: the update is skipped.
   const auto found_inf = values.isfinite().all().logical_not().to(at::kFloat);
   fused->step_unless(found_inf);
@@ -232,9 +244,7 @@ StepValues DeferredStep::collect() {
   if (!queued_) throw Error("DeferredStep: no step is queued");
   queued_ = false;
   if (host_.is_pinned()) ready_.synchronize();
-  const auto v = host_.accessor<double, 1>();
-  StepValues out{v[0], 0.0};
-  if (host_.size(0) > 1 && std::isfinite(out.loss)) out.grad_norm = v[1];
+  const StepValues out = step_values(host_);
   if (!std::isfinite(out.loss) || !std::isfinite(out.grad_norm)) optimizer_->undo_skipped_step();
   return out;
 }

@@ -75,7 +75,6 @@ class DeferredStep {
   // step is not finite. The previous step must have been collected.
   void queue(const at::Tensor& loss, const std::vector<at::Tensor>& parameters, double max_norm,
              torch::optim::AdamW& optimizer);
-  bool queued() const { return queued_; }
   // The queued step's loss and gradient norm as read_loss_and_clip gives them, waiting for that step's values only.
   // A step that was not finite has its step counts taken back, so collect it before the next step or a checkpoint.
   StepValues collect();
