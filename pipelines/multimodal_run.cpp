@@ -958,6 +958,12 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
   };
   std::optional<Queued> queued;
   double grad_norm = 0;  // the last booked step's
+  const auto book_applied = [&](double loss, const std::map<std::string, at::Tensor>& parts) {
+    last_loss = loss;
+    window_loss += loss;
+    ++window_steps;
+    for (const auto& [k, v] : parts) window_parts[k] = window_parts[k].defined() ? window_parts[k] + v : v;
+  };
   const auto book_queued = [&] {
     if (!queued) return;
     const Queued q = std::move(*queued);
@@ -965,11 +971,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
     const StepValues read = deferred->collect();
     const double loss = read.loss / static_cast<double>(c.train.grad_accumulation);
     grad_norm = read.grad_norm;
-    if (!failures.accept(q.step, loss, grad_norm)) return;  // skipped on the device too
-    last_loss = loss;
-    window_loss += loss;
-    ++window_steps;
-    for (const auto& [k, v] : q.parts) window_parts[k] = window_parts[k].defined() ? window_parts[k] + v : v;
+    if (failures.accept(q.step, loss, grad_norm)) book_applied(loss, q.parts);  // else skipped on the device too
   };
   BatchStager stager(loader, device, [&](Batch& batch) {
     check_text_ids(batch.input, c.multimodal[Modality::text].input_dim, train_dirs);
@@ -1076,10 +1078,7 @@ fs::path train_multimodal(const ExperimentConfig& c, const RunOptions& options) 
       if (done % c.train.log_every == 0 || evaluates || saves) book_queued();
     } else if (apply) {
       optimizer->step();
-      last_loss = step_loss;
-      window_loss += step_loss;
-      ++window_steps;
-      for (const auto& [k, v] : step_parts) window_parts[k] = window_parts[k].defined() ? window_parts[k] + v : v;
+      book_applied(step_loss, step_parts);
     } else {  // a skipped step: its gradients are dropped
       optimizer->zero_grad();
     }
