@@ -71,15 +71,29 @@ at::Tensor TransformerBlockImpl::mlp(const at::Tensor& x) {
 at::Tensor TransformerBlockImpl::forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask,
                                          const attention::SequenceShard* shard) {
   if (checkpoint_ && is_training()) {
-    return checkpointed([this, key_padding_mask, shard](const at::Tensor& h) { return run(h, key_padding_mask, shard); },
-                        x);
+    return checkpointed(
+        [this, key_padding_mask, shard](const at::Tensor& h) { return run({h, {}}, key_padding_mask, shard).value(); },
+        x);
   }
-  return run(x, key_padding_mask, shard);
+  return run({x, {}}, key_padding_mask, shard).value();
 }
 
 Residual TransformerBlockImpl::forward_stream(const Residual& in, const std::optional<at::Tensor>& key_padding_mask,
                                              const attention::SequenceShard* shard) {
   if (checkpoint_ && is_training()) return {forward(in.value(), key_padding_mask, shard), {}};
+  return run(in, key_padding_mask, shard);
+}
+
+Residual run_blocks(std::vector<TransformerBlock>& blocks, const at::Tensor& x,
+                    const std::optional<at::Tensor>& key_padding_mask, const attention::SequenceShard* shard) {
+  Residual h{x, {}};
+  for (auto& block : blocks) h = block->forward_stream(h, key_padding_mask, shard);
+  return h;
+}
+
+Residual TransformerBlockImpl::run(const Residual& in, const std::optional<at::Tensor>& key_padding_mask,
+                                   const attention::SequenceShard* shard) {
+  // x: (B, N, C); each residual add and the pre-norm after it run as one step (fusion/layer_norm.h).
   at::Tensor x, normed;
   if (in.add.defined()) {
     std::tie(x, normed) = attention_norm_->forward_residual(in.x, in.add);
@@ -90,21 +104,6 @@ Residual TransformerBlockImpl::forward_stream(const Residual& in, const std::opt
   const auto [y, mlp_normed] = mlp_norm_->forward_residual(
       x, at::dropout(attention_(normed, key_padding_mask, shard), dropout_, is_training()));
   return {y, at::dropout(mlp(mlp_normed), dropout_, is_training())};
-}
-
-Residual run_blocks(std::vector<TransformerBlock>& blocks, const at::Tensor& x,
-                    const std::optional<at::Tensor>& key_padding_mask, const attention::SequenceShard* shard) {
-  Residual h{x, {}};
-  for (auto& block : blocks) h = block->forward_stream(h, key_padding_mask, shard);
-  return h;
-}
-
-at::Tensor TransformerBlockImpl::run(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask,
-                                     const attention::SequenceShard* shard) {
-  // x: (B, N, C); the attention's residual add and the MLP's pre-norm run as one step (fusion/layer_norm.h).
-  const auto [y, normed] = mlp_norm_->forward_residual(
-      x, at::dropout(attention_(attention_norm_(x), key_padding_mask, shard), dropout_, is_training()));
-  return y + at::dropout(mlp(normed), dropout_, is_training());
 }
 
 }  // namespace longnet::fusion

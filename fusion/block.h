@@ -81,8 +81,9 @@ class TransformerBlockImpl : public torch::nn::Module {
   LayerNorm& mlp_norm() { return mlp_norm_; }
 
  private:
-  at::Tensor run(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask,
-                 const attention::SequenceShard* shard);
+  // The block on in.value(), its MLP branch's residual add left in the result (forward_stream without checkpointing).
+  Residual run(const Residual& in, const std::optional<at::Tensor>& key_padding_mask,
+               const attention::SequenceShard* shard);
 
   MlpKind mlp_kind_;
   double dropout_;
