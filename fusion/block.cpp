@@ -4,9 +4,11 @@
 #include <tuple>
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 
 #include "core/error.h"
 #include "fusion/checkpoint.h"
+#include "fusion/gelu_mlp.h"
 
 namespace longnet::fusion {
 
@@ -35,6 +37,8 @@ int64_t mlp_hidden_width(const ModelConfig& model) {
   return static_cast<int64_t>(std::llround(model.mlp == MlpKind::swiglu ? hidden * 2.0 / 3.0 : hidden));
 }
 
+at::Tensor gelu(MlpKind kind, const at::Tensor& h) { return at::gelu(h, kind == MlpKind::gelu_tanh ? "tanh" : "none"); }
+
 TransformerBlockImpl::TransformerBlockImpl(const ModelConfig& model, const AttentionConfig& attention)
     : mlp_kind_(model.mlp), dropout_(model.dropout), checkpoint_(model.activation_checkpointing) {
   if (!(model.mlp_ratio > 0.0)) throw ConfigError("model.mlp_ratio must be > 0, got " + std::to_string(model.mlp_ratio));
@@ -57,12 +61,21 @@ TransformerBlockImpl::TransformerBlockImpl(const ModelConfig& model, const Atten
 }
 
 at::Tensor TransformerBlockImpl::mlp(const at::Tensor& x) {
+  if (mlp_kind_ == MlpKind::gelu_tanh && !mlp_sub_norm_ && x.is_cuda() &&
+      at::autocast::is_autocast_enabled(at::kCUDA)) {
+    // What at::linear does to its operands under autocast, then the whole MLP in three GEMMs each way.
+    const auto dtype = at::autocast::get_autocast_dtype(at::kCUDA);
+    const auto cast = [dtype](const at::Tensor& t) { return at::autocast::cached_cast(dtype, t, at::kCUDA); };
+    const at::Tensor xc = cast(x), w1 = cast(fc1_->weight), b1 = cast(fc1_->bias), w2 = cast(fc2_->weight),
+                     b2 = cast(fc2_->bias);
+    if (gelu_mlp_takes(xc, w1, b1, w2, b2)) return gelu_mlp(xc, w1, b1, w2, b2);
+  }
   at::Tensor h;  // (..., hidden)
   if (mlp_kind_ == MlpKind::swiglu) {
     const auto gate_up = fc1_(x).chunk(2, -1);
     h = at::silu(gate_up[0]) * gate_up[1];
   } else {
-    h = at::gelu(fc1_(x));
+    h = gelu(mlp_kind_, fc1_(x));
   }
   if (mlp_sub_norm_) h = mlp_sub_norm_(h);
   return fc2_(h);

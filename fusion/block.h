@@ -1,8 +1,9 @@
 // The pre-norm transformer block of every LongNet stack:
 //   x = x + dropout(attention(LayerNorm(x)))
 //   x = x + dropout(mlp(LayerNorm(x)))
-// mlp: GELU: W2 gelu(W1 x), hidden = mlp_ratio·C; SwiGLU: W2 (silu(Wg x) ⊙ Wu x), hidden = round(2/3 · mlp_ratio·C)
-// (LLaMA's choice, which keeps the parameter count of the GELU MLP). With sub_layernorm a LayerNorm over the hidden
+// mlp: GELU: W2 gelu(W1 x), hidden = mlp_ratio·C (gelu_tanh: the tanh approximation, whose MLP runs under CUDA
+// autocast as GEMMs with the biases and the GELU in their epilogues, fusion/gelu_mlp.h); SwiGLU: W2 (silu(Wg x) ⊙
+// Wu x), hidden = round(2/3 · mlp_ratio·C) (LLaMA's choice, which keeps the parameter count of the GELU MLP). With sub_layernorm a LayerNorm over the hidden
 // width precedes W2, and another one precedes the attention's out projection (Magneto, arXiv:2210.06423).
 //
 //   fusion::ModelConfig model{.width = 128, .heads = 4, .kv_heads = 4};
@@ -57,6 +58,9 @@ attention::MultiheadDilatedAttentionOptions attention_options(const ModelConfig&
 
 // The MLP's hidden width: mlp_ratio·C for GELU, round(2/3·mlp_ratio·C) for SwiGLU.
 int64_t mlp_hidden_width(const ModelConfig& model);
+
+// The activation of a GELU MLP kind: exact for gelu, the tanh approximation for gelu_tanh.
+at::Tensor gelu(MlpKind kind, const at::Tensor& h);
 
 class TransformerBlockImpl : public torch::nn::Module {
  public:

@@ -6,7 +6,8 @@
 
 namespace longnet::fusion {
 
-enum class MlpKind { gelu, swiglu };
+// gelu: exact (erf) GELU; gelu_tanh: its tanh approximation, which CUDA runs in the GEMM epilogues (fusion/gelu_mlp.h)
+enum class MlpKind { gelu, gelu_tanh, swiglu };
 
 struct ModelConfig {
   int64_t width = 256;           // C

@@ -198,7 +198,7 @@ class MultiwayBlockImpl : public torch::nn::Module {
       const auto gate_up = h.chunk(2, -1);
       return e.fc2(at::silu(gate_up[0]) * gate_up[1]);
     }
-    return e.fc2(at::gelu(h));
+    return e.fc2(gelu(model_.mlp, h));
   }
 
   ModelConfig model_;

@@ -63,7 +63,10 @@ fusion::ModelConfig parse_model(const Section& s) {
   if (c.heads % c.kv_heads != 0) {
     s.fail("kv_heads", "must divide model.heads (" + std::to_string(c.heads) + "), got " + std::to_string(c.kv_heads));
   }
-  c.mlp = s.choice("mlp", "gelu", {"gelu", "swiglu"}) == "gelu" ? fusion::MlpKind::gelu : fusion::MlpKind::swiglu;
+  const std::string mlp = s.choice("mlp", "gelu", {"gelu", "gelu_tanh", "swiglu"});
+  c.mlp = mlp == "gelu"        ? fusion::MlpKind::gelu
+          : mlp == "gelu_tanh" ? fusion::MlpKind::gelu_tanh
+                               : fusion::MlpKind::swiglu;
   c.mlp_ratio = s.number("mlp_ratio", c.mlp_ratio);
   if (!(c.mlp_ratio > 0)) s.fail("mlp_ratio", "must be > 0, got " + fmt_number(c.mlp_ratio));
   c.dropout = s.number("dropout", c.dropout);
@@ -568,7 +571,9 @@ std::string to_toml(const ExperimentConfig& c) {
   w.put("depth", m.depth);
   w.put("heads", m.heads);
   w.put("kv_heads", m.kv_heads);
-  w.put("mlp", m.mlp == fusion::MlpKind::gelu ? "gelu" : "swiglu");
+  w.put("mlp", m.mlp == fusion::MlpKind::gelu        ? "gelu"
+               : m.mlp == fusion::MlpKind::gelu_tanh ? "gelu_tanh"
+                                                     : "swiglu");
   w.put("mlp_ratio", m.mlp_ratio);
   w.put("dropout", m.dropout);
   w.put("sub_layernorm", m.sub_layernorm);

@@ -47,10 +47,14 @@ at::Tensor param(const TransformerBlock& block, const std::string& name) {
 
 }  // namespace
 
-TEST_CASE("block = x + attn(LN(x)), then + mlp(LN(·)), for GELU and SwiGLU", "[fusion][cpu]") {
-  const auto mlp = GENERATE(MlpKind::gelu, MlpKind::swiglu);
+const char* mlp_name(MlpKind mlp) {
+  return mlp == MlpKind::gelu ? "gelu" : mlp == MlpKind::gelu_tanh ? "gelu_tanh" : "swiglu";
+}
+
+TEST_CASE("block = x + attn(LN(x)), then + mlp(LN(·)), for GELU, tanh GELU and SwiGLU", "[fusion][cpu]") {
+  const auto mlp = GENERATE(MlpKind::gelu, MlpKind::gelu_tanh, MlpKind::swiglu);
   const bool sub_layernorm = GENERATE(false, true);
-  CAPTURE(mlp == MlpKind::gelu ? "gelu" : "swiglu", sub_layernorm);
+  CAPTURE(mlp_name(mlp), sub_layernorm);
   auto block = make_block(small_model(mlp, sub_layernorm), small_attention());
   torch::manual_seed(2);
   const at::Tensor x = torch::randn({2, 10, 16}, torch::kDouble);
@@ -65,7 +69,7 @@ TEST_CASE("block = x + attn(LN(x)), then + mlp(LN(·)), for GELU and SwiGLU", "[
     h = torch::silu(h.narrow(-1, 0, hidden)) * h.narrow(-1, hidden, hidden);
   } else {
     REQUIRE(h.size(-1) == 32);
-    h = torch::gelu(h);
+    h = torch::gelu(h, mlp == MlpKind::gelu_tanh ? "tanh" : "none");
   }
   if (sub_layernorm) {
     h = torch::layer_norm(h, {h.size(-1)}, param(block, "mlp_sub_norm.weight"), param(block, "mlp_sub_norm.bias"));
@@ -112,8 +116,8 @@ TEST_CASE("block dropout acts in training mode only", "[fusion][cpu]") {
 }
 
 TEST_CASE("every block parameter receives a gradient", "[fusion][cpu]") {
-  const auto mlp = GENERATE(MlpKind::gelu, MlpKind::swiglu);
-  CAPTURE(mlp == MlpKind::gelu ? "gelu" : "swiglu");
+  const auto mlp = GENERATE(MlpKind::gelu, MlpKind::gelu_tanh, MlpKind::swiglu);
+  CAPTURE(mlp_name(mlp));
   auto block = make_block(small_model(mlp, /*sub_layernorm=*/true), small_attention());
   const at::Tensor x = torch::randn({2, 9, 16}, torch::kDouble);
   block(x).pow(2).sum().backward();

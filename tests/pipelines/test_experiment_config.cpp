@@ -475,6 +475,16 @@ batches = 1
   check_same(again, c);
   CHECK(to_toml(again) == printed);
 
+  // Each MLP kind round-trips by name.
+  for (const char* mlp : {"gelu", "gelu_tanh", "swiglu"}) {
+    CAPTURE(mlp);
+    const ExperimentConfig k = parse_experiment(kMinimal, "min.toml", {std::string("model.mlp=") + mlp});
+    CHECK(to_toml(k).find(std::string("\nmlp = '") + mlp + "'\n") != std::string::npos);
+    check_same(parse_experiment(to_toml(k), "printed.toml"), k);
+  }
+  CHECK(parse_experiment(kMinimal, "min.toml", {"model.mlp=gelu_tanh"}).model.mlp ==
+        longnet::fusion::MlpKind::gelu_tanh);
+
   // The defaults round-trip too, and sequence parallelism (which the head_split config above excludes).
   const ExperimentConfig defaults = parse_experiment(kMinimal, "min.toml");
   check_same(parse_experiment(to_toml(defaults), "printed.toml"), defaults);
