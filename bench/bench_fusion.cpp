@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <exception>
 #include <iostream>
 #include <numeric>
 #include <string>
@@ -16,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "bench/bench_main.h"
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "fusion/multimodal_model.h"
@@ -180,13 +180,5 @@ int main(int argc, char** argv) {
   app.add_option("--strategy", o.strategy, "Fusion strategy")->capture_default_str();
   app.add_option("--json", o.json_path, "Write the records to this JSON file");
   CLI11_PARSE(app, argc, argv);
-  try {
-    return run(o);
-  } catch (const ConfigError& e) {
-    std::cerr << "error: " << format_error_chain(e) << "\n";
-    return 2;
-  } catch (const std::exception& e) {
-    std::cerr << "error: " << format_error_chain(e) << "\n";
-    return 1;
-  }
+  return longnet::bench::run_reporting_errors([&o] { return run(o); });
 }

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <exception>
 #include <functional>
 #include <iostream>
 #include <string>
@@ -16,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "bench/bench_main.h"
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "fusion/gelu_mlp.h"
@@ -182,13 +182,5 @@ int main(int argc, char** argv) {
   app.add_option("--iters", o.iters, "Timed runs")->capture_default_str();
   app.add_option("--json", o.json_path, "Write the records to this JSON file");
   CLI11_PARSE(app, argc, argv);
-  try {
-    return run(o);
-  } catch (const ConfigError& e) {
-    std::cerr << "error: " << format_error_chain(e) << "\n";
-    return 2;
-  } catch (const std::exception& e) {
-    std::cerr << "error: " << format_error_chain(e) << "\n";
-    return 1;
-  }
+  return longnet::bench::run_reporting_errors([&o] { return run(o); });
 }
