@@ -3,8 +3,9 @@
 //   x = x + dropout(mlp(LayerNorm(x)))
 // mlp: GELU: W2 gelu(W1 x), hidden = mlp_ratio·C (gelu_tanh: the tanh approximation, whose MLP runs under CUDA
 // autocast as GEMMs with the biases and the GELU in their epilogues, fusion/gelu_mlp.h); SwiGLU: W2 (silu(Wg x) ⊙
-// Wu x), hidden = round(2/3 · mlp_ratio·C) (LLaMA's choice, which keeps the parameter count of the GELU MLP). With sub_layernorm a LayerNorm over the hidden
-// width precedes W2, and another one precedes the attention's out projection (Magneto, arXiv:2210.06423).
+// Wu x), hidden = round(2/3 · mlp_ratio·C) (LLaMA's choice, which keeps the parameter count of the GELU MLP). With
+// sub_layernorm a LayerNorm over the hidden width precedes W2, and another one precedes the attention's out
+// projection (Magneto, arXiv:2210.06423).
 //
 //   fusion::ModelConfig model{.width = 128, .heads = 4, .kv_heads = 4};
 //   fusion::AttentionConfig attn{.dilated = {.segment_lengths = {64}, .dilation_rates = {1}, .causal = true}};
