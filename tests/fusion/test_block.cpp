@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "fusion/block.h"
+#include "fusion/gelu_mlp.h"
 #include "tests/fusion/block_chain.h"
 #include "tests/support/single_threaded.h"
 
@@ -164,4 +165,19 @@ TEST_CASE("block configuration errors", "[fusion][cpu]") {
     REQUIRE_THROWS_WITH(TransformerBlock(model, small_attention()),
                         "multihead dilated attention: kv_heads = 3 must divide heads = 4");
   }
+}
+
+TEST_CASE("gelu_mlp takes only 16-bit CUDA operands; a CPU block runs the composed tanh-GELU MLP", "[fusion][cpu]") {
+  const auto bf = torch::TensorOptions().dtype(torch::kBFloat16);
+  const at::Tensor x = torch::randn({3, 16}, bf), w1 = torch::randn({32, 16}, bf), b1 = torch::randn({32}, bf),
+                   w2 = torch::randn({16, 32}, bf), b2 = torch::randn({16}, bf);
+  REQUIRE_FALSE(longnet::fusion::gelu_mlp_takes(x, w1, b1, w2, b2));
+  REQUIRE_THROWS_AS(longnet::fusion::gelu_mlp(x, w1, b1, w2, b2), longnet::Error);
+
+  auto block = make_block(small_model(MlpKind::gelu_tanh), small_attention());
+  const at::Tensor h = torch::randn({2, 5, 16}, torch::kDouble);
+  const at::Tensor want = torch::linear(
+      torch::gelu(torch::linear(h, param(block, "fc1.weight"), param(block, "fc1.bias")), "tanh"),
+      param(block, "fc2.weight"), param(block, "fc2.bias"));
+  REQUIRE(torch::allclose(block->mlp(h), want, kTol, kTol));
 }
