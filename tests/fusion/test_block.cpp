@@ -167,7 +167,7 @@ TEST_CASE("block configuration errors", "[fusion][cpu]") {
   }
 }
 
-TEST_CASE("gelu_mlp takes only 16-bit CUDA operands; a CPU block runs the composed tanh-GELU MLP", "[fusion][cpu]") {
+TEST_CASE("gelu_mlp refuses CPU operands, and a CPU gelu_tanh block runs the composed MLP", "[fusion][cpu]") {
   const auto bf = torch::TensorOptions().dtype(torch::kBFloat16);
   const at::Tensor x = torch::randn({3, 16}, bf), w1 = torch::randn({32, 16}, bf), b1 = torch::randn({32}, bf),
                    w2 = torch::randn({16, 32}, bf), b2 = torch::randn({16}, bf);
