@@ -62,15 +62,7 @@ __global__ void __launch_bounds__(kThreads) grad_gather_kernel(const GradGatherP
   const auto n = static_cast<int32_t>(row % tokens);
   const auto b = static_cast<int32_t>(row / tokens);
   const int64_t first = static_cast<int64_t>(chunk) * kPer * kVec;  // element of the row
-  float sum[kCount][kPer][kVec];
-#pragma unroll
-  for (int t = 0; t < kCount; ++t) {
-#pragma unroll
-    for (int u = 0; u < kPer; ++u) {
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) sum[t][u][e] = 0.f;
-    }
-  }
+  float sum[kCount][kPer][kVec] = {};
   // Adds call ci's terms of query head h into acc.
   const auto add_calls = [&](int32_t h, float (&acc)[kCount][kPer][kVec]) {
     for (int32_t ci = 0; ci < p.num_calls; ++ci) {
@@ -98,15 +90,7 @@ __global__ void __launch_bounds__(kThreads) grad_gather_kernel(const GradGatherP
     add_calls(p.first_head + hout, sum);
   } else {
     for (int32_t g = 0; g < group; ++g) {
-      float head_sum[kCount][kPer][kVec];  // this query head's terms, summed in call order before the group's sum
-#pragma unroll
-      for (int t = 0; t < kCount; ++t) {
-#pragma unroll
-        for (int u = 0; u < kPer; ++u) {
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) head_sum[t][u][e] = 0.f;
-        }
-      }
+      float head_sum[kCount][kPer][kVec] = {};  // this query head's terms, summed in call order before the group's sum
       add_calls(p.first_head + hout * group + g, head_sum);
 #pragma unroll
       for (int t = 0; t < kCount; ++t) {
