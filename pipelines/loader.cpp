@@ -1,8 +1,10 @@
 #include "pipelines/loader.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <utility>
@@ -31,6 +33,80 @@ const ShardField* find_field(const std::vector<ShardField>& fields, const std::s
     if (f.name == name) return &f;
   }
   return nullptr;
+}
+
+// The collation below converts with plain loops, not torch operators: a worker thread that runs torch's parallel
+// operators on a batch's millions of elements starts an OpenMP team of its own, one per worker, and those teams
+// compete with the training thread for the cores (its kernel launches then stall as the data wait does).
+
+// Patch values of a byte: x / 127.5 - 1 as float32 and float16, computed once by the torch operators that define
+// them (so the tables hold exactly what converting a uint8 tensor gives).
+struct ByteTables {
+  std::array<float, 256> f32{};
+  std::array<at::Half, 256> f16{};
+};
+const ByteTables& byte_tables() {
+  static const ByteTables tables = [] {
+    ByteTables t;
+    const at::Tensor values = torch::arange(256, torch::kInt).to(torch::kByte).to(torch::kFloat) / 127.5 - 1.0;
+    const at::Tensor halves = values.to(torch::kHalf);
+    std::copy_n(values.data_ptr<float>(), 256, t.f32.begin());
+    std::copy_n(halves.data_ptr<at::Half>(), 256, t.f16.begin());
+    return t;
+  }();
+  return tables;
+}
+
+// A contiguous (n, dim) patch tensor into n·dim float16 or float32 values at dst: uint8 maps to x/127.5 - 1.
+void convert_patches(const at::Tensor& patches, void* dst, bool half) {
+  const at::Tensor src = patches.is_contiguous() ? patches : patches.contiguous();
+  const auto count = static_cast<size_t>(src.numel());
+  switch (src.scalar_type()) {
+    case torch::kByte: {
+      const uint8_t* in = src.data_ptr<uint8_t>();
+      const ByteTables& t = byte_tables();
+      if (half) {
+        auto* out = static_cast<at::Half*>(dst);
+        for (size_t i = 0; i < count; ++i) out[i] = t.f16[in[i]];
+      } else {
+        auto* out = static_cast<float*>(dst);
+        for (size_t i = 0; i < count; ++i) out[i] = t.f32[in[i]];
+      }
+      return;
+    }
+    case torch::kHalf: {
+      const at::Half* in = src.data_ptr<at::Half>();
+      if (half) {
+        std::memcpy(dst, in, count * sizeof(at::Half));
+      } else {
+        std::transform(in, in + count, static_cast<float*>(dst), [](at::Half h) { return static_cast<float>(h); });
+      }
+      return;
+    }
+    case torch::kFloat: {
+      const float* in = src.data_ptr<float>();
+      if (half) {
+        std::transform(in, in + count, static_cast<at::Half*>(dst), [](float f) { return at::Half(f); });
+      } else {
+        std::memcpy(dst, in, count * sizeof(float));
+      }
+      return;
+    }
+    default:  // other stored types (not written by `longnet prepare`): through float32
+      convert_patches(src.to(torch::kFloat), dst, half);
+  }
+}
+
+// Integer ids or positions (int16, int32 or int64; other types are converted by torch) into int64 at dst.
+void copy_integers(const at::Tensor& values, int64_t* dst) {
+  const at::Tensor src = values.is_contiguous() ? values : values.contiguous();
+  const auto count = static_cast<size_t>(src.numel());
+  switch (src.scalar_type()) {
+    case torch::kShort: std::copy_n(src.data_ptr<int16_t>(), count, dst); return;
+    case torch::kInt: std::copy_n(src.data_ptr<int32_t>(), count, dst); return;
+    case torch::kLong: std::copy_n(src.data_ptr<int64_t>(), count, dst); return;
+    default: copy_integers(src.to(torch::kLong), dst);
+  }
 }
 
 }  // namespace
@@ -225,37 +301,7 @@ Batch Loader::collate(const std::vector<int64_t>& samples, int64_t epoch) const 
   for (const int64_t s : samples) {
     const auto [reader, local] = locate(s);
     batch.ids.push_back(reader->id(local));
-    fields.push_back(reader->read(local));
-    auto& f = fields.back();
-    int64_t clip = options_.video_clip;
-    if (clip == 0 && options_.sample_video_clips && f.count("video_patches_clip1") != 0) {
-      int64_t clips = 2;
-      while (f.count("video_patches_clip" + std::to_string(clips)) != 0) ++clips;
-      clip = static_cast<int64_t>(keyed_hash({options_.seed, static_cast<uint64_t>(epoch), static_cast<uint64_t>(s),
-                                              0x636c6970ULL}) %
-                                  static_cast<uint64_t>(clips));
-    }
-    if (clip > 0 && f.count("video_patches") != 0) {
-      const std::string suffix = "_clip" + std::to_string(clip);
-      if (f.count("video_patches" + suffix) == 0 || f.count("video_positions" + suffix) == 0) {
-        throw DataError("sample '" + batch.ids.back() + "' has no video clip " + std::to_string(clip) +
-                        " (prepared with fewer prepare.eval_clips?)");
-      }
-      f["video_patches"] = f["video_patches" + suffix];
-      f["video_positions"] = f["video_positions" + suffix];
-    }
-    if (options_.sample_captions && f.count("captions_ids") != 0 && f.count("captions_offsets") != 0) {
-      const auto offsets = f["captions_offsets"].to(torch::kLong);
-      const int64_t count = offsets.size(0) - 1;
-      if (count > 0) {
-        std::seed_seq seq{static_cast<uint32_t>(options_.seed), static_cast<uint32_t>(options_.seed >> 32),
-                          static_cast<uint32_t>(epoch), static_cast<uint32_t>(s), 0x63617074U};
-        std::mt19937 pick(seq);
-        const int64_t k = std::uniform_int_distribution<int64_t>(0, count - 1)(pick);
-        const int64_t a = offsets[k].item<int64_t>(), b = offsets[k + 1].item<int64_t>();
-        f["text_ids"] = f["captions_ids"].narrow(0, a, b - a);
-      }
-    }
+    fields.push_back(read_sample(*reader, local, s, epoch));
   }
   auto present = torch::zeros({B, modalities::kModalityCount}, torch::kBool);
   for (const Modality m : modalities::kAllModalities) {
@@ -287,40 +333,104 @@ Batch Loader::collate(const std::vector<int64_t>& samples, int64_t epoch) const 
     // training loop's): a copy from pageable memory waits for the work queued before it. float16 halves the bytes
     // the patches' copy moves.
     const auto host = torch::TensorOptions().pinned_memory(options_.pin_memory);
+    const bool text = m == Modality::text;
+    const int64_t width = text ? 1 : dim;
     fusion::ModalityInput in;
-    in.padding = torch::ones({B, longest}, host.dtype(torch::kBool));
-    if (m == Modality::text) {
-      in.data = torch::full({B, longest}, options_.pad_id, host.dtype(torch::kLong));
-    } else {
-      in.data = torch::zeros({B, longest, dim}, host.dtype(options_.half_patches ? torch::kHalf : torch::kFloat));
-      in.positions = torch::zeros({B, longest, 3}, host.dtype(torch::kLong));
-    }
+    // Every element is written below (values, then zeros or pad ids past each sample's length), so no fill first.
+    in.padding = torch::empty({B, longest}, host.dtype(torch::kBool));
+    in.data = text ? torch::empty({B, longest}, host.dtype(torch::kLong))
+                   : torch::empty({B, longest, dim}, host.dtype(options_.half_patches ? torch::kHalf : torch::kFloat));
+    if (!text) in.positions = torch::empty({B, longest, 3}, host.dtype(torch::kLong));
+    const auto data_row_bytes = static_cast<size_t>(longest * width) * in.data.element_size();
     for (size_t b = 0; b < samples.size(); ++b) {
-      auto it = fields[b].find(name);
-      if (it == fields[b].end() || it->second.size(0) == 0) continue;
       const auto row = static_cast<int64_t>(b);
-      const int64_t n = std::min(longest, it->second.size(0));
-      present[row][static_cast<int64_t>(mi)] = true;
-      in.padding[row].narrow(0, 0, n).fill_(false);
-      const at::Tensor values = it->second.narrow(0, 0, n);
-      if (m == Modality::text) {
-        in.data[row].narrow(0, 0, n).copy_(values.to(torch::kLong));
-        continue;
+      auto* data = static_cast<char*>(in.data.data_ptr()) + b * data_row_bytes;
+      auto* padding = in.padding.data_ptr<bool>() + row * longest;
+      auto* positions = text ? nullptr : in.positions.data_ptr<int64_t>() + row * longest * 3;
+      auto it = fields[b].find(name);
+      const int64_t n = it == fields[b].end() ? 0 : std::min(longest, it->second.size(0));
+      std::fill(padding, padding + n, false);
+      std::fill(padding + n, padding + longest, true);
+      if (text) {
+        auto* ids = reinterpret_cast<int64_t*>(data);
+        if (n > 0) copy_integers(it->second.narrow(0, 0, n), ids);
+        std::fill(ids + n, ids + longest, options_.pad_id);
+      } else {
+        const size_t filled = static_cast<size_t>(n * dim) * in.data.element_size();
+        if (n > 0) convert_patches(it->second.narrow(0, 0, n), data, options_.half_patches);
+        std::memset(data + filled, 0, data_row_bytes - filled);
+        if (n > 0) {
+          auto pos = fields[b].find(modalities::to_string(m) + "_positions");
+          if (pos == fields[b].end() || pos->second.dim() != 2 || pos->second.size(1) != 3 ||
+              pos->second.size(0) != it->second.size(0)) {
+            throw DataError("sample '" + batch.ids[b] + "': " + name + " needs " + modalities::to_string(m) +
+                            "_positions of shape (" + std::to_string(it->second.size(0)) + ", 3)");
+          }
+          copy_integers(pos->second.narrow(0, 0, n), positions);
+        }
+        std::fill(positions + n * 3, positions + longest * 3, int64_t{0});
       }
-      in.data[row].narrow(0, 0, n).copy_(values.scalar_type() == torch::kUInt8 ? values.to(torch::kFloat) / 127.5 - 1.0
-                                                                               : values.to(torch::kFloat));
-      auto pos = fields[b].find(modalities::to_string(m) + "_positions");
-      if (pos == fields[b].end() || pos->second.dim() != 2 || pos->second.size(1) != 3 ||
-          pos->second.size(0) != it->second.size(0)) {
-        throw DataError("sample '" + batch.ids[b] + "': " + name + " needs " + modalities::to_string(m) +
-                        "_positions of shape (" + std::to_string(it->second.size(0)) + ", 3)");
-      }
-      in.positions[row].narrow(0, 0, n).copy_(pos->second.narrow(0, 0, n).to(torch::kLong));
+      if (n > 0) present[row][static_cast<int64_t>(mi)] = true;
     }
     batch.input.modalities[mi] = std::move(in);
   }
   batch.input.present = present;
   return batch;
+}
+
+std::map<std::string, at::Tensor> Loader::read_sample(const ShardReader& reader, int64_t local, int64_t sample,
+                                                      int64_t epoch) const {
+  // Only the fields the batch uses are read: a sample may also hold extra clips and captions.
+  const std::vector<ShardField>& stored = reader.fields(local);
+  const auto has = [&](const std::string& name) { return find_field(stored, name) != nullptr; };
+  std::map<std::string, at::Tensor> out;
+  const auto take = [&](const std::string& as, const std::string& field) {
+    if (has(field)) out[as] = reader.read(local, field);
+  };
+  const auto& on = options_.modalities;
+  if (on[static_cast<size_t>(Modality::text)]) {
+    bool picked = false;
+    if (options_.sample_captions && has("captions_ids") && has("captions_offsets")) {
+      const auto offsets = reader.read(local, "captions_offsets").to(torch::kLong);
+      const int64_t count = offsets.size(0) - 1;
+      if (count > 0) {
+        std::seed_seq seq{static_cast<uint32_t>(options_.seed), static_cast<uint32_t>(options_.seed >> 32),
+                          static_cast<uint32_t>(epoch), static_cast<uint32_t>(sample), 0x63617074U};
+        std::mt19937 pick(seq);
+        const int64_t k = std::uniform_int_distribution<int64_t>(0, count - 1)(pick);
+        const int64_t a = offsets[k].item<int64_t>(), b = offsets[k + 1].item<int64_t>();
+        out["text_ids"] = reader.read(local, "captions_ids").narrow(0, a, b - a);
+        picked = true;
+      }
+    }
+    if (!picked) take("text_ids", "text_ids");
+  }
+  for (const Modality m : modalities::kAllModalities) {
+    if (m == Modality::text || !on[static_cast<size_t>(m)]) continue;
+    const std::string patches = modalities::to_string(m) + "_patches";
+    const std::string positions = modalities::to_string(m) + "_positions";
+    std::string suffix;
+    if (m == Modality::video && has(patches)) {
+      int64_t clip = options_.video_clip;
+      if (clip == 0 && options_.sample_video_clips && has("video_patches_clip1")) {
+        int64_t clips = 2;
+        while (has("video_patches_clip" + std::to_string(clips))) ++clips;
+        clip = static_cast<int64_t>(keyed_hash({options_.seed, static_cast<uint64_t>(epoch),
+                                                static_cast<uint64_t>(sample), 0x636c6970ULL}) %
+                                    static_cast<uint64_t>(clips));
+      }
+      if (clip > 0) {
+        suffix = "_clip" + std::to_string(clip);
+        if (!has(patches + suffix) || !has(positions + suffix)) {
+          throw DataError("sample '" + reader.id(local) + "' has no video clip " + std::to_string(clip) +
+                          " (prepared with fewer prepare.eval_clips?)");
+        }
+      }
+    }
+    take(patches, patches + suffix);
+    take(positions, positions + suffix);
+  }
+  return out;
 }
 
 void Loader::start() {

@@ -131,6 +131,10 @@ class Loader {
   std::vector<int64_t> epoch_order(int64_t epoch) const;
   std::vector<int64_t> mixed_order(int64_t epoch) const;  // positions into subset_
   std::pair<const ShardReader*, int64_t> locate(int64_t sample) const;
+  // The fields of one sample that a batch uses, under their canonical names (text_ids is the epoch's caption,
+  // video_* the epoch's clip); `sample` is the global index that keys those choices.
+  std::map<std::string, at::Tensor> read_sample(const ShardReader& reader, int64_t local, int64_t sample,
+                                                int64_t epoch) const;
 
   std::vector<LoaderSource> sources_;
   std::vector<int64_t> offsets_;  // first sample index of each source

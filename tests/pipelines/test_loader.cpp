@@ -227,6 +227,58 @@ TEST_CASE("half_patches delivers the float32 patch values rounded to float16", "
   CHECK(torch::equal(fa.input.modalities[0]->data, fb.input.modalities[0]->data));  // text ids untouched
 }
 
+TEST_CASE("collation converts every stored patch and position type as torch does, and zeroes what follows a sample",
+          "[pipelines]") {
+  TempDir tmp;
+  const auto dir = tmp.path() / "types";
+  // Video: every byte value (uint8), then float16 and float32 with values that float16 rounds; image: float64 (a type
+  // `longnet prepare` does not write). Positions int16, int32 and int64. Lengths differ, so rows have padding.
+  const at::Tensor bytes = torch::arange(256, torch::kInt).to(torch::kUInt8).reshape({64, 4});
+  const at::Tensor f16 = (torch::arange(40, torch::kFloat).reshape({10, 4}) / 3.0 - 5.0).to(torch::kHalf);
+  const at::Tensor f32 = torch::arange(20, torch::kFloat).reshape({5, 4}) / 7.0 + 0.1;
+  const at::Tensor f64 = torch::arange(8, torch::kDouble).reshape({2, 4}) / 9.0;
+  {
+    ShardWriter writer(dir);
+    writer.add("u8", {{"video_patches", bytes}, {"video_positions", torch::arange(192, torch::kInt16).reshape({64, 3})},
+                      {"image_patches", f64}, {"image_positions", torch::ones({2, 3}, torch::kLong)}});
+    writer.add("f16", {{"video_patches", f16}, {"video_positions", torch::arange(30, torch::kInt32).reshape({10, 3})},
+                       {"text_ids", torch::arange(3, torch::kInt16)}});
+    writer.add("f32", {{"video_patches", f32}, {"video_positions", torch::arange(15, torch::kLong).reshape({5, 3})},
+                       {"text_ids", torch::arange(4, torch::kLong)}});
+    writer.finish();
+  }
+  const ShardReader reader(dir);
+  const at::Tensor from_bytes = torch::arange(256, torch::kInt).reshape({64, 4}).to(torch::kFloat) / 127.5 - 1.0;
+  const std::vector<at::Tensor> expected{from_bytes, f16.to(torch::kFloat), f32};
+  for (const bool half : {false, true}) {
+    CAPTURE(half);
+    const Loader loader(reader, {.batch_size = 3, .shuffle = false, .pad_id = 7, .half_patches = half});
+    const Batch batch = loader.collate({0, 1, 2});
+    const auto& video = batch.input.modalities[static_cast<size_t>(Modality::video)].value();
+    REQUIRE(video.data.sizes() == at::IntArrayRef{3, 64, 4});
+    CHECK(video.data.scalar_type() == (half ? torch::kHalf : torch::kFloat));
+    for (int64_t b = 0; b < 3; ++b) {
+      const at::Tensor& full = expected[static_cast<size_t>(b)];
+      const at::Tensor want = half ? full.to(torch::kHalf) : full;
+      const int64_t n = full.size(0);
+      CHECK(torch::equal(video.data[b].narrow(0, 0, n), want));
+      CHECK(torch::equal(video.positions[b].narrow(0, 0, n), torch::arange(n * 3, torch::kLong).reshape({n, 3})));
+      CHECK((video.data[b].narrow(0, n, 64 - n) == 0).all().item<bool>());
+      CHECK((video.positions[b].narrow(0, n, 64 - n) == 0).all().item<bool>());
+      CHECK_FALSE(video.padding[b].narrow(0, 0, n).any().item<bool>());
+      CHECK(video.padding[b].narrow(0, n, 64 - n).all().item<bool>());
+    }
+    const auto& image = batch.input.modalities[static_cast<size_t>(Modality::image)].value();
+    CHECK(torch::equal(image.data[0], half ? f64.to(torch::kFloat).to(torch::kHalf) : f64.to(torch::kFloat)));
+    CHECK((image.data.narrow(0, 1, 2) == 0).all().item<bool>());
+    CHECK(torch::equal(image.padding, torch::tensor({{false, false}, {true, true}, {true, true}})));
+    const auto& text = batch.input.modalities[static_cast<size_t>(Modality::text)].value();
+    CHECK(torch::equal(text.data, torch::tensor({{7, 7, 7, 7}, {0, 1, 2, 7}, {0, 1, 2, 3}}, torch::kLong)));
+    CHECK(torch::equal(batch.input.present.select(1, static_cast<int64_t>(Modality::text)),
+                       torch::tensor({false, true, true})));
+  }
+}
+
 TEST_CASE("sample_captions takes each sample's captions in turn, fixed by seed and epoch", "[pipelines]") {
   TempDir tmp;
   const auto dir = tmp.path() / "captions";
