@@ -116,47 +116,57 @@ std::optional<RelativePositionBias> MultiheadDilatedAttentionImpl::relative_bias
                               .bidirectional = !options_.dilated.causal};
 }
 
-std::pair<at::Tensor, at::Tensor> MultiheadDilatedAttentionImpl::queries_and_keys(const at::Tensor& x,
-                                                                                   const SequenceShard* shard) {
+Qkv MultiheadDilatedAttentionImpl::project(const at::Tensor& x, const SequenceShard* shard) {
   if (x.dim() != 3 || x.size(2) != options_.embed_dim) {
     throw Error("multihead dilated attention: x must be (B, N, C) with C = " + std::to_string(options_.embed_dim) +
                 ", got " + shape_string(x.sizes()));
   }
-  const int64_t b = x.size(0), n = x.size(1), d = options_.head_dim();
-  at::Tensor q = q_proj_(x).view({b, n, options_.heads, d});     // q: (B, N, H, D)
-  at::Tensor k = k_proj_(x).view({b, n, options_.kv_heads, d});  // k: (B, N, Hkv, D)
-  if (options_.qk_layernorm) {
-    // Under autocast LayerNorm returns float32; q and k go back to v's dtype, which dilated_attention requires.
-    q = q_norm_(q).to(q.scalar_type());
-    k = k_norm_(k).to(k.scalar_type());
-  }
-  if (options_.position == PositionEncoding::rope || options_.position == PositionEncoding::xpos) {
+  const int64_t n = x.size(1), d = options_.head_dim();
+  // One GEMM for the three projections (their weights stacked): its backward is one GEMM into x's gradient instead of
+  // three whose results are summed.
+  const at::Tensor weight = at::cat({q_proj_->weight, k_proj_->weight, v_proj_->weight});
+  const at::Tensor bias = options_.bias ? at::cat({q_proj_->bias, k_proj_->bias, v_proj_->bias}) : at::Tensor();
+  const at::Tensor qkv = at::linear(x, weight, bias);  // (B, N, (H + 2·Hkv)·D)
+  const bool rotary = options_.position == PositionEncoding::rope || options_.position == PositionEncoding::xpos;
+  at::Tensor cos, sin, q_scale, k_scale;
+  if (rotary) {
     const int64_t start = shard ? shard->start : 0, length = shard ? shard->length : n;
     const at::Tensor positions = at::arange(start, start + n, x.options().dtype(at::kLong));  // (N,)
     // The tables in apply_rotary's arithmetic type (float64 only for float64 inputs), converted once for q and k.
-    const auto table_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const auto table_type = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     const auto [cos64, sin64] = rotary_cos_sin(positions, d, options_.rope_theta);
-    const at::Tensor cos = cos64.to(table_type), sin = sin64.to(table_type);
-    if (options_.position == PositionEncoding::rope) {
-      q = apply_rotary(q, cos, sin);
-      k = apply_rotary(k, cos, sin);
-    } else {
+    cos = cos64.to(table_type);
+    sin = sin64.to(table_type);
+    if (options_.position == PositionEncoding::xpos) {
       // Centred positions keep ζ^(±n/γ) within float32 range for long sequences; q·k is unchanged (see header).
       const at::Tensor centred = positions - length / 2;
-      q = apply_rotary(q, cos, sin, xpos_scale(centred, d, options_.xpos_scale_base));
-      k = apply_rotary(k, cos, sin, xpos_scale(-centred, d, options_.xpos_scale_base));
+      q_scale = xpos_scale(centred, d, options_.xpos_scale_base).to(table_type);
+      k_scale = xpos_scale(-centred, d, options_.xpos_scale_base).to(table_type);
     }
   }
-  return {q, k};
+  if (!options_.qk_layernorm) return split_qkv(qkv, options_.heads, options_.kv_heads, cos, sin, q_scale, k_scale);
+  Qkv out = split_qkv(qkv, options_.heads, options_.kv_heads);
+  // Under autocast LayerNorm returns float32; q and k go back to v's dtype, which dilated_attention requires.
+  out.q = q_norm_(out.q).to(out.v.scalar_type());
+  out.k = k_norm_(out.k).to(out.v.scalar_type());
+  if (rotary) {
+    out.q = apply_rotary(out.q, cos, sin, q_scale);
+    out.k = apply_rotary(out.k, cos, sin, k_scale);
+  }
+  return out;
+}
+
+std::pair<at::Tensor, at::Tensor> MultiheadDilatedAttentionImpl::queries_and_keys(const at::Tensor& x,
+                                                                                   const SequenceShard* shard) {
+  Qkv p = project(autocast_input(x), shard);
+  return {p.q, p.k};
 }
 
 at::Tensor MultiheadDilatedAttentionImpl::forward(const at::Tensor& x,
                                                  const std::optional<at::Tensor>& key_padding_mask,
                                                  const SequenceShard* shard) {
-  const at::Tensor xa = autocast_input(x);
-  auto [q, k] = queries_and_keys(xa, shard);
+  const auto [q, k, v] = project(autocast_input(x), shard);  // (B, N, H, D), (B, N, Hkv, D) twice
   const int64_t b = x.size(0), n = x.size(1), d = options_.head_dim();
-  const at::Tensor v = v_proj_(xa).view({b, n, options_.kv_heads, d});  // v: (B, N, Hkv, D)
 
   AttentionOptions attention_options;
   attention_options.key_padding_mask = key_padding_mask;

@@ -10,7 +10,7 @@
 //   auto z = attn(x, key_padding_mask);        // key_padding_mask: (B, N) bool, true = padding
 //
 // Steps of forward (x: (B, N, C)):
-//   q = Wq x: (B, N, H, D), k = Wk x, v = Wv x: (B, N, Hkv, D)       D = C / H
+//   q = Wq x: (B, N, H, D), k = Wk x, v = Wv x: (B, N, Hkv, D)       D = C / H, one GEMM (split_qkv)
 //   qk_layernorm: LayerNorm over D, one for q and one for k (shared by the heads)
 //   rope:  q, k rotated by angle n·θ^(-2i/D) on the pairs (i, i + D/2) for absolute position n (Su et al. 2021)
 //   xpos:  rope, then q scaled by ζ_i^(n/γ) and k by ζ_i^(-n/γ), ζ_i = (2i/D + 0.4) / 1.4, γ = xpos_scale_base
@@ -49,6 +49,7 @@
 #include <torch/nn/pimpl.h>
 
 #include "attention/dilated_attention.h"
+#include "attention/positional.h"
 #include "core/linear.h"
 
 namespace longnet::attention {
@@ -111,6 +112,9 @@ class MultiheadDilatedAttentionImpl : public torch::nn::Module {
   std::optional<RelativePositionBias> relative_bias() const;
 
  private:
+  // q, k, v as the attention takes them (x already in the autocast dtype).
+  Qkv project(const at::Tensor& x, const SequenceShard* shard);
+
   MultiheadDilatedAttentionOptions options_;
   longnet::Linear q_proj_{nullptr}, k_proj_{nullptr}, v_proj_{nullptr}, out_proj_{nullptr};
   torch::nn::LayerNorm q_norm_{nullptr}, k_norm_{nullptr};  // qk_layernorm only

@@ -1,6 +1,7 @@
 #include "attention/autograd_gcc_warnings.h"  // first: its pragmas cover every later include
 #include "attention/positional.h"
 
+#include <array>
 #include <cmath>
 #include <optional>
 
@@ -33,12 +34,13 @@ at::Tensor half_dim_index(int64_t head_dim, const at::Tensor& like) {
 
 #ifdef LONGNET_WITH_CUDA
 
-// x (B, N, H, D) rotated by the rotary kernel into a new contiguous tensor; `transpose` applies the gradient's map.
+// x (B, N, H, D) rotated by the rotary kernel into `out` (a new contiguous tensor when undefined; else any
+// (B, N, H, D) view with unit stride over D); `transpose` applies the gradient's map.
 at::Tensor rotate_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& scale,
-                       bool transpose) {
+                       bool transpose, at::Tensor out = {}) {
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.stride(3) == 1 ? x : x.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (!out.defined()) out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   kernels::RotaryParams p;
   p.x = xc.data_ptr();
   p.out = out.data_ptr();
@@ -75,6 +77,57 @@ class RotaryFunction : public torch::autograd::Function<RotaryFunction> {
     const auto saved = ctx->get_saved_variables();
     return {rotate_cuda(grads[0], saved[0], saved[1], saved[2], /*transpose=*/true), at::Tensor(), at::Tensor(),
             at::Tensor()};
+  }
+};
+
+// Splits a packed projection (B, N, (H + 2·Hkv)·D) into q, k and v, contiguous, rotating q and k when `cos` is
+// defined. The backward writes the three gradients straight into one packed gradient: q, k and v as views of the
+// projection would each come back as a full-size tensor (or a concatenation) to be summed.
+class SplitQkvFunction : public torch::autograd::Function<SplitQkvFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& qkv,
+                                                int64_t heads, int64_t kv_heads, const std::optional<at::Tensor>& cos,
+                                                const std::optional<at::Tensor>& sin,
+                                                const std::optional<at::Tensor>& q_scale,
+                                                const std::optional<at::Tensor>& k_scale) {
+    ctx->saved_data["heads"] = heads;
+    ctx->saved_data["kv_heads"] = kv_heads;
+    const at::Tensor c = cos.value_or(at::Tensor()), s = sin.value_or(at::Tensor());
+    const at::Tensor zq = q_scale.value_or(at::Tensor()), zk = k_scale.value_or(at::Tensor());
+    ctx->save_for_backward({c, s, zq, zk});
+    const auto parts = slots(qkv, heads, kv_heads);
+    const bool rotate = c.defined();
+    return {rotate ? rotate_cuda(parts[0], c, s, zq, /*transpose=*/false) : parts[0].contiguous(),
+            rotate ? rotate_cuda(parts[1], c, s, zk, /*transpose=*/false) : parts[1].contiguous(),
+            parts[2].contiguous()};
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const int64_t heads = ctx->saved_data["heads"].toInt(), kv_heads = ctx->saved_data["kv_heads"].toInt();
+    const at::Tensor& any = grads[0].defined() ? grads[0] : grads[1].defined() ? grads[1] : grads[2];
+    const int64_t b = any.size(0), n = any.size(1), d = any.size(3);
+    at::Tensor grad = at::empty({b, n, (heads + 2 * kv_heads) * d}, any.options());
+    const auto parts = slots(grad, heads, kv_heads);
+    for (size_t i = 0; i < 3; ++i) {
+      if (!grads[i].defined()) {
+        parts[i].zero_();
+      } else if (i < 2 && saved[0].defined()) {
+        rotate_cuda(grads[i], saved[0], saved[1], saved[2 + i], /*transpose=*/true, parts[i]);
+      } else {
+        parts[i].copy_(grads[i]);
+      }
+    }
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+
+ private:
+  // The q, k and v slots of a packed (B, N, (H + 2·Hkv)·D) tensor as (B, N, heads, D) views.
+  static std::array<at::Tensor, 3> slots(const at::Tensor& packed, int64_t heads, int64_t kv_heads) {
+    const int64_t b = packed.size(0), n = packed.size(1), d = packed.size(2) / (heads + 2 * kv_heads);
+    return {packed.narrow(2, 0, heads * d).view({b, n, heads, d}),
+            packed.narrow(2, heads * d, kv_heads * d).view({b, n, kv_heads, d}),
+            packed.narrow(2, (heads + kv_heads) * d, kv_heads * d).view({b, n, kv_heads, d})};
   }
 };
 
@@ -132,6 +185,47 @@ at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Te
     r2 = r2 * z;
   }
   return at::cat({r1, r2}, -1).to(x.scalar_type());
+}
+
+Qkv split_qkv(const at::Tensor& qkv, int64_t heads, int64_t kv_heads, const at::Tensor& cos, const at::Tensor& sin,
+              const at::Tensor& q_scale, const at::Tensor& k_scale) {
+  if (heads < 1 || kv_heads < 1 || qkv.dim() != 3 || qkv.size(2) % (heads + 2 * kv_heads) != 0) {
+    throw Error("split_qkv: qkv must be (B, N, (H + 2·Hkv)·D) for H = " + std::to_string(heads) +
+                ", Hkv = " + std::to_string(kv_heads) + ", got " + std::to_string(qkv.dim()) + " dims" +
+                (qkv.dim() == 3 ? " with last size " + std::to_string(qkv.size(2)) : std::string()));
+  }
+  if (cos.defined() != sin.defined() || (!cos.defined() && (q_scale.defined() || k_scale.defined()))) {
+    throw Error("split_qkv: cos and sin go together, and the scales need them");
+  }
+  const int64_t b = qkv.size(0), n = qkv.size(1), d = qkv.size(2) / (heads + 2 * kv_heads);
+#ifdef LONGNET_WITH_CUDA
+  const auto dtype = qkv.scalar_type();
+  if (qkv.is_cuda() && (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && qkv.numel() > 0 &&
+      qkv.stride(2) == 1) {
+    if (cos.defined()) {
+      check_head_dim(d, "rotary position encoding");
+      for (const at::Tensor* t : {&cos, &sin, &q_scale, &k_scale}) {
+        if (t->defined() && t->sizes() != at::IntArrayRef{n, d / 2}) {
+          throw Error("split_qkv: cos, sin and the scales must be (N, D/2) = (" + std::to_string(n) + ", " +
+                      std::to_string(d / 2) + ")");
+        }
+      }
+    }
+    auto table = [&](const at::Tensor& t) {
+      return t.defined() ? std::optional<at::Tensor>(t.to(qkv.device(), at::kFloat).contiguous()) : std::nullopt;
+    };
+    const auto out = SplitQkvFunction::apply(qkv, heads, kv_heads, table(cos), table(sin), table(q_scale),
+                                             table(k_scale));
+    return {out[0], out[1], out[2]};
+  }
+#endif
+  const auto parts = qkv.split_with_sizes({heads * d, kv_heads * d, kv_heads * d}, 2);
+  Qkv out{parts[0].view({b, n, heads, d}), parts[1].view({b, n, kv_heads, d}), parts[2].view({b, n, kv_heads, d})};
+  if (cos.defined()) {
+    out.q = apply_rotary(out.q, cos, sin, q_scale);
+    out.k = apply_rotary(out.k, cos, sin, k_scale);
+  }
+  return out;
 }
 
 }  // namespace longnet::attention

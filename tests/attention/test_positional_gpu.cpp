@@ -1,6 +1,7 @@
-// The rotary kernel behind apply_rotary on CUDA (RoPE and xPos), forward and gradient, against the float64 torch-op
-// path on the CPU.
+// The rotary kernel behind apply_rotary and split_qkv on CUDA (RoPE and xPos), forward and gradient, against the
+// float64 torch-op path on the CPU.
 #include <iostream>
+#include <tuple>
 
 #include <torch/torch.h>
 
@@ -11,6 +12,7 @@
 
 using longnet::attention::apply_rotary;
 using longnet::attention::rotary_cos_sin;
+using longnet::attention::split_qkv;
 using longnet::attention::xpos_scale;
 using longnet::test::relative_error;
 
@@ -49,4 +51,49 @@ TEST_CASE("apply_rotary on CUDA matches float64 on the CPU, forward and gradient
             << " strided=" << strided << " out " << e_out << " grad " << e_grad << "\n";
   CHECK(e_out <= bound);
   CHECK(e_grad <= bound);
+}
+
+TEST_CASE("split_qkv on CUDA matches the float64 split and rotation on the CPU, forward and the packed gradient",
+          "[attention][gpu]") {
+  const auto dtype = GENERATE(at::kFloat, at::kBFloat16);
+  const int position = GENERATE(0, 1, 2);  // none, rope, xpos
+  const int64_t kv_heads = GENERATE(3, 1);  // as many as q's heads, and multi-query
+  const bool drop_v = GENERATE(false, true);  // v unused: its gradient is undefined and the slot must be zero
+  CAPTURE(dtype, position, kv_heads, drop_v);
+
+  torch::manual_seed(11 + position);
+  const int64_t B = 2, N = 130, H = 3, D = 64;
+  const auto positions = torch::arange(7, 7 + N, torch::kLong);
+  at::Tensor cos, sin, q_scale, k_scale;
+  if (position > 0) std::tie(cos, sin) = rotary_cos_sin(positions, D, 10000.0);
+  if (position == 2) {
+    q_scale = xpos_scale(positions - N / 2, D, 512.0);
+    k_scale = xpos_scale(N / 2 - positions, D, 512.0);
+  }
+  const auto packed = torch::randn({B, N, (H + 2 * kv_heads) * D}, torch::kDouble);
+  const auto x64 = packed.detach().requires_grad_();
+  const auto gq = torch::randn({B, N, H, D}, torch::kDouble), gk = torch::randn({B, N, kv_heads, D}, torch::kDouble);
+  const auto gv = torch::randn({B, N, kv_heads, D}, torch::kDouble);
+  const auto ref = split_qkv(x64, H, kv_heads, cos, sin, q_scale, k_scale);
+  auto loss = (ref.q * gq).sum() + (ref.k * gk).sum();
+  if (!drop_v) loss = loss + (ref.v * gv).sum();
+  loss.backward();
+
+  auto dev = [&](const at::Tensor& t) { return t.defined() ? t.to(torch::kCUDA) : t; };
+  const auto x = packed.to(torch::kCUDA, dtype).detach().requires_grad_();
+  const auto out = split_qkv(x, H, kv_heads, dev(cos), dev(sin), dev(q_scale), dev(k_scale));
+  REQUIRE((out.q.is_contiguous() && out.k.is_contiguous() && out.v.is_contiguous()));
+  REQUIRE(out.q.sizes() == at::IntArrayRef{B, N, H, D});
+  REQUIRE(out.v.sizes() == at::IntArrayRef{B, N, kv_heads, D});
+  auto device_loss = (out.q * gq.to(torch::kCUDA, dtype)).sum() + (out.k * gk.to(torch::kCUDA, dtype)).sum();
+  if (!drop_v) device_loss = device_loss + (out.v * gv.to(torch::kCUDA, dtype)).sum();
+  device_loss.backward();
+  torch::cuda::synchronize();
+
+  const double bound = dtype == at::kFloat ? 1e-6 : 1e-2;
+  CHECK(relative_error(out.q, ref.q) <= bound);
+  CHECK(relative_error(out.k, ref.k) <= bound);
+  CHECK(relative_error(out.v, ref.v) <= bound);
+  CHECK(relative_error(x.grad(), x64.grad()) <= bound);
+  if (drop_v) CHECK((x.grad().narrow(2, (H + kv_heads) * D, kv_heads * D) == 0).all().item<bool>());
 }
