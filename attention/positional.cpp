@@ -35,7 +35,7 @@ at::Tensor half_dim_index(int64_t head_dim, const at::Tensor& like) {
 #ifdef LONGNET_WITH_CUDA
 
 // x (B, N, H, D) rotated by the rotary kernel into `out` (a new contiguous tensor when undefined; else any
-// (B, N, H, D) view with unit stride over D); `transpose` applies the gradient's map.
+// (B, N, H, D) view with unit stride over D); `transpose` applies the gradient's map. Undefined tables: a copy.
 at::Tensor rotate_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& scale,
                        bool transpose, at::Tensor out = {}) {
   const c10::cuda::CUDAGuard guard(x.device());
@@ -48,8 +48,8 @@ at::Tensor rotate_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Ten
     p.x_strides[d] = xc.stride(d);
     p.out_strides[d] = out.stride(d);
   }
-  p.cos = cos.data_ptr<float>();
-  p.sin = sin.data_ptr<float>();
+  p.cos = cos.defined() ? cos.data_ptr<float>() : nullptr;
+  p.sin = sin.defined() ? sin.data_ptr<float>() : nullptr;
   p.scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
   p.batch = x.size(0);
   p.n = x.size(1);
@@ -96,10 +96,9 @@ class SplitQkvFunction : public torch::autograd::Function<SplitQkvFunction> {
     const at::Tensor zq = q_scale.value_or(at::Tensor()), zk = k_scale.value_or(at::Tensor());
     ctx->save_for_backward({c, s, zq, zk});
     const auto parts = slots(qkv, heads, kv_heads);
-    const bool rotate = c.defined();
-    return {rotate ? rotate_cuda(parts[0], c, s, zq, /*transpose=*/false) : parts[0].contiguous(),
-            rotate ? rotate_cuda(parts[1], c, s, zk, /*transpose=*/false) : parts[1].contiguous(),
-            parts[2].contiguous()};
+    // The slots are strided views; the kernel writes each into a contiguous tensor (v and unrotated q, k copied).
+    return {rotate_cuda(parts[0], c, s, zq, /*transpose=*/false), rotate_cuda(parts[1], c, s, zk, /*transpose=*/false),
+            rotate_cuda(parts[2], {}, {}, {}, /*transpose=*/false)};
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
@@ -112,10 +111,10 @@ class SplitQkvFunction : public torch::autograd::Function<SplitQkvFunction> {
     for (size_t i = 0; i < 3; ++i) {
       if (!grads[i].defined()) {
         parts[i].zero_();
-      } else if (i < 2 && saved[0].defined()) {
+      } else if (i < 2) {
         rotate_cuda(grads[i], saved[0], saved[1], saved[2 + i], /*transpose=*/true, parts[i]);
       } else {
-        parts[i].copy_(grads[i]);
+        rotate_cuda(grads[i], {}, {}, {}, /*transpose=*/true, parts[i]);
       }
     }
     return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};

@@ -81,9 +81,9 @@ struct RotaryParams {
   void* out = nullptr;
   int64_t x_strides[3] = {0, 0, 0};    // (batch, token, head); head dim stride 1
   int64_t out_strides[3] = {0, 0, 0};
-  const float* cos = nullptr;  // (N, D/2) float32 contiguous
+  const float* cos = nullptr;  // (N, D/2) float32 contiguous; cos and sin null: out = x (a strided copy)
   const float* sin = nullptr;
-  const float* scale = nullptr;
+  const float* scale = nullptr;  // (N, D/2) or null
   int64_t batch = 0, n = 0, heads = 0, head_dim = 0;
   bool transpose = false;
 

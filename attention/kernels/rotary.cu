@@ -3,7 +3,8 @@
 // As torch ops the encoding took eleven kernels forward (casts to float32, four products, a sum, a difference, the
 // concatenation, the cast back) and more backward, on q and k of every layer: about a quarter of the GPU time of a
 // multimodal training step. Here a thread owns kVec consecutive pairs of one row: it reads both halves and the
-// token's table entries once and writes both halves once.
+// token's table entries once and writes both halves once. Without tables it copies (strided rows into contiguous
+// ones or back), with 16-byte accesses where torch's copy of such views goes element by element.
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -23,7 +24,7 @@ using namespace elementwise;
 
 constexpr int kThreads = 256;
 
-template <typename T, int kVec, bool kScale, bool kTranspose>
+template <typename T, int kVec, bool kScale, bool kTranspose, bool kCopy = false>
 __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, int64_t total, int64_t vectors) {
   const int64_t gid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (gid >= total) return;
@@ -39,16 +40,18 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   const int64_t table = n * half + i;
   const Vec<T, kVec> x1 = *reinterpret_cast<const Vec<T, kVec>*>(x);
   const Vec<T, kVec> x2 = *reinterpret_cast<const Vec<T, kVec>*>(x + half);
-  Vec<T, kVec> y1, y2;
+  Vec<T, kVec> y1 = x1, y2 = x2;  // kCopy: as they are
+  if constexpr (!kCopy) {
 #pragma unroll
-  for (int e = 0; e < kVec; ++e) {
-    const float c = p.cos[table + e];
-    // The transpose of a rotation is the rotation by the opposite angle.
-    const float s = kTranspose ? -p.sin[table + e] : p.sin[table + e];
-    const float z = kScale ? p.scale[table + e] : 1.f;
-    const float a = to_float(x1.v[e]), bb = to_float(x2.v[e]);
-    y1.v[e] = from_float<T>((a * c - bb * s) * z);
-    y2.v[e] = from_float<T>((bb * c + a * s) * z);
+    for (int e = 0; e < kVec; ++e) {
+      const float c = p.cos[table + e];
+      // The transpose of a rotation is the rotation by the opposite angle.
+      const float s = kTranspose ? -p.sin[table + e] : p.sin[table + e];
+      const float z = kScale ? p.scale[table + e] : 1.f;
+      const float a = to_float(x1.v[e]), bb = to_float(x2.v[e]);
+      y1.v[e] = from_float<T>((a * c - bb * s) * z);
+      y2.v[e] = from_float<T>((bb * c + a * s) * z);
+    }
   }
   *reinterpret_cast<Vec<T, kVec>*>(out) = y1;
   *reinterpret_cast<Vec<T, kVec>*>(out + half) = y2;
@@ -60,7 +63,9 @@ void launch_typed(const RotaryParams& p, int64_t rows) {
   const int64_t total = rows * vectors;
   const unsigned grid = grid_for("launch_rotary", total, kThreads);
   const bool scale = p.scale != nullptr;
-  if (scale && p.transpose) {
+  if (p.cos == nullptr) {
+    rotary_kernel<T, kVec, false, false, true><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
+  } else if (scale && p.transpose) {
     rotary_kernel<T, kVec, true, true><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
   } else if (scale) {
     rotary_kernel<T, kVec, true, false><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
@@ -88,8 +93,10 @@ void launch_dtype(const RotaryParams& p, int64_t rows) {
 }  // namespace
 
 void launch_rotary(const RotaryParams& params) {
-  if (params.x == nullptr || params.out == nullptr || params.cos == nullptr || params.sin == nullptr) {
-    throw std::invalid_argument("launch_rotary: x, out, cos and sin must be device pointers");
+  if (params.x == nullptr || params.out == nullptr || (params.cos == nullptr) != (params.sin == nullptr) ||
+      (params.cos == nullptr && params.scale != nullptr)) {
+    throw std::invalid_argument("launch_rotary: x and out must be device pointers, and cos and sin both or neither "
+                                "(scale only with them)");
   }
   if (params.head_dim < 2 || params.head_dim % 2 != 0) {
     throw std::invalid_argument("launch_rotary: head_dim must be even and >= 2, got " +
