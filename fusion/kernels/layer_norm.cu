@@ -1,6 +1,7 @@
 // One warp per row: the row stays in registers (4 floats a lane per 128 columns), so the forward reads x (and the
-// residual) once and the backward reads x and dy (and the other gradient of x + a) once. Mean and variance are two-pass over the registers. The backward's parameter
-// gradients are per-warp column sums written to `partials` (summed by the caller).
+// residual) once and the backward reads x and dy (and the other gradient of x + a) once. Mean and variance are
+// two-pass over the registers. The backward's parameter gradients are per-warp column sums written to `partials`
+// (summed by the caller).
 #include "fusion/kernels/layer_norm.h"
 
 #include <algorithm>
@@ -41,6 +42,11 @@ __device__ __forceinline__ bool present(int k, int lane, int64_t width) {
 template <typename T>
 __device__ __forceinline__ float4 load_quad(const Quad<T>* q, int64_t i) {
   const Quad<T> v = q[i];
+  return make_float4(ew::to_float(v.v[0]), ew::to_float(v.v[1]), ew::to_float(v.v[2]), ew::to_float(v.v[3]));
+}
+
+template <typename T>
+__device__ __forceinline__ float4 to_float4(const Quad<T>& v) {
   return make_float4(ew::to_float(v.v[0]), ew::to_float(v.v[1]), ew::to_float(v.v[2]), ew::to_float(v.v[3]));
 }
 
@@ -106,38 +112,50 @@ __global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(LayerNormF
 
 // dx = rstd · (g − mean(g) − x̂ · mean(g · x̂)) with g = dy · weight, x̂ = (x − mean) · rstd; each warp walks rows
 // (grid-stride) and keeps its columns' sums of dy · x̂ and dy in registers.
+//
+// Bandwidth needs many rows in flight, so the registers are kept to 128 and two blocks (16 warps) share an SM:
+// the row is held as loaded (x in float32, dy in its 16-bit type), x̂ and g are recomputed in the second pass, and
+// the weight is read from L1 each time. (At 154 registers, one block did, and the kernel reached ~60 % of peak
+// bandwidth.)
+// Up to 768 columns (6 chunks) the kernel fits 128 registers without spilling; wider rows keep one block an SM.
 template <typename T, int kChunks, bool kResidual>
-__global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(LayerNormBackwardParams p) {
+__global__ void __launch_bounds__(kThreads, kChunks <= 6 ? 2 : 1)
+    layer_norm_backward_kernel(LayerNormBackwardParams p) {
   const int lane = threadIdx.x % 32;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
   const float inv_width = 1.f / static_cast<float>(p.width);
-  float4 w[kChunks], dw[kChunks], db[kChunks];
-#pragma unroll
-  for (int k = 0; k < kChunks; ++k) {
-    dw[k] = make_float4(0.f, 0.f, 0.f, 0.f);
-    db[k] = dw[k];
-    if (present<kChunks>(k, lane, p.width)) w[k] = reinterpret_cast<const float4*>(p.weight)[32 * k + lane];
-  }
+  const float4* w = reinterpret_cast<const float4*>(p.weight);
+  float4 dw[kChunks] = {}, db[kChunks] = {};
+  const bool with_sum = kResidual && p.grad_sum != nullptr;
   for (int64_t row = warp; row < p.rows; row += warps) {
     const float4* x = reinterpret_cast<const float4*>(p.x + row * p.width);
     const Quad<T>* dy = reinterpret_cast<const Quad<T>*>(static_cast<const T*>(p.dy) + row * p.width);
+    const float4* grad_sum = reinterpret_cast<const float4*>(p.grad_sum + row * p.width);  // with_sum only
     const float mean = p.mean[row], rstd = p.rstd[row];
-    float4 xh[kChunks], g[kChunks];
+    float4 xv[kChunks];
+    Quad<T> dq[kChunks];
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      if (present<kChunks>(k, lane, p.width)) {
+        xv[k] = x[32 * k + lane];
+        dq[k] = dy[32 * k + lane];
+      }
+    }
     float sum_g = 0.f, sum_gx = 0.f;
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) {
       if (present<kChunks>(k, lane, p.width)) {
-        const float4 xv = x[32 * k + lane];
-        const float4 d = load_quad(dy, 32 * k + lane);
-        xh[k] = make_float4((xv.x - mean) * rstd, (xv.y - mean) * rstd, (xv.z - mean) * rstd, (xv.w - mean) * rstd);
-        g[k] = make_float4(d.x * w[k].x, d.y * w[k].y, d.z * w[k].z, d.w * w[k].w);
-        sum_g += (g[k].x + g[k].y) + (g[k].z + g[k].w);
-        sum_gx += (g[k].x * xh[k].x + g[k].y * xh[k].y) + (g[k].z * xh[k].z + g[k].w * xh[k].w);
-        dw[k].x += d.x * xh[k].x;
-        dw[k].y += d.y * xh[k].y;
-        dw[k].z += d.z * xh[k].z;
-        dw[k].w += d.w * xh[k].w;
+        const float4 d = to_float4(dq[k]), wk = w[32 * k + lane];
+        const float4 xh = make_float4((xv[k].x - mean) * rstd, (xv[k].y - mean) * rstd, (xv[k].z - mean) * rstd,
+                                      (xv[k].w - mean) * rstd);
+        const float4 g = make_float4(d.x * wk.x, d.y * wk.y, d.z * wk.z, d.w * wk.w);
+        sum_g += (g.x + g.y) + (g.z + g.w);
+        sum_gx += (g.x * xh.x + g.y * xh.y) + (g.z * xh.z + g.w * xh.w);
+        dw[k].x += d.x * xh.x;
+        dw[k].y += d.y * xh.y;
+        dw[k].z += d.z * xh.z;
+        dw[k].w += d.w * xh.w;
         db[k].x += d.x;
         db[k].y += d.y;
         db[k].z += d.z;
@@ -149,11 +167,15 @@ __global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(LayerNorm
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) {
       if (present<kChunks>(k, lane, p.width)) {
-        float4 d = make_float4(rstd * (g[k].x - mg - xh[k].x * mgx), rstd * (g[k].y - mg - xh[k].y * mgx),
-                               rstd * (g[k].z - mg - xh[k].z * mgx), rstd * (g[k].w - mg - xh[k].w * mgx));
+        const float4 dv = to_float4(dq[k]), wk = w[32 * k + lane];
+        const float4 xh = make_float4((xv[k].x - mean) * rstd, (xv[k].y - mean) * rstd, (xv[k].z - mean) * rstd,
+                                      (xv[k].w - mean) * rstd);
+        const float4 g = make_float4(dv.x * wk.x, dv.y * wk.y, dv.z * wk.z, dv.w * wk.w);
+        float4 d = make_float4(rstd * (g.x - mg - xh.x * mgx), rstd * (g.y - mg - xh.y * mgx),
+                               rstd * (g.z - mg - xh.z * mgx), rstd * (g.w - mg - xh.w * mgx));
         if constexpr (kResidual) {
-          if (p.grad_sum != nullptr) {
-            const float4 gs = reinterpret_cast<const float4*>(p.grad_sum + row * p.width)[32 * k + lane];
+          if (with_sum) {
+            const float4 gs = grad_sum[32 * k + lane];
             // __fadd_rn: never contracted with the products in d into an FMA, so the sum is bit for bit what the
             // unfused add of the two gradients gives.
             d = make_float4(__fadd_rn(gs.x, d.x), __fadd_rn(gs.y, d.y), __fadd_rn(gs.z, d.z), __fadd_rn(gs.w, d.w));
