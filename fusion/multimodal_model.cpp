@@ -75,10 +75,10 @@ MultimodalModelImpl::MultimodalModelImpl(const ModelConfig& model, const Attenti
 }
 
 at::Tensor MultimodalModelImpl::run_stack(Modality m, const ModalityInput& input, const at::Tensor& rows) {
-  const at::Tensor data = input.data.index_select(0, rows);
-  const at::Tensor positions = input.positions.defined() ? input.positions.index_select(0, rows) : at::Tensor();
+  const at::Tensor data = take_rows(input.data, rows);
+  const at::Tensor positions = input.positions.defined() ? take_rows(input.positions, rows) : at::Tensor();
   std::optional<at::Tensor> padding;
-  if (input.padding.defined()) padding = input.padding.index_select(0, rows);
+  if (input.padding.defined()) padding = take_rows(input.padding, rows);
   const at::Tensor h = encoders_[idx(m)](data, positions);
   return stack_norms_[idx(m)](run_blocks(stacks_[idx(m)], h, padding).value());
 }
@@ -221,9 +221,12 @@ MultimodalOutput MultimodalModelImpl::forward_batch(const MultimodalInput& input
   for (Modality m : kAllModalities) {
     const auto& mi = input.modalities[idx(m)];
     if (!mi) continue;
-    // Scatter into zeros: absent rows never saw a computation and stay exactly zero.
-    at::Tensor tokens = at::zeros({batch, mi->data.size(1), model_.width}, opts);
-    if (results[idx(m)].defined()) tokens = tokens.index_copy(0, rows[idx(m)], results[idx(m)]);
+    // Scatter into zeros: absent rows never saw a computation and stay exactly zero. (With every row present the
+    // stack's result is the whole tensor.)
+    const at::Tensor& result = results[idx(m)];
+    const bool all = result.defined() && rows[idx(m)].size(0) == batch;
+    at::Tensor tokens = all ? result : at::zeros({batch, mi->data.size(1), model_.width}, opts);
+    if (result.defined() && !all) tokens = tokens.index_copy(0, rows[idx(m)], result);
     out.tokens[idx(m)] = tokens;
     fusion_in.tokens[idx(m)] = tokens;
     fusion_in.padding[idx(m)] = mi->padding;

@@ -65,11 +65,11 @@ Concatenation concatenate(const FusionInput& in, uint32_t mask, const at::Tensor
   int64_t start = 0;
   for (Modality m : kAllModalities) {
     if (!has(mask, m)) continue;
-    const at::Tensor x = in.tokens[idx(m)].index_select(0, rows);
+    const at::Tensor x = take_rows(in.tokens[idx(m)], rows);
     xs.push_back(x);
     const at::Tensor& pad = in.padding[idx(m)];
     any_padding = any_padding || pad.defined();
-    pads.push_back(pad.defined() ? pad.index_select(0, rows)
+    pads.push_back(pad.defined() ? take_rows(pad, rows)
                                  : at::zeros({x.size(0), x.size(1)}, x.options().dtype(at::kBool)));
     c.spans.emplace_back(m, start, x.size(1));
     start += x.size(1);
@@ -109,7 +109,7 @@ class ConcatSeqFusion : public FusionStrategyImpl {
     for (const auto& [mask, rows] : presence_groups(in.present, out.device())) {
       Concatenation c = concatenate(in, mask, rows);
       c.x = run_blocks(blocks_, c.x, optional_mask(c.padding)).value();
-      out = out.index_copy(0, rows, masked_mean(norm_(c.x), c.padding));
+      out = put_rows(out, rows, masked_mean(norm_(c.x), c.padding));
     }
     return out;
   }
@@ -225,7 +225,7 @@ class MultiwayFusion : public FusionStrategyImpl {
       const Concatenation c = concatenate(in, mask, rows);
       at::Tensor x = c.x;
       for (auto& block : blocks_) x = block->forward(c, x);
-      out = out.index_copy(0, rows, masked_mean(norm_(x), c.padding));
+      out = put_rows(out, rows, masked_mean(norm_(x), c.padding));
     }
     return out;
   }
@@ -389,9 +389,9 @@ class BottleneckFusion : public FusionStrategyImpl {
       std::array<at::Tensor, kModalityCount> xs, pads;
       for (Modality m : kAllModalities) {
         if (!has(mask, m)) continue;
-        xs[idx(m)] = in.tokens[idx(m)].index_select(0, rows);
+        xs[idx(m)] = take_rows(in.tokens[idx(m)], rows);
         if (in.padding[idx(m)].defined()) {
-          pads[idx(m)] = at::cat({in.padding[idx(m)].index_select(0, rows),
+          pads[idx(m)] = at::cat({take_rows(in.padding[idx(m)], rows),
                                   at::zeros({g, nb}, opts.dtype(at::kBool))}, 1);  // the bottleneck is never padding
         }
       }
@@ -407,7 +407,7 @@ class BottleneckFusion : public FusionStrategyImpl {
         }
         z = at::stack(updates).mean(0);  // the bottleneck carries what the modalities share
       }
-      out = out.index_copy(0, rows, norm_(z).mean(1));
+      out = put_rows(out, rows, norm_(z).mean(1));
     }
     return out;
   }
@@ -507,6 +507,14 @@ std::vector<std::pair<uint32_t, at::Tensor>> presence_groups(const at::Tensor& p
     out.emplace_back(mask, to_device_async(at::tensor(rows, at::kLong), device));
   }
   return out;
+}
+
+at::Tensor take_rows(const at::Tensor& t, const at::Tensor& rows) {
+  return rows.size(0) == t.size(0) ? t : t.index_select(0, rows);
+}
+
+at::Tensor put_rows(const at::Tensor& t, const at::Tensor& rows, const at::Tensor& values) {
+  return rows.size(0) == t.size(0) && values.sizes() == t.sizes() ? values : t.index_copy(0, rows, values);
 }
 
 double block_forward_flops(const torch::nn::Module& block, const ModelConfig& model,

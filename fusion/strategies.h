@@ -87,6 +87,11 @@ at::Tensor masked_mean(const at::Tensor& x, const at::Tensor& padding);
 // in increasing mask order.
 std::vector<std::pair<uint32_t, at::Tensor>> presence_groups(const at::Tensor& present, at::Device device);
 
+// Rows of a batch by sample index, for `rows` as presence_groups (or nonzero) gives them: ascending and distinct, so
+// that as many rows as t has are all of them, in order. Then t itself is taken, or `values` put, with no copy.
+at::Tensor take_rows(const at::Tensor& t, const at::Tensor& rows);                        // t.index_select(0, rows)
+at::Tensor put_rows(const at::Tensor& t, const at::Tensor& rows, const at::Tensor& values);  // t.index_copy(0, ...)
+
 // Forward FLOPs of one sample of n tokens through `block` (a transformer block or a part of one): 2·n·(its matrix
 // parameters) plus, when `dilated` is given, the attention's score and value products.
 double block_forward_flops(const torch::nn::Module& block, const ModelConfig& model,
