@@ -3,6 +3,7 @@
 #include <string>
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <torch/nn/init.h>
 
 #include "core/error.h"
@@ -139,7 +140,14 @@ at::Tensor ModalityEncoderImpl::forward(const at::Tensor& input, const at::Tenso
     }
     axis_positions = used_positions(positions);
     if (positions.is_cpu()) check_ranges(input, positions);
-    const at::Tensor values = input.to(patches_->weight.scalar_type());
+    // Under autocast the projection casts its input to the autocast type: the patches go there directly rather than
+    // through a float32 copy of the largest input of the model (a float16 batch converts exactly either way). The
+    // audio patch norm runs in float32 under autocast, so its input stays float32.
+    const auto device = input.device().type();
+    const bool autocast = !patch_norm_ && at::autocast::is_autocast_available(device) &&
+                          at::autocast::is_autocast_enabled(device);
+    const at::Tensor values =
+        input.to(autocast ? at::autocast::get_autocast_dtype(device) : patches_->weight.scalar_type());
     h = patches_(patch_norm_ ? patch_norm_(values) : values);
   }
   return h + modality_embedding_ + positional(axis_positions, h.scalar_type());
