@@ -199,8 +199,9 @@ Qkv split_qkv(const at::Tensor& qkv, int64_t heads, int64_t kv_heads, const at::
   const int64_t b = qkv.size(0), n = qkv.size(1), d = qkv.size(2) / (heads + 2 * kv_heads);
 #ifdef LONGNET_WITH_CUDA
   const auto dtype = qkv.scalar_type();
+  // The kernel moves pairs (i, i + D/2), so an odd head dimension (no rotation then) takes the ops below.
   if (qkv.is_cuda() && (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && qkv.numel() > 0 &&
-      qkv.stride(2) == 1) {
+      qkv.stride(2) == 1 && d % 2 == 0) {
     if (cos.defined()) {
       check_head_dim(d, "rotary position encoding");
       for (const at::Tensor* t : {&cos, &sin, &q_scale, &k_scale}) {

@@ -97,3 +97,26 @@ TEST_CASE("split_qkv on CUDA matches the float64 split and rotation on the CPU, 
   CHECK(relative_error(x.grad(), x64.grad()) <= bound);
   if (drop_v) CHECK((x.grad().narrow(2, (H + kv_heads) * D, kv_heads * D) == 0).all().item<bool>());
 }
+
+TEST_CASE("split_qkv on CUDA with an odd head dimension splits as on the CPU, forward and gradient",
+          "[attention][gpu]") {
+  torch::manual_seed(3);
+  const int64_t B = 2, N = 9, H = 4, Hkv = 2, D = 3;  // D odd: no rotation is possible, the copy kernel takes pairs
+  const auto packed = torch::randn({B, N, (H + 2 * Hkv) * D}, torch::kDouble);
+  const auto grads = torch::randn({B, N, (H + 2 * Hkv) * D}, torch::kDouble);
+  const auto x64 = packed.detach().requires_grad_();
+  const auto ref = split_qkv(x64, H, Hkv);
+  const auto x = packed.to(torch::kCUDA, torch::kFloat).detach().requires_grad_();
+  const auto out = split_qkv(x, H, Hkv);
+  REQUIRE(out.q.sizes() == at::IntArrayRef{B, N, H, D});
+  CHECK(relative_error(out.q, ref.q) <= 1e-6);
+  CHECK(relative_error(out.k, ref.k) <= 1e-6);
+  CHECK(relative_error(out.v, ref.v) <= 1e-6);
+  const auto g = grads.split_with_sizes({H * D, Hkv * D, Hkv * D}, 2);
+  ((ref.q * g[0].view({B, N, H, D})).sum() + (ref.k * g[1].view({B, N, Hkv, D})).sum() +
+   (ref.v * g[2].view({B, N, Hkv, D})).sum()).backward();
+  ((out.q * g[0].view({B, N, H, D}).to(torch::kCUDA, torch::kFloat)).sum() +
+   (out.k * g[1].view({B, N, Hkv, D}).to(torch::kCUDA, torch::kFloat)).sum() +
+   (out.v * g[2].view({B, N, Hkv, D}).to(torch::kCUDA, torch::kFloat)).sum()).backward();
+  CHECK(relative_error(x.grad(), x64.grad()) <= 1e-6);
+}
