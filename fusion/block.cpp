@@ -37,7 +37,9 @@ int64_t mlp_hidden_width(const ModelConfig& model) {
   return static_cast<int64_t>(std::llround(model.mlp == MlpKind::swiglu ? hidden * 2.0 / 3.0 : hidden));
 }
 
-at::Tensor gelu(MlpKind kind, const at::Tensor& h) { return at::gelu(h, kind == MlpKind::gelu_tanh ? "tanh" : "none"); }
+at::Tensor gelu(MlpKind kind, const at::Tensor& h) {
+  return at::gelu(h, kind == MlpKind::gelu_tanh ? "tanh" : "none");
+}
 
 TransformerBlockImpl::TransformerBlockImpl(const ModelConfig& model, const AttentionConfig& attention)
     : mlp_kind_(model.mlp), dropout_(model.dropout), checkpoint_(model.activation_checkpointing) {

@@ -1,6 +1,8 @@
 // Configuration of the LongNet model: width, depth and the transformer block. Set from [model] in experiment files.
 #pragma once
 
+#include <array>
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -8,6 +10,9 @@ namespace longnet::fusion {
 
 // gelu: exact (erf) GELU; gelu_tanh: its tanh approximation, which CUDA runs in the GEMM epilogues (fusion/gelu_mlp.h)
 enum class MlpKind { gelu, gelu_tanh, swiglu };
+// Their names in experiment files ([model] mlp), in enum order.
+inline constexpr std::array<const char*, 3> kMlpKindNames{"gelu", "gelu_tanh", "swiglu"};
+inline const char* to_string(MlpKind kind) { return kMlpKindNames[static_cast<size_t>(kind)]; }
 
 struct ModelConfig {
   int64_t width = 256;           // C

@@ -63,10 +63,9 @@ fusion::ModelConfig parse_model(const Section& s) {
   if (c.heads % c.kv_heads != 0) {
     s.fail("kv_heads", "must divide model.heads (" + std::to_string(c.heads) + "), got " + std::to_string(c.kv_heads));
   }
-  const std::string mlp = s.choice("mlp", "gelu", {"gelu", "gelu_tanh", "swiglu"});
-  c.mlp = mlp == "gelu"        ? fusion::MlpKind::gelu
-          : mlp == "gelu_tanh" ? fusion::MlpKind::gelu_tanh
-                               : fusion::MlpKind::swiglu;
+  const std::vector<std::string> mlp_kinds(fusion::kMlpKindNames.begin(), fusion::kMlpKindNames.end());
+  const std::string mlp = s.choice("mlp", "gelu", mlp_kinds);
+  c.mlp = static_cast<fusion::MlpKind>(std::find(mlp_kinds.begin(), mlp_kinds.end(), mlp) - mlp_kinds.begin());
   c.mlp_ratio = s.number("mlp_ratio", c.mlp_ratio);
   if (!(c.mlp_ratio > 0)) s.fail("mlp_ratio", "must be > 0, got " + fmt_number(c.mlp_ratio));
   c.dropout = s.number("dropout", c.dropout);
@@ -571,9 +570,7 @@ std::string to_toml(const ExperimentConfig& c) {
   w.put("depth", m.depth);
   w.put("heads", m.heads);
   w.put("kv_heads", m.kv_heads);
-  w.put("mlp", m.mlp == fusion::MlpKind::gelu        ? "gelu"
-               : m.mlp == fusion::MlpKind::gelu_tanh ? "gelu_tanh"
-                                                     : "swiglu");
+  w.put("mlp", fusion::to_string(m.mlp));
   w.put("mlp_ratio", m.mlp_ratio);
   w.put("dropout", m.dropout);
   w.put("sub_layernorm", m.sub_layernorm);

@@ -48,14 +48,10 @@ at::Tensor param(const TransformerBlock& block, const std::string& name) {
 
 }  // namespace
 
-const char* mlp_name(MlpKind mlp) {
-  return mlp == MlpKind::gelu ? "gelu" : mlp == MlpKind::gelu_tanh ? "gelu_tanh" : "swiglu";
-}
-
 TEST_CASE("block = x + attn(LN(x)), then + mlp(LN(·)), for GELU, tanh GELU and SwiGLU", "[fusion][cpu]") {
   const auto mlp = GENERATE(MlpKind::gelu, MlpKind::gelu_tanh, MlpKind::swiglu);
   const bool sub_layernorm = GENERATE(false, true);
-  CAPTURE(mlp_name(mlp), sub_layernorm);
+  CAPTURE(to_string(mlp), sub_layernorm);
   auto block = make_block(small_model(mlp, sub_layernorm), small_attention());
   torch::manual_seed(2);
   const at::Tensor x = torch::randn({2, 10, 16}, torch::kDouble);
@@ -118,7 +114,7 @@ TEST_CASE("block dropout acts in training mode only", "[fusion][cpu]") {
 
 TEST_CASE("every block parameter receives a gradient", "[fusion][cpu]") {
   const auto mlp = GENERATE(MlpKind::gelu, MlpKind::gelu_tanh, MlpKind::swiglu);
-  CAPTURE(mlp_name(mlp));
+  CAPTURE(to_string(mlp));
   auto block = make_block(small_model(mlp, /*sub_layernorm=*/true), small_attention());
   const at::Tensor x = torch::randn({2, 9, 16}, torch::kDouble);
   block(x).pow(2).sum().backward();
