@@ -40,14 +40,14 @@ __device__ __forceinline__ bool present(int k, int lane, int64_t width) {
 }
 
 template <typename T>
-__device__ __forceinline__ float4 load_quad(const Quad<T>* q, int64_t i) {
-  const Quad<T> v = q[i];
+__device__ __forceinline__ float4 to_float4(const Quad<T>& v) {
   return make_float4(ew::to_float(v.v[0]), ew::to_float(v.v[1]), ew::to_float(v.v[2]), ew::to_float(v.v[3]));
 }
 
 template <typename T>
-__device__ __forceinline__ float4 to_float4(const Quad<T>& v) {
-  return make_float4(ew::to_float(v.v[0]), ew::to_float(v.v[1]), ew::to_float(v.v[2]), ew::to_float(v.v[3]));
+__device__ __forceinline__ float4 load_quad(const Quad<T>* q, int64_t i) {
+  const Quad<T> v = q[i];  // one 8-byte load (converting through a reference reads the four halves one by one)
+  return to_float4(v);
 }
 
 template <typename T>
