@@ -69,8 +69,8 @@ bool set_branch(kernels::FusedDilatedParams& p, const DilatedAttentionConfig& co
   return p.head_lo < p.head_hi;
 }
 
-// LONGNET_FUSED_FORWARD=portable runs the mma.sync forward where the Hopper (wgmma) one would (tests and benchmarks
-// compare the two); "auto" or unset chooses by the device. Any other value is an error.
+// LONGNET_FUSED_FORWARD=portable runs the mma.sync kernels where the Hopper (wgmma) ones would, the forward and our
+// backward (tests and benchmarks compare the two); "auto" or unset chooses by the device. Any other value is an error.
 bool portable_forward_forced() {
   const char* forced = std::getenv("LONGNET_FUSED_FORWARD");
   if (forced == nullptr || *forced == '\0') return false;
@@ -80,19 +80,18 @@ bool portable_forward_forced() {
   throw ConfigError("LONGNET_FUSED_FORWARD must be portable or auto, got '" + name + "'");
 }
 
-// Which backward runs: our kernel, or the flash backend's (cuDNN's fused backward per branch with the merged output
-// and LSE, exact for the whole mix as ours is). LONGNET_FUSED_BACKWARD=kernel|flash forces one; "auto" or unset takes
-// the flash backend's where the forward runs on Hopper, since there it is about twice as fast as our mma.sync
-// backward (bench/results/README.md), and ours elsewhere. Any other value is an error.
-bool flash_backward_chosen(const at::Tensor& q) {
+// Which backward runs: our kernel (wgmma on Hopper with D = 64, mma.sync elsewhere), or the flash backend's (cuDNN's
+// fused backward per branch with the merged output and LSE, exact for the whole mix as ours is, then a gather of
+// the per-call gradients). "kernel", "auto" or unset in LONGNET_FUSED_BACKWARD take ours, "flash" the flash
+// backend's (tests and benchmarks compare the two); any other value is an error.
+bool flash_backward_chosen() {
   const char* forced = std::getenv("LONGNET_FUSED_BACKWARD");
   const std::string name = forced != nullptr ? forced : "";
-  if (name == "kernel") return false;
   if (name == "flash") return true;
-  if (!name.empty() && name != "auto") {
+  if (!name.empty() && name != "auto" && name != "kernel") {
     throw ConfigError("LONGNET_FUSED_BACKWARD must be kernel, flash or auto, got '" + name + "'");
   }
-  return kernels::fused_dilated_fwd_on_hopper(q.size(3), q.get_device());
+  return false;
 }
 
 std::pair<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -125,6 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& q
   p.out = out.data_ptr();
   set_strides(p.out_strides, out);
   p.lse = lse.data_ptr<float>();
+  p.portable = portable_forward_forced();
   p.dout = dout.data_ptr();
   set_strides(p.dout_strides, dout);
   auto delta = at::empty({B, H, N}, f32), lse_log2 = at::empty({B, H, N}, f32);
@@ -137,9 +137,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& q
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   for (int64_t h0 = 0; h0 < H; h0 += chunk) {
     const int64_t hc = std::min(chunk, H - h0);
+    // A branch that writes every dk and dv row of the chunk once runs first and writes them (kv_store), so their
+    // accumulators need no zeroing: r = 1 reaches every token, and it must serve all the chunk's heads, each the only
+    // query head of its kv head.
+    const auto branches = config.segment_lengths.size();
+    size_t first = branches;
+    for (size_t i = 0; i < branches && group == 1; ++i) {
+      const auto [lo, hi] = config.branch_heads(i, H);
+      if (config.dilation_rates[i] == 1 && lo <= h0 && hi >= h0 + hc) {
+        first = i;
+        break;
+      }
+    }
     auto dq_acc = at::zeros({B, N, hc, D}, f32);
-    auto dk_acc = at::zeros({B, N, hc / group, D}, f32);
-    auto dv_acc = at::zeros({B, N, hc / group, D}, f32);
+    auto dk_acc = first < branches ? at::empty({B, N, hc / group, D}, f32) : at::zeros({B, N, hc / group, D}, f32);
+    auto dv_acc = first < branches ? at::empty_like(dk_acc) : at::zeros_like(dk_acc);
     p.dq_acc = dq_acc.data_ptr<float>();
     p.dk_acc = dk_acc.data_ptr<float>();
     p.dv_acc = dv_acc.data_ptr<float>();
@@ -147,8 +159,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& q
     p.acc_kv_heads = hc / group;
     p.acc_head0 = h0;
     p.acc_kv_head0 = h0 / group;
-    for (size_t i = 0; i < config.segment_lengths.size(); ++i) {
-      if (set_branch(p, config, i, h0, h0 + hc)) kernels::launch_fused_dilated_bwd(p);
+    if (first < branches && set_branch(p, config, first, h0, h0 + hc)) {
+      p.kv_store = true;
+      kernels::launch_fused_dilated_bwd(p);
+      p.kv_store = false;
+    }
+    for (size_t i = 0; i < branches; ++i) {
+      if (i != first && set_branch(p, config, i, h0, h0 + hc)) kernels::launch_fused_dilated_bwd(p);
     }
     dq.narrow(2, h0, hc).copy_(dq_acc);
     dk.narrow(2, h0 / group, hc / group).copy_(dk_acc);
@@ -168,7 +185,7 @@ struct FusedImpl {
       const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
       const at::Tensor& dout, const std::optional<at::Tensor>& mask, const DilatedAttentionConfig& config,
       double scale) {
-    if (flash_backward_chosen(q)) {
+    if (flash_backward_chosen()) {
       AttentionOptions options;
       options.key_padding_mask = mask;
       options.scale = scale;

@@ -2,9 +2,9 @@
 // launch per branch in each direction. The forward merges every query tile's rows into the running output and LSE in
 // its epilogue, so there are no branch outputs, no gather copies and no combine pass; the backward recomputes each
 // branch's probabilities from the merged LSE (exact for the whole mix) and accumulates dq, dk, dv in float32.
-// On Hopper with D = 64 the forward loads tiles with TMA and multiplies on wgmma (LONGNET_FUSED_FORWARD=portable keeps
-// it on mma.sync, for comparisons), and the backward is the flash backend's exact backward (cuDNN per branch with the
-// merged output and LSE), which is faster there than our mma.sync one (LONGNET_FUSED_BACKWARD=kernel keeps ours).
+// On Hopper with D = 64 both directions load tiles with TMA and multiply on wgmma, and the backward adds dq by TMA
+// reductions (LONGNET_FUSED_FORWARD=portable keeps both on mma.sync, for comparisons). LONGNET_FUSED_BACKWARD=flash
+// takes the flash backend's exact backward instead (cuDNN per branch with the merged output and LSE).
 //
 // Semantics: exactly those of attention/dilated_attention.h (both mix modes, causal, key padding, grouped-query
 // heads, ragged last segments, w > N). Thread-safe.

@@ -166,8 +166,8 @@ using Method = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Te
 
 // Our backends, in the order they run at each length. The fused variants differ only in the engines the fused backend
 // reads from LONGNET_FUSED_FORWARD and LONGNET_FUSED_BACKWARD (null: the device's choice), set while they run:
-// `fused` the device's choices (on Hopper the TMA/wgmma forward and the flash backend's backward), `fused_kernels`
-// the device's forward with our backward kernel, `fused_portable` our mma.sync kernels both ways.
+// `fused` the device's choices (on Hopper our TMA/wgmma kernels both ways), `fused_flash` the device's forward with
+// the flash backend's backward (cuDNN per branch), `fused_portable` our mma.sync kernels both ways.
 struct OwnMethod {
   const char* name;
   Method fn;
@@ -329,7 +329,7 @@ void add_attention_bench_options(CLI::App& app, AttentionBenchOptions& options) 
   app.add_option("--mode", options.mode, "fwd, fwdbwd or both")->capture_default_str();
   app.add_option("--mix", options.mix, "lse or head_split (attention.mix)")->capture_default_str();
   app.add_option("--methods", options.methods,
-                 "Methods to run: fused, fused_kernels (with our backward kernel), fused_portable (our mma.sync "
+                 "Methods to run: fused, fused_flash (with the flash backend's backward), fused_portable (our mma.sync "
                  "kernels both ways), ours (the flash backend), composed, dense_sdpa")
       ->capture_default_str();
   app.add_option("--repetitions", options.repetitions, "Timed repetitions per measurement")->capture_default_str();
@@ -362,13 +362,13 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
     return std::find(options.methods.begin(), options.methods.end(), method) != options.methods.end();
   };
   for (const auto& m : options.methods) {
-    if (m != "fused" && m != "fused_kernels" && m != "fused_portable" && m != "ours" && m != "composed" &&
+    if (m != "fused" && m != "fused_flash" && m != "fused_portable" && m != "ours" && m != "composed" &&
         m != "dense_sdpa") {
       throw ConfigError("bench attention: unknown method '" + m +
-                        "' (expected fused, fused_kernels, fused_portable, ours, composed or dense_sdpa)");
+                        "' (expected fused, fused_flash, fused_portable, ours, composed or dense_sdpa)");
     }
   }
-  if (wanted("fused") || wanted("fused_kernels") || wanted("fused_portable")) {
+  if (wanted("fused") || wanted("fused_flash") || wanted("fused_portable")) {
     std::string why;
     if (!attention::fused_backend_supports(torch::empty({1, 1, config.heads, config.head_dim}, opts), {}, &why)) {
       throw Error("bench attention: the fused backend cannot run here: " + why);
@@ -392,7 +392,7 @@ int run_attention_benchmark(const AttentionBenchOptions& options) {
               "TFLOP/s", "tokens/s", "peak_GB");
 
   std::vector<OwnMethod> own;
-  for (const OwnMethod m : {OwnMethod{"fused", fused, true}, OwnMethod{"fused_kernels", fused, true, nullptr, "kernel"},
+  for (const OwnMethod m : {OwnMethod{"fused", fused, true}, OwnMethod{"fused_flash", fused, true, nullptr, "flash"},
                             OwnMethod{"fused_portable", fused, true, "portable", "kernel"},
                             OwnMethod{"ours", ours, true}}) {
     if (wanted(m.name)) own.push_back(m);

@@ -12,8 +12,8 @@ import json
 import sys
 from collections import defaultdict
 
-METHODS = ["fused", "fused_kernels", "fused_portable", "ours", "composed", "fkodom", "dense_sdpa"]
-OWN = ("fused", "fused_kernels", "fused_portable", "ours")  # our backends: throughput, memory, check
+METHODS = ["fused", "fused_flash", "fused_kernels", "fused_portable", "ours", "composed", "fkodom", "dense_sdpa"]
+OWN = ("fused", "fused_flash", "fused_kernels", "fused_portable", "ours")  # our backends: throughput, memory, check
 MODE_TITLES = {"fwd": "forward", "fwdbwd": "forward + backward", "inference": "forward, no grad (inference)"}
 
 

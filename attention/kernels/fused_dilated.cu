@@ -12,7 +12,8 @@
 // this one).
 // Backward: 4 warps, 16 keys each, over query tiles of 64: P and dS are recomputed from the merged lse and
 // delta = rowsum(dout·out), which makes each branch's gradient exact for the whole mix; dk and dv stay in registers,
-// dS goes through shared memory for dq, which is added atomically.
+// dS goes through shared memory for dq, which is added atomically. On Hopper with D = 64 the launcher runs
+// fused_dilated_sm90_bwd.cu's wgmma backward instead (again unless FusedDilatedParams::portable).
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -336,7 +337,8 @@ __global__ void __launch_bounds__(kBwdThreads) fused_bwd_kernel(const FusedDilat
     __syncthreads();  // the next tile overwrites this stage and sS
   }
 
-  // dK = scale · Σ dS^T Q, dV = Σ P^T dout for the CTA's keys (grouped-query heads share kv rows: atomics).
+  // dK = scale · Σ dS^T Q, dV = Σ P^T dout for the CTA's keys (grouped-query heads share kv rows: atomics, unless
+  // this launch is the one that writes them first).
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int key = k0 + key_a + i * 8;
@@ -345,33 +347,42 @@ __global__ void __launch_bounds__(kBwdThreads) fused_bwd_kernel(const FusedDilat
     const int64_t off = ((br.b * p.n + token) * p.acc_kv_heads + (br.hk - p.acc_kv_head0)) * D + 2 * c;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
-      atomic_add2(p.dk_acc + off + dt * 8, p.scale * dk[dt][2 * i], p.scale * dk[dt][2 * i + 1]);
-      atomic_add2(p.dv_acc + off + dt * 8, dv[dt][2 * i], dv[dt][2 * i + 1]);
+      add_or_store2(p.dk_acc + off + dt * 8, p.scale * dk[dt][2 * i], p.scale * dk[dt][2 * i + 1], p.kv_store);
+      add_or_store2(p.dv_acc + off + dt * 8, dv[dt][2 * i], dv[dt][2 * i + 1], p.kv_store);
     }
   }
 }
 
-// delta = Σ_d dout·out per (b, h, token) and lse·log2(e): one thread per row.
+// delta = Σ_d dout·out per (b, h, token) and lse·log2(e). kPrepareLanes threads share a row, each taking 16-byte
+// chunks, so that a warp's loads cover whole rows (one thread per row strided its loads by a row); a shuffle sums.
+constexpr int kPrepareLanes = 8;
+
 template <typename T>
 __global__ void bwd_prepare_kernel(const FusedDilatedParams p, float* delta, float* lse_log2) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // (b, token, h)
-  const int64_t rows = p.batch * p.n * p.heads;
-  if (row >= rows) return;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t row = t / kPrepareLanes;  // (b, token, h)
+  const int part = static_cast<int>(t % kPrepareLanes);
+  const bool live = row < p.batch * p.n * p.heads;  // every lane still reaches the shuffles
   const int64_t h = row % p.heads, token = (row / p.heads) % p.n, b = row / (p.heads * p.n);
-  const T* o = static_cast<const T*>(p.out) + b * p.out_strides[0] + token * p.out_strides[1] + h * p.out_strides[2];
-  const T* d = static_cast<const T*>(p.dout) + b * p.dout_strides[0] + token * p.dout_strides[1] +
-               h * p.dout_strides[2];
   float sum = 0.f;
-  for (int64_t i = 0; i < p.head_dim; i += 8) {
-    const uint4 ov = *reinterpret_cast<const uint4*>(o + i), dv = *reinterpret_cast<const uint4*>(d + i);
-    const uint32_t* ow = reinterpret_cast<const uint32_t*>(&ov);
-    const uint32_t* dw = reinterpret_cast<const uint32_t*>(&dv);
+  if (live) {
+    const T* o = static_cast<const T*>(p.out) + b * p.out_strides[0] + token * p.out_strides[1] + h * p.out_strides[2];
+    const T* d = static_cast<const T*>(p.dout) + b * p.dout_strides[0] + token * p.dout_strides[1] +
+                 h * p.dout_strides[2];
+    for (int64_t i = 8 * part; i < p.head_dim; i += 8 * kPrepareLanes) {
+      const uint4 ov = *reinterpret_cast<const uint4*>(o + i), dv = *reinterpret_cast<const uint4*>(d + i);
+      const uint32_t* ow = reinterpret_cast<const uint32_t*>(&ov);
+      const uint32_t* dw = reinterpret_cast<const uint32_t*>(&dv);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 x = Mma<T>::unpack(ow[e]), y = Mma<T>::unpack(dw[e]);
-      sum += x.x * y.x + x.y * y.y;
+      for (int e = 0; e < 4; ++e) {
+        const float2 x = Mma<T>::unpack(ow[e]), y = Mma<T>::unpack(dw[e]);
+        sum += x.x * y.x + x.y * y.y;
+      }
     }
   }
+#pragma unroll
+  for (int lanes = kPrepareLanes / 2; lanes > 0; lanes /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, lanes);
+  if (!live || part != 0) return;
   const int64_t s = (b * p.heads + h) * p.n + token;
   delta[s] = sum;
   const float l = p.lse[s];
@@ -453,10 +464,10 @@ void launch_fused_dilated_bwd_prepare(const FusedDilatedParams& params, float* d
       lse_log2 == nullptr || params.head_dim % 8 != 0) {
     throw std::invalid_argument("launch_fused_dilated_bwd_prepare: missing pointers or head_dim not a multiple of 8");
   }
-  const int64_t rows = params.batch * params.n * params.heads;
-  if (rows == 0) return;
+  const int64_t threads = params.batch * params.n * params.heads * kPrepareLanes;
+  if (threads == 0) return;
   constexpr int kThreads = 256;
-  const auto blocks = static_cast<unsigned>((rows + kThreads - 1) / kThreads);
+  const auto blocks = static_cast<unsigned>((threads + kThreads - 1) / kThreads);
   by_dtype(params, "launch_fused_dilated_bwd_prepare", [&](auto t) {
     bwd_prepare_kernel<decltype(t)><<<blocks, kThreads, 0, params.stream>>>(params, delta, lse_log2);
   });
@@ -470,6 +481,10 @@ void launch_fused_dilated_bwd(const FusedDilatedParams& params) {
     throw std::invalid_argument("launch_fused_dilated_bwd: dout, lse_log2, delta and the accumulators must be set");
   }
   if (params.n == 0 || params.batch == 0 || params.head_hi == params.head_lo) return;
+  if (!params.portable && fused_dilated_fwd_on_hopper(params.head_dim, current_device()) &&
+      fused::launch_sm90_backward(params)) {
+    return;
+  }
   constexpr const char* what = "launch_fused_dilated_bwd";
   by_dtype_and_dim(params, what, [&](auto t, auto dim) {
     constexpr int D = decltype(dim)::value;

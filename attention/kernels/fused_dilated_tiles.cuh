@@ -67,6 +67,15 @@ __device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
 #endif
 }
 
+// dst[0..1] = (a, b) when `store`, else atomic_add2.
+__device__ __forceinline__ void add_or_store2(float* dst, float a, float b, bool store) {
+  if (store) {
+    *reinterpret_cast<float2*>(dst) = make_float2(a, b);
+  } else {
+    atomic_add2(dst, a, b);
+  }
+}
+
 template <typename T>
 struct Mma;
 template <>
@@ -355,10 +364,12 @@ inline void launch_kernel(void (*kernel)(FusedDilatedParams), dim3 grid, int thr
   LONGNET_CUDA_CHECK(cudaGetLastError());
 }
 
-// The Hopper forward (fused_dilated_sm90.cu): true when this build has it for the head dim and `device` runs it
-// (compute capability 9.x with the sm_90a target compiled in). launch_sm90_forward returns false, having
-// launched nothing, when TMA cannot address q, k or v (a base address or stride not a multiple of 16 bytes).
+// The Hopper kernels (fused_dilated_sm90.cu, fused_dilated_sm90_bwd.cu): sm90_forward_available is true when this
+// build has them for the head dim and `device` runs them (compute capability 9.x with the sm_90a target compiled in).
+// The launchers return false, having launched nothing, when TMA cannot address an operand (a base address or stride
+// not a multiple of 16 bytes); the caller then runs the mma.sync kernel.
 bool sm90_forward_available(int64_t head_dim, int device);
 bool launch_sm90_forward(const FusedDilatedParams& p);
+bool launch_sm90_backward(const FusedDilatedParams& p);
 
 }  // namespace longnet::attention::kernels::fused

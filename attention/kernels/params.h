@@ -116,7 +116,7 @@ struct FusedDilatedParams {
   int64_t out_strides[3] = {0, 0, 0};
   float* lse = nullptr;
   bool first = false;  // no branch has written these heads yet: out is zero and lse -inf, nothing to read
-  bool portable = false;  // the mma.sync forward even where the Hopper (wgmma) one runs: tests and benchmarks
+  bool portable = false;  // the mma.sync kernels even where the Hopper (wgmma) ones run: tests and benchmarks
 
   // backward
   const void* dout = nullptr;
@@ -130,6 +130,9 @@ struct FusedDilatedParams {
   int64_t acc_kv_heads = 0;  // heads of dk_acc and dv_acc
   int64_t acc_head0 = 0;
   int64_t acc_kv_head0 = 0;
+  // dk_acc and dv_acc are written, not added to: the launch writes every row of the chunk exactly once (r = 1, all
+  // of its heads, one query head per kv head), so the accumulators need no zeroing before it.
+  bool kv_store = false;
 
   int64_t batch = 0, n = 0, heads = 0, kv_heads = 0, head_dim = 0;
   int64_t w = 0, r = 1;                // the branch; w already clamped to n

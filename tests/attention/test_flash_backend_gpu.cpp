@@ -204,14 +204,14 @@ TEST_CASE("flash and fused backends match the float64 oracle: forward, LSE, dq, 
   require_gpu();
   std::vector<Case> cases = hand_picked_cases();
   for (uint64_t seed = 1; seed <= 20; ++seed) cases.push_back(random_case(seed));
-  // "fused" takes the device's choices (on Hopper: the TMA/wgmma forward and the flash backend's backward),
-  // "fused-kernels" the device's forward and our backward kernel, "fused-portable" our mma.sync kernels both ways.
-  const std::string backend = GENERATE(as<std::string>{}, "flash", "fused", "fused-kernels", "fused-portable");
+  // "fused" takes the device's choices (on Hopper: our TMA/wgmma kernels both ways), "fused-flash" the device's
+  // forward and the flash backend's backward, "fused-portable" our mma.sync kernels both ways.
+  const std::string backend = GENERATE(as<std::string>{}, "flash", "fused", "fused-flash", "fused-portable");
   const bool fused = backend != "flash";
   const ScopedEnv forward("LONGNET_FUSED_FORWARD", backend == "fused-portable" ? "portable" : "");
-  const ScopedEnv backward("LONGNET_FUSED_BACKWARD", backend == "fused-kernels" || backend == "fused-portable"
-                                                         ? "kernel"
-                                                         : "");
+  const ScopedEnv backward("LONGNET_FUSED_BACKWARD", backend == "fused-flash"      ? "flash"
+                                                     : backend == "fused-portable" ? "kernel"
+                                                                                   : "");
   Case c = GENERATE_COPY(from_range(cases));
   // The fused kernels are built for D = 64 and 128: other cases run there with D = 64.
   if (fused && c.head_dim != 64 && c.head_dim != 128) c.head_dim = 64;
@@ -475,8 +475,8 @@ TEST_CASE("fused backend reports what it cannot run and is what auto picks on Ho
 TEST_CASE("fused backend matches the float32 reference on a LongNet branch pattern", "[attention][cuda]") {
   require_gpu();
   const bool causal = GENERATE(false, true);
-  // The device's backward (the flash backend's on Hopper) and our kernel.
-  const std::string backward = GENERATE(as<std::string>{}, "", "kernel");
+  // The device's backward (our kernel) and the flash backend's.
+  const std::string backward = GENERATE(as<std::string>{}, "", "flash");
   const ScopedEnv engine("LONGNET_FUSED_BACKWARD", backward);
   CAPTURE(causal, backward);
   torch::manual_seed(17);
