@@ -3,7 +3,8 @@
 // mix; float32 accumulators shared by the branches) with its five products on wgmma and its loads on TMA. D = 64.
 //
 // CTA: a tile of 128 keys of one segment and head, 2 warpgroups × 64 keys; it walks the segment's query rows in
-// tiles of 128 (double-buffered Q, dout, LSE and delta). Per query tile, each warpgroup computes
+// tiles of 128 (double-buffered Q, dout, LSE and delta). Per query tile, each warpgroup computes, in two halves of 64
+// queries so that one half's exponentials run while the tensor cores work on the other's products,
 //   S^T = K·Q^T and dP^T = V·dout^T    (64 × 128, both operands K-major in shared memory)
 //   P^T = exp2(S^T·scale·log2e − lse_log2), dS^T = P^T ∘ (dP^T − delta)    (in registers)
 //   dV += P^T·dout, dK += dS^T·Q       (A from registers, the accumulator's layout; B N-major in shared memory)
