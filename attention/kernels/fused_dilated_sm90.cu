@@ -53,11 +53,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int L = br.L;
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, c = lane & 3;
 
-  // TMA coordinates of sparse row 0: the head offset o and g0 = (segment start) / r.
-  const int o = static_cast<int>(br.h % p.r);
-  const int g0 = static_cast<int>((br.first - o) / p.r);
-  const int view = o < p.n % p.r ? 0 : 1;
-  const int batch = static_cast<int>(br.b), head = static_cast<int>(br.h), kv_head = static_cast<int>(br.hk);
+  const TmaRows rows(p, br);
+  const int o = rows.o, g0 = rows.g0, view = rows.view, batch = rows.batch, head = rows.head, kv_head = rows.kv_head;
   const bool* mask = p.key_padding != nullptr ? p.key_padding + br.b * p.n + br.first : nullptr;
   const int keys = p.causal ? min(L, q0 + kRows) : L;
   const int tiles = (keys + kKeys - 1) / kKeys;
@@ -170,16 +167,8 @@ bool launch_sm90_forward(const FusedDilatedParams& p) {
     return false;
   }
   const dim3 grid = grid_for(p, kRows, what);
-  auto launch = [&](auto kernel) {
-    LONGNET_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-    kernel<<<grid, kThreads, kSmemBytes, p.stream>>>(p, views);
-    LONGNET_CUDA_CHECK(cudaGetLastError());
-  };
-  if (p.dtype == ElementType::bfloat16) {
-    launch(fused_fwd_sm90_kernel<__nv_bfloat16>);
-  } else {
-    launch(fused_fwd_sm90_kernel<__half>);
-  }
+  launch_by_dtype(fused_fwd_sm90_kernel<__nv_bfloat16>, fused_fwd_sm90_kernel<__half>, grid, kThreads, kSmemBytes,
+                  p, views);
   return true;
 }
 

@@ -106,11 +106,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int L = br.L;
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, c = lane & 3;
 
-  // TMA coordinates of sparse row 0: the head offset o and g0 = (segment start) / r.
-  const int o = static_cast<int>(br.h % p.r);
-  const int g0 = static_cast<int>((br.first - o) / p.r);
-  const int view = o < p.n % p.r ? 0 : 1;
-  const int batch = static_cast<int>(br.b), head = static_cast<int>(br.h), kv_head = static_cast<int>(br.hk);
+  const TmaRows rows(p, br);
+  const int o = rows.o, g0 = rows.g0, view = rows.view, batch = rows.batch, head = rows.head, kv_head = rows.kv_head;
   const int64_t stat = (br.b * p.heads + br.h) * p.n + br.first;  // lse_log2 / delta of sparse row 0
 
   // Query tile m0 into a stage: Q and dout by TMA (thread 0); the tile's LSE (threads < 128) or delta (the others)
@@ -201,44 +198,37 @@ __global__ void __launch_bounds__(kThreads, 1)
     // 16 queries, 16 rows = 2048 bytes apart), which run while the next half's exponentials do.
     const bool masked = any_dropped || (p.causal && m0 < k0 + kKeys);
     const int key = k0 + key_a;
+    auto half_gradients = [&](float (&s)[8][4], float (&dp)[8][4], uint32_t (&pa)[4][4], uint32_t (&da)[4][4],
+                              int half) {
+      if (masked) {
+        gradients_of_scores<T, true>(s, dp, pa, da, lse, delta, 64 * half, scale_log2, c, dropped, p.causal, key, m0);
+      } else {
+        gradients_of_scores<T, false>(s, dp, pa, da, lse, delta, 64 * half, scale_log2, c, dropped, p.causal, key,
+                                      m0);
+      }
+      store_scores_t(sS + half * kTileBytes, da, key_a, c);
+      if (half == 0) {  // the accumulators, before the first products that write them
+        pin(dv);
+        pin(dk);
+      }
+      pin(pa);
+      pin(da);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) W::rs_n64(dv, pa[kk], smem_desc(o_addr + half * kHalf + kk * 16 * kRowBytes));
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) W::rs_n64(dk, da[kk], smem_desc(q_addr + half * kHalf + kk * 16 * kRowBytes));
+      wgmma_commit();
+    };
     uint32_t pa0[4][4], da0[4][4], pa1[4][4], da1[4][4];
     wgmma_wait<1>();
     pin(s0);
     pin(d0);
-    if (masked) {
-      gradients_of_scores<T, true>(s0, d0, pa0, da0, lse, delta, 0, scale_log2, c, dropped, p.causal, key, m0);
-    } else {
-      gradients_of_scores<T, false>(s0, d0, pa0, da0, lse, delta, 0, scale_log2, c, dropped, p.causal, key, m0);
-    }
-    store_scores_t(sS, da0, key_a, c);
-    pin(dv);
-    pin(dk);
-    pin(pa0);
-    pin(da0);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) W::rs_n64(dv, pa0[kk], smem_desc(o_addr + kk * 16 * kRowBytes));
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) W::rs_n64(dk, da0[kk], smem_desc(q_addr + kk * 16 * kRowBytes));
-    wgmma_commit();
-
+    half_gradients(s0, d0, pa0, da0, 0);
     wgmma_wait<1>();  // the second half's scores (the first half's products may still run)
     pin(s1);
     pin(d1);
-    if (masked) {
-      gradients_of_scores<T, true>(s1, d1, pa1, da1, lse, delta, 64, scale_log2, c, dropped, p.causal, key, m0);
-    } else {
-      gradients_of_scores<T, false>(s1, d1, pa1, da1, lse, delta, 64, scale_log2, c, dropped, p.causal, key, m0);
-    }
-    store_scores_t(sS + kTileBytes, da1, key_a, c);
-    pin(pa1);
-    pin(da1);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) W::rs_n64(dv, pa1[kk], smem_desc(o_addr + kHalf + kk * 16 * kRowBytes));
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) W::rs_n64(dk, da1[kk], smem_desc(q_addr + kHalf + kk * 16 * kRowBytes));
-    wgmma_commit();
+    half_gradients(s1, d1, pa1, da1, 1);
     fence_proxy_async();
     wgmma_wait<0>();
     pin(dv);
@@ -329,16 +319,8 @@ bool launch_sm90_backward(const FusedDilatedParams& p) {
     return false;
   }
   const dim3 grid = grid_for(p, kKeys, what);
-  auto launch = [&](auto kernel) {
-    LONGNET_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-    kernel<<<grid, kThreads, kSmemBytes, p.stream>>>(p, views);
-    LONGNET_CUDA_CHECK(cudaGetLastError());
-  };
-  if (p.dtype == ElementType::bfloat16) {
-    launch(fused_bwd_sm90_kernel<__nv_bfloat16>);
-  } else {
-    launch(fused_bwd_sm90_kernel<__half>);
-  }
+  launch_by_dtype(fused_bwd_sm90_kernel<__nv_bfloat16>, fused_bwd_sm90_kernel<__half>, grid, kThreads, kSmemBytes,
+                  p, views);
   return true;
 }
 

@@ -16,6 +16,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "attention/kernels/cuda_check.h"
 #include "attention/kernels/fused_dilated_tiles.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -35,6 +36,25 @@ using TmaView = CUtensorMap[2];
 #if defined(LONGNET_SM90_WGMMA)
 template <typename T>
 struct Wgmma;
+// The 32 accumulator registers of an m64n64 product, as operands %0–%31.
+#define LONGNET_WGMMA_N64_D                                                                                    \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                    \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define LONGNET_WGMMA_N64_OUT(d)                                                                               \
+  "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),     \
+      "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), \
+      "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), \
+      "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), \
+      "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+// An m64n64 product with both operands in shared memory; TRANS ("0" or "1") is the transpose flag of both.
+#define LONGNET_WGMMA_SS_N64(PTX, NAME, TRANS)                                                                 \
+  static __device__ __forceinline__ void NAME(float (&d)[8][4], uint64_t a, uint64_t b, int accumulate) {      \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                  \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " " LONGNET_WGMMA_N64_D             \
+                 ", %32, %33, p, 1, 1, " TRANS ", " TRANS ";\n}\n"                                             \
+                 : LONGNET_WGMMA_N64_OUT(d)                                                                    \
+                 : "l"(a), "l"(b), "r"(accumulate));                                                           \
+  }
 // ss_n128: D (+)= A·B^T, A (64×16) and B (n×16) both K-major in shared memory; ss_n64: the same with n = 64;
 // rs_n64: D += A·B, A (64×16) in registers (the mma A-fragment layout per warp), B (16×64) N-major in shared memory;
 // ss_n64_tt: D (+)= A·B with A (64×16) M-major and B (16×64) N-major, both in shared memory (tiles of rows along k,
@@ -71,63 +91,21 @@ struct Wgmma<T> {                                                               
         : "l"(a), "l"(b), "r"(accumulate));                                                                    \
   }                                                                                                            \
   static __device__ __forceinline__ void rs_n64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {        \
-    asm volatile(                                                                                              \
-        "{\n.reg .pred p;\n"                                                                                   \
-        "setp.ne.b32 p, %37, 0;\n"                                                                             \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"                                         \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                               \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                       \
-        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                                       \
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),                                          \
-          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),                                          \
-          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),                                          \
-          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),                                          \
-          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),                                          \
-          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),                                          \
-          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),                                          \
-          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])                                           \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));                                         \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                  \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " " LONGNET_WGMMA_N64_D             \
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                               \
+                 : LONGNET_WGMMA_N64_OUT(d)                                                                    \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));                                \
   }                                                                                                            \
-  static __device__ __forceinline__ void ss_n64(float (&d)[8][4], uint64_t a, uint64_t b, int accumulate) {      \
-    asm volatile(                                                                                              \
-        "{\n.reg .pred p;\n"                                                                                   \
-        "setp.ne.b32 p, %34, 0;\n"                                                                             \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"                                         \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                               \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                       \
-        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                                     \
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),                                          \
-          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),                                          \
-          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),                                          \
-          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),                                          \
-          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),                                          \
-          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),                                          \
-          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),                                          \
-          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])                                           \
-        : "l"(a), "l"(b), "r"(accumulate));                                                                    \
-  }                                                                                                            \
-  static __device__ __forceinline__ void ss_n64_tt(float (&d)[8][4], uint64_t a, uint64_t b, int accumulate) {   \
-    asm volatile(                                                                                              \
-        "{\n.reg .pred p;\n"                                                                                   \
-        "setp.ne.b32 p, %34, 0;\n"                                                                             \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"                                         \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                               \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                       \
-        "}, %32, %33, p, 1, 1, 1, 1;\n}\n"                                                                     \
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),                                          \
-          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),                                          \
-          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),                                          \
-          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),                                          \
-          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),                                          \
-          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),                                          \
-          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),                                          \
-          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])                                           \
-        : "l"(a), "l"(b), "r"(accumulate));                                                                    \
-  }                                                                                                            \
+  LONGNET_WGMMA_SS_N64(PTX, ss_n64, "0")                                                                       \
+  LONGNET_WGMMA_SS_N64(PTX, ss_n64_tt, "1")                                                                    \
 };
 LONGNET_WGMMA_OPS(__nv_bfloat16, "bf16")
 LONGNET_WGMMA_OPS(__half, "f16")
 #undef LONGNET_WGMMA_OPS
+#undef LONGNET_WGMMA_SS_N64
+#undef LONGNET_WGMMA_N64_OUT
+#undef LONGNET_WGMMA_N64_D
 
 // Shared-memory matrix descriptor: start address, 128-byte swizzle, 8-row groups 1024 bytes apart. The other
 // offset field only matters for layouts wider than one swizzle atom, which these tiles are not; it gets the same.
@@ -209,6 +187,19 @@ __device__ __forceinline__ void warpgroup_sync(int wg) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
 }
 
+// A CTA's TMA coordinates of its branch's sparse row 0: the head offset o, g0 = (segment start) / r, which of a
+// tensor's two views serves o (TmaView), and the batch, query head and kv head.
+struct TmaRows {
+  int o, g0, view, batch, head, kv_head;
+  __device__ __forceinline__ TmaRows(const FusedDilatedParams& p, const Branch& br)
+      : o(static_cast<int>(br.h % p.r)),
+        g0(static_cast<int>((br.first - o) / p.r)),
+        view(o < p.n % p.r ? 0 : 1),
+        batch(static_cast<int>(br.b)),
+        head(static_cast<int>(br.h)),
+        kv_head(static_cast<int>(br.hk)) {}
+};
+
 // Orders this thread's earlier shared-memory writes before later reads by the async proxy (wgmma, TMA): each
 // writer runs it before the barrier that precedes the reading wgmma.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -278,6 +269,16 @@ inline bool encode_views(TmaView& views, const void* base, const int64_t (&strid
     return true;
   }
   return encode_view(views[1], base, strides, heads, g_short, p, kind);
+}
+
+// Launches kernel<__nv_bfloat16> or kernel<__half> by p.dtype, with `smem_bytes` of dynamic shared memory.
+template <typename Views>
+void launch_by_dtype(void (*bf16)(FusedDilatedParams, Views), void (*half)(FusedDilatedParams, Views), dim3 grid,
+                     int threads, int smem_bytes, const FusedDilatedParams& p, const Views& views) {
+  const auto kernel = p.dtype == ElementType::bfloat16 ? bf16 : half;
+  LONGNET_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  kernel<<<grid, threads, smem_bytes, p.stream>>>(p, views);
+  LONGNET_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace longnet::attention::kernels::fused
