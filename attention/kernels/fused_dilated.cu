@@ -332,7 +332,9 @@ __global__ void __launch_bounds__(kBwdThreads) fused_bwd_kernel(const FusedDilat
       const int64_t token = br.first + static_cast<int64_t>(row) * p.r;
       float* dst = p.dq_acc + ((br.b * p.n + token) * p.acc_heads + (br.h - p.acc_head0)) * D + 2 * c;
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) atomic_add2(dst + dt * 8, p.scale * dq[dt][2 * i], p.scale * dq[dt][2 * i + 1]);
+      for (int dt = 0; dt < D / 8; ++dt) {
+        atomic_add2(dst + dt * 8, p.scale * dq[dt][2 * i], p.scale * dq[dt][2 * i + 1]);
+      }
     }
     __syncthreads();  // the next tile overwrites this stage and sS
   }
