@@ -206,12 +206,7 @@ __global__ void __launch_bounds__(kBwdThreads) fused_bwd_kernel(const FusedDilat
                               p.key_padding[br.b * p.n + br.first + static_cast<int64_t>(key) * p.r]);
   }
 
-  float dk[D / 8][4], dv[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) {
-    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
-    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
-  }
+  float dk[D / 8][4] = {}, dv[D / 8][4] = {};
   const float scale_log2 = p.scale * kLog2e;
   const int key_a = warp * 16 + g;  // tile-local key row of accumulator entries 0, 1 (entries 2, 3: +8)
 

@@ -28,14 +28,10 @@ constexpr int kRows = kTileRows, kKeys = kTileRows, kThreads = 256;
 // tiles to 1024 bytes.
 constexpr int kSmemBytes = 5 * kTileBytes + 2 * kKeys + 5 * 8 + 1024;
 
-// The TMA views of q, k and v for one branch (sm90.cuh).
-struct TmaViews {
-  TmaView q, k, v;
-};
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
-    fused_fwd_sm90_kernel(const FusedDilatedParams p, const __grid_constant__ TmaViews views) {
+    fused_fwd_sm90_kernel(const FusedDilatedParams p, const __grid_constant__ QkvViews views) {
 #if defined(LONGNET_SM90_WGMMA)
   using W = Wgmma<T>;
   extern __shared__ unsigned char smem_raw[];
@@ -159,13 +155,8 @@ bool sm90_forward_available(int64_t head_dim, int device) {
 
 bool launch_sm90_forward(const FusedDilatedParams& p) {
   constexpr const char* what = "launch_fused_dilated_fwd";
-  if (p.n / p.r >= (int64_t{1} << 31) || p.batch >= (int64_t{1} << 31)) return false;  // TMA coordinates are int32
-  TmaViews views;
-  if (!encode_views(views.q, p.q, p.q_strides, p.heads, p) ||
-      !encode_views(views.k, p.k, p.k_strides, p.kv_heads, p) ||
-      !encode_views(views.v, p.v, p.v_strides, p.kv_heads, p)) {
-    return false;
-  }
+  QkvViews views;
+  if (!views.encode(p)) return false;
   const dim3 grid = grid_for(p, kRows, what);
   launch_by_dtype(fused_fwd_sm90_kernel<__nv_bfloat16>, fused_fwd_sm90_kernel<__half>, grid, kThreads, kSmemBytes,
                   p, views);

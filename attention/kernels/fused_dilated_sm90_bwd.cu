@@ -30,8 +30,8 @@ constexpr int kKeys = kTileRows, kQueries = kTileRows, kThreads = 256;
 constexpr int kSmemBytes = 10 * kTileBytes + 4 * kQueries * 4 + kKeys + 3 * 8 + 1024;
 
 // The TMA views of q, k, v and dout for one branch (sm90.cuh).
-struct BwdViews {
-  TmaView q, k, v, dout;
+struct BwdViews : QkvViews {
+  TmaView dout;
   TmaView dq;  // the float32 dq accumulator, for the TMA reductions
 };
 
@@ -149,12 +149,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int m_begin = p.causal ? k0 : 0;
   store_stat(0, load_queries(m_begin, 0));
 
-  float dk[kD / 8][4], dv[kD / 8][4];
-#pragma unroll
-  for (int i = 0; i < kD / 8; ++i) {
-    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
-    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
-  }
+  float dk[kD / 8][4] = {}, dv[kD / 8][4] = {};
   const float scale_log2 = p.scale * kLog2e;
   const int key_a = wg * 64 + warp * 16 + g;  // tile-local key of accumulator entries 0, 1 (entries 2, 3: +8)
   const uint32_t k_rows = sK + wg * 64 * kRowBytes, v_rows = sV + wg * 64 * kRowBytes;  // the warpgroup's keys
@@ -306,16 +301,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 bool launch_sm90_backward(const FusedDilatedParams& p) {
   constexpr const char* what = "launch_fused_dilated_bwd";
-  if (p.n / p.r >= (int64_t{1} << 31) || p.batch >= (int64_t{1} << 31)) return false;  // TMA coordinates are int32
   BwdViews views;
-  if (!encode_views(views.q, p.q, p.q_strides, p.heads, p) ||
-      !encode_views(views.k, p.k, p.k_strides, p.kv_heads, p) ||
-      !encode_views(views.v, p.v, p.v_strides, p.kv_heads, p) ||
-      !encode_views(views.dout, p.dout, p.dout_strides, p.heads, p)) {
-    return false;
-  }
   const int64_t dq_strides[3] = {p.n * p.acc_heads * kD, p.acc_heads * kD, kD};
-  if (!encode_views(views.dq, p.dq_acc, dq_strides, p.acc_heads, p, ViewKind::accumulator)) {
+  if (!views.encode(p) || !encode_views(views.dout, p.dout, p.dout_strides, p.heads, p) ||
+      !encode_views(views.dq, p.dq_acc, dq_strides, p.acc_heads, p, ViewKind::accumulator)) {
     return false;
   }
   const dim3 grid = grid_for(p, kKeys, what);

@@ -271,6 +271,18 @@ inline bool encode_views(TmaView& views, const void* base, const int64_t (&strid
   return encode_view(views[1], base, strides, heads, g_short, p, kind);
 }
 
+// The TMA views of a branch's q, k and v. encode is false, having encoded nothing usable, when TMA cannot address one
+// of them or its int32 coordinates cannot reach every row; the caller then runs the mma.sync kernel.
+struct QkvViews {
+  TmaView q, k, v;
+
+  bool encode(const FusedDilatedParams& p) {
+    if (p.n / p.r >= (int64_t{1} << 31) || p.batch >= (int64_t{1} << 31)) return false;
+    return encode_views(q, p.q, p.q_strides, p.heads, p) && encode_views(k, p.k, p.k_strides, p.kv_heads, p) &&
+           encode_views(v, p.v, p.v_strides, p.kv_heads, p);
+  }
+};
+
 // Launches kernel<__nv_bfloat16> or kernel<__half> by p.dtype, with `smem_bytes` of dynamic shared memory.
 template <typename Views>
 void launch_by_dtype(void (*bf16)(FusedDilatedParams, Views), void (*half)(FusedDilatedParams, Views), dim3 grid,
