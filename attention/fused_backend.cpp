@@ -71,7 +71,7 @@ bool set_branch(kernels::FusedDilatedParams& p, const DilatedAttentionConfig& co
 
 // LONGNET_FUSED_FORWARD=portable runs the mma.sync kernels where the Hopper (wgmma) ones would, the forward and our
 // backward (tests and benchmarks compare the two); "auto" or unset chooses by the device. Any other value is an error.
-bool portable_forward_forced() {
+bool portable_kernels_forced() {
   const char* forced = std::getenv("LONGNET_FUSED_FORWARD");
   if (forced == nullptr || *forced == '\0') return false;
   const std::string name(forced);
@@ -104,7 +104,7 @@ std::pair<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Te
   p.out = out.data_ptr();
   set_strides(p.out_strides, out);
   p.lse = lse.data_ptr<float>();
-  p.portable = portable_forward_forced();
+  p.portable = portable_kernels_forced();
   for (size_t i = 0; i < config.segment_lengths.size(); ++i) {
     if (!set_branch(p, config, i, 0, p.heads)) continue;
     p.first = config.mix == Mix::head_split || i == 0;  // nothing merged into these heads yet
@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& q
   p.out = out.data_ptr();
   set_strides(p.out_strides, out);
   p.lse = lse.data_ptr<float>();
-  p.portable = portable_forward_forced();
+  p.portable = portable_kernels_forced();
   p.dout = dout.data_ptr();
   set_strides(p.dout_strides, dout);
   auto delta = at::empty({B, H, N}, f32), lse_log2 = at::empty({B, H, N}, f32);

@@ -435,7 +435,7 @@ int current_device() {
 bool fused_dilated_supports_head_dim(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
 
 bool fused_dilated_fwd_on_hopper(int64_t head_dim, int device) {
-  return fused::sm90_forward_available(head_dim, device);
+  return fused::sm90_kernels_available(head_dim, device);
 }
 
 void launch_fused_dilated_fwd(const FusedDilatedParams& params) {
@@ -478,7 +478,7 @@ void launch_fused_dilated_bwd(const FusedDilatedParams& params) {
     throw std::invalid_argument("launch_fused_dilated_bwd: dout, lse_log2, delta and the accumulators must be set");
   }
   if (params.n == 0 || params.batch == 0 || params.head_hi == params.head_lo) return;
-  if (!params.portable && fused_dilated_fwd_on_hopper(params.head_dim, current_device()) &&
+  if (!params.portable && fused::sm90_kernels_available(params.head_dim, current_device()) &&
       fused::launch_sm90_backward(params)) {
     return;
   }

@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 }  // namespace
 
-bool sm90_forward_available(int64_t head_dim, int device) {
+bool sm90_kernels_available(int64_t head_dim, int device) {
 #if defined(LONGNET_HAVE_SM90A)
   int major = 0;
   LONGNET_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));

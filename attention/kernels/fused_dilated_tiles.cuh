@@ -364,11 +364,11 @@ inline void launch_kernel(void (*kernel)(FusedDilatedParams), dim3 grid, int thr
   LONGNET_CUDA_CHECK(cudaGetLastError());
 }
 
-// The Hopper kernels (fused_dilated_sm90.cu, fused_dilated_sm90_bwd.cu): sm90_forward_available is true when this
+// The Hopper kernels (fused_dilated_sm90.cu, fused_dilated_sm90_bwd.cu): sm90_kernels_available is true when this
 // build has them for the head dim and `device` runs them (compute capability 9.x with the sm_90a target compiled in).
 // The launchers return false, having launched nothing, when TMA cannot address an operand (a base address or stride
 // not a multiple of 16 bytes); the caller then runs the mma.sync kernel.
-bool sm90_forward_available(int64_t head_dim, int device);
+bool sm90_kernels_available(int64_t head_dim, int device);
 bool launch_sm90_forward(const FusedDilatedParams& p);
 bool launch_sm90_backward(const FusedDilatedParams& p);
 
