@@ -334,20 +334,7 @@ __global__ void __launch_bounds__(kBwdThreads) fused_bwd_kernel(const FusedDilat
     __syncthreads();  // the next tile overwrites this stage and sS
   }
 
-  // dK = scale · Σ dS^T Q, dV = Σ P^T dout for the CTA's keys (grouped-query heads share kv rows: atomics, unless
-  // this launch is the one that writes them first).
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int key = k0 + key_a + i * 8;
-    if (key >= L) continue;
-    const int64_t token = br.first + static_cast<int64_t>(key) * p.r;
-    const int64_t off = ((br.b * p.n + token) * p.acc_kv_heads + (br.hk - p.acc_kv_head0)) * D + 2 * c;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      add_or_store2(p.dk_acc + off + dt * 8, p.scale * dk[dt][2 * i], p.scale * dk[dt][2 * i + 1], p.kv_store);
-      add_or_store2(p.dv_acc + off + dt * 8, dv[dt][2 * i], dv[dt][2 * i + 1], p.kv_store);
-    }
-  }
+  add_kv_gradients<D>(p, br, k0 + key_a, dk, dv, c);
 }
 
 // delta = Σ_d dout·out per (b, h, token) and lse·log2(e). kPrepareLanes threads share a row, each taking 16-byte

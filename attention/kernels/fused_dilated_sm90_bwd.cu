@@ -277,20 +277,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   if ((tid & 127) == 0) bulk_wait_read();  // shared memory stays until the last reductions have read it
-  // dK = scale · Σ dS^T Q, dV = Σ P^T dout for the CTA's keys (grouped-query heads share kv rows: atomics, unless
-  // this launch is the one that writes them first).
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int key = k0 + key_a + 8 * i;
-    if (key >= L) continue;
-    const int64_t token = br.first + static_cast<int64_t>(key) * p.r;
-    const int64_t off = ((br.b * p.n + token) * p.acc_kv_heads + (br.hk - p.acc_kv_head0)) * kD + 2 * c;
-#pragma unroll
-    for (int dt = 0; dt < kD / 8; ++dt) {
-      add_or_store2(p.dk_acc + off + dt * 8, p.scale * dk[dt][2 * i], p.scale * dk[dt][2 * i + 1], p.kv_store);
-      add_or_store2(p.dv_acc + off + dt * 8, dv[dt][2 * i], dv[dt][2 * i + 1], p.kv_store);
-    }
-  }
+  add_kv_gradients<kD>(p, br, k0 + key_a, dk, dv, c);
 #else
   (void)p;
   (void)views;

@@ -346,6 +346,26 @@ __device__ __forceinline__ void merge_rows(const FusedDilatedParams& p, const Br
   }
 }
 
+// A backward CTA's dK = scale · Σ dS^T Q and dV = Σ P^T dout into the float32 accumulators: accumulator fragments
+// of keys key_a and key_a + 8 (sparse rows of the branch; those ≥ L are skipped), columns 8·dt + 2c, +1. Grouped-query
+// heads share kv rows, so they are added atomically, unless the launch is the one that writes them first (kv_store).
+template <int D>
+__device__ __forceinline__ void add_kv_gradients(const FusedDilatedParams& p, const Branch& br, int key_a,
+                                                 const float (&dk)[D / 8][4], const float (&dv)[D / 8][4], int c) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int key = key_a + i * 8;
+    if (key >= br.L) continue;
+    const int64_t token = br.first + static_cast<int64_t>(key) * p.r;
+    const int64_t off = ((br.b * p.n + token) * p.acc_kv_heads + (br.hk - p.acc_kv_head0)) * D + 2 * c;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      add_or_store2(p.dk_acc + off + dt * 8, p.scale * dk[dt][2 * i], p.scale * dk[dt][2 * i + 1], p.kv_store);
+      add_or_store2(p.dv_acc + off + dt * 8, dv[dt][2 * i], dv[dt][2 * i + 1], p.kv_store);
+    }
+  }
+}
+
 // ---- launch helpers ----------------------------------------------------------------------------------------------
 
 inline dim3 grid_for(const FusedDilatedParams& p, int rows_per_cta, const char* what) {
