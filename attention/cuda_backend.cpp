@@ -6,6 +6,14 @@
 
 #include "core/error.h"
 
+#ifdef LONGNET_WITH_CUDA
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "attention/kernels/rotary.h"
+#endif
+
 namespace longnet::attention {
 
 std::string sizes_of(const at::Tensor& t) {
@@ -79,5 +87,43 @@ CudaInputs check_cuda_backend_inputs(const std::string& backend, const at::Tenso
   expect(std::isfinite(checked.scale), "scale must be finite, got " + std::to_string(checked.scale));
   return checked;
 }
+
+#ifdef LONGNET_WITH_CUDA
+
+at::Tensor rotate_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& scale,
+                       bool transpose, at::Tensor out) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.stride(3) == 1 ? x : x.contiguous();
+  if (!out.defined()) out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const bool convert = out.scalar_type() != x.scalar_type();
+  if (out.sizes() != x.sizes() || out.stride(3) != 1 || out.device() != x.device() ||
+      (convert && (x.scalar_type() != at::kFloat || out.scalar_type() == at::kFloat))) {
+    throw Error("rotate_cuda: out must be a " + sizes_of(x) + " view on x's device with unit stride over D, of x's "
+                "dtype or 16-bit for a float32 x; got " + sizes_of(out) + " " + c10::toString(out.scalar_type()) +
+                " for x " + c10::toString(x.scalar_type()));
+  }
+  kernels::RotaryParams p;
+  p.x = xc.data_ptr();
+  p.out = out.data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    p.x_strides[d] = xc.stride(d);
+    p.out_strides[d] = out.stride(d);
+  }
+  p.cos = cos.defined() ? cos.data_ptr<float>() : nullptr;
+  p.sin = sin.defined() ? sin.data_ptr<float>() : nullptr;
+  p.scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
+  p.batch = x.size(0);
+  p.n = x.size(1);
+  p.heads = x.size(2);
+  p.head_dim = x.size(3);
+  p.transpose = transpose;
+  p.dtype = element_type(out.scalar_type());
+  p.x_float32 = convert;
+  p.stream = at::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  kernels::launch_rotary(p);
+  return out;
+}
+
+#endif  // LONGNET_WITH_CUDA
 
 }  // namespace longnet::attention

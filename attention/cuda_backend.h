@@ -44,6 +44,24 @@ CudaInputs check_cuda_backend_inputs(const std::string& backend, const at::Tenso
 
 #ifdef LONGNET_WITH_CUDA
 
+// x (B, N, H, D) rotated by the rotary kernel (kernels/rotary.h) into `out` and returned: a new contiguous tensor of
+// x's dtype when `out` is undefined, else any (B, N, H, D) view with unit stride over D, of x's dtype or, for a
+// float32 x (an accumulator), a 16-bit one. `transpose` applies the gradient's map; undefined tables: a copy.
+at::Tensor rotate_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& scale,
+                       bool transpose, at::Tensor out = {});
+
+// The branch configuration an autograd function saved as plain values (saved_data holds no structs).
+inline DilatedAttentionConfig dilated_config_of(const std::vector<int64_t>& segment_lengths,
+                                                const std::vector<int64_t>& dilation_rates, bool head_split,
+                                                bool causal) {
+  DilatedAttentionConfig config;
+  config.segment_lengths = segment_lengths;
+  config.dilation_rates = dilation_rates;
+  config.mix = head_split ? Mix::head_split : Mix::lse;
+  config.causal = causal;
+  return config;
+}
+
 // Autograd through a CUDA backend `Impl`, which provides
 //   static std::pair<at::Tensor, at::Tensor> forward(q, k, v, mask, config, scale);             // out, lse
 //   static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(q, k, v, out, lse, dout, mask, config, scale);
@@ -57,8 +75,8 @@ class DilatedFunction : public torch::autograd::Function<DilatedFunction<Impl>> 
                                                 const std::vector<int64_t>& segment_lengths,
                                                 const std::vector<int64_t>& dilation_rates, bool head_split,
                                                 bool causal, double scale) {
-    auto [out, lse] = Impl::forward(q, k, v, mask, config_of(segment_lengths, dilation_rates, head_split, causal),
-                                    scale);
+    auto [out, lse] = Impl::forward(q, k, v, mask,
+                                    dilated_config_of(segment_lengths, dilation_rates, head_split, causal), scale);
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["mask"] = mask ? c10::IValue(*mask) : c10::IValue();
     ctx->saved_data["segment_lengths"] = segment_lengths;
@@ -78,9 +96,9 @@ class DilatedFunction : public torch::autograd::Function<DilatedFunction<Impl>> 
     if (!grad_outputs[0].defined()) return grads;
     std::optional<at::Tensor> mask;
     if (!ctx->saved_data["mask"].isNone()) mask = ctx->saved_data["mask"].toTensor();
-    const auto config = config_of(ctx->saved_data["segment_lengths"].toIntVector(),
-                                  ctx->saved_data["dilation_rates"].toIntVector(),
-                                  ctx->saved_data["head_split"].toBool(), ctx->saved_data["causal"].toBool());
+    const auto config = dilated_config_of(ctx->saved_data["segment_lengths"].toIntVector(),
+                                          ctx->saved_data["dilation_rates"].toIntVector(),
+                                          ctx->saved_data["head_split"].toBool(), ctx->saved_data["causal"].toBool());
     const c10::cuda::CUDAGuard guard(saved[0].device());
     auto [dq, dk, dv] = Impl::backward(saved[0], saved[1], saved[2], saved[3], saved[4],
                                        grad_outputs[0].to(saved[0].scalar_type()).contiguous(), mask, config,
@@ -89,17 +107,6 @@ class DilatedFunction : public torch::autograd::Function<DilatedFunction<Impl>> 
     grads[1] = dk;
     grads[2] = dv;
     return grads;
-  }
-
- private:
-  static DilatedAttentionConfig config_of(const std::vector<int64_t>& segment_lengths,
-                                          const std::vector<int64_t>& dilation_rates, bool head_split, bool causal) {
-    DilatedAttentionConfig config;
-    config.segment_lengths = segment_lengths;
-    config.dilation_rates = dilation_rates;
-    config.mix = head_split ? Mix::head_split : Mix::lse;
-    config.causal = causal;
-    return config;
   }
 };
 

@@ -256,4 +256,25 @@ AttentionResult dilated_attention(const at::Tensor& q, const at::Tensor& k, cons
   return reference_dilated_attention(q, k, v, config, options);
 }
 
+AttentionResult dilated_attention_packed(const at::Tensor& qkv, int64_t heads, int64_t kv_heads,
+                                         const QkvRotation& rotation, const DilatedAttentionConfig& config,
+                                         const AttentionOptions& options) {
+  if (qkv.defined() && qkv.is_cuda() && qkv.dim() == 3 && qkv.numel() > 0 && heads >= 1 && kv_heads >= 1 &&
+      qkv.size(2) % (heads + 2 * kv_heads) == 0) {
+    const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / (heads + 2 * kv_heads);
+    const at::Tensor q = qkv.narrow(2, 0, heads * D).view({B, N, heads, D});  // a view, to choose the backend
+    if (resolve_backend(q, config, options) == Backend::fused && fused_backend_supports(q, options, nullptr)) {
+      config.validate();
+      const at::Tensor k = qkv.narrow(2, heads * D, kv_heads * D).view({B, N, kv_heads, D});
+      check_inputs(q, k, k, options);
+      if (config.mix == Mix::head_split) {
+        check_head_split_heads(heads, static_cast<int64_t>(config.segment_lengths.size()));
+      }
+      return fused_dilated_attention_packed(qkv, heads, kv_heads, rotation, config, options);
+    }
+  }
+  const Qkv p = split_qkv(qkv, heads, kv_heads, rotation.cos, rotation.sin, rotation.q_scale, rotation.k_scale);
+  return dilated_attention(p.q, p.k, p.v, config, options);
+}
+
 }  // namespace longnet::attention

@@ -40,6 +40,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "attention/positional.h"
+
 namespace longnet::attention {
 
 enum class Backend { automatic, reference, flash, fused };
@@ -102,6 +104,14 @@ struct AttentionResult {
 // h / (H / Hkv)). Same dtype and device; D ≤ 256 for `flash`.
 AttentionResult dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const DilatedAttentionConfig& config, const AttentionOptions& options = {});
+
+// Attention on a layer's packed projection qkv (B, N, (H + 2·Hkv)·D): on the q, k and v that
+// split_qkv(qkv, heads, kv_heads, rotation's tables) gives, by the backend dilated_attention would choose for them.
+// The fused backend reads the slots where they lie (rotating only q and k) and its backward writes the packed
+// gradient from its float32 accumulators in one pass; every other backend runs split_qkv, then dilated_attention.
+AttentionResult dilated_attention_packed(const at::Tensor& qkv, int64_t heads, int64_t kv_heads,
+                                         const QkvRotation& rotation, const DilatedAttentionConfig& config,
+                                         const AttentionOptions& options = {});
 
 // The backend `automatic` resolves to for these inputs (what would run).
 Backend resolve_backend(const at::Tensor& q, const DilatedAttentionConfig& config, const AttentionOptions& options);

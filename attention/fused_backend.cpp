@@ -3,6 +3,7 @@
 #include "attention/fused_backend.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -113,11 +114,16 @@ std::pair<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Te
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k,
-                                                             const at::Tensor& v, const at::Tensor& out,
-                                                             const at::Tensor& lse, const at::Tensor& dout,
-                                                             const std::optional<at::Tensor>& mask,
-                                                             const DilatedAttentionConfig& config, double scale) {
+// Where the backward leaves dq, dk and dv: (B, N, heads, D) views in q's dtype with unit stride over D, written from
+// the float32 accumulators in one pass each; dq and dk rotated back (the rotation's transpose) when cos is defined.
+struct GradientTargets {
+  at::Tensor dq, dk, dv;
+  QkvRotation rotation{};  // float32, contiguous
+};
+
+void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                   const at::Tensor& lse, const at::Tensor& dout, const std::optional<at::Tensor>& mask,
+                   const DilatedAttentionConfig& config, double scale, const GradientTargets& to) {
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), Hkv = k.size(2), D = q.size(3), group = H / Hkv;
   const auto f32 = q.options().dtype(at::kFloat);
   auto p = base_params(q, k, v, mask, config, scale);
@@ -134,7 +140,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& q
 
   const int64_t group_bytes = (group + 2) * B * N * D * static_cast<int64_t>(sizeof(float));
   const int64_t chunk = std::clamp<int64_t>(kAccumulatorBytes / std::max<int64_t>(group_bytes, 1), 1, Hkv) * group;
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   for (int64_t h0 = 0; h0 < H; h0 += chunk) {
     const int64_t hc = std::min(chunk, H - h0);
     // A branch that writes every dk and dv row of the chunk once runs first and writes them (kv_store), so their
@@ -167,11 +172,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& q
     for (size_t i = 0; i < branches; ++i) {
       if (i != first && set_branch(p, config, i, h0, h0 + hc)) kernels::launch_fused_dilated_bwd(p);
     }
-    dq.narrow(2, h0, hc).copy_(dq_acc);
-    dk.narrow(2, h0 / group, hc / group).copy_(dk_acc);
-    dv.narrow(2, h0 / group, hc / group).copy_(dv_acc);
+    const QkvRotation& t = to.rotation;
+    rotate_cuda(dq_acc, t.cos, t.sin, t.q_scale, /*transpose=*/true, to.dq.narrow(2, h0, hc));
+    rotate_cuda(dk_acc, t.cos, t.sin, t.k_scale, /*transpose=*/true, to.dk.narrow(2, h0 / group, hc / group));
+    rotate_cuda(dv_acc, {}, {}, {}, /*transpose=*/true, to.dv.narrow(2, h0 / group, hc / group));
   }
-  return {dq, dk, dv};
 }
 
 // The fused backend for DilatedFunction (cuda_backend.h).
@@ -191,7 +196,87 @@ struct FusedImpl {
       options.scale = scale;
       return flash_dilated_attention_backward(q, k, v, out, lse, dout, config, options);
     }
-    return backward_impl(q, k, v, out, lse, dout, mask, config, scale);
+    const GradientTargets to{.dq = at::empty_like(q), .dk = at::empty_like(k), .dv = at::empty_like(v)};
+    backward_impl(q, k, v, out, lse, dout, mask, config, scale, to);
+    return {to.dq, to.dk, to.dv};
+  }
+};
+
+// The q, k and v slots of a packed (B, N, (H + 2·Hkv)·D) tensor as (B, N, heads, D) views.
+std::array<at::Tensor, 3> qkv_slots(const at::Tensor& packed, int64_t heads, int64_t kv_heads) {
+  const int64_t b = packed.size(0), n = packed.size(1), d = packed.size(2) / (heads + 2 * kv_heads);
+  return {packed.narrow(2, 0, heads * d).view({b, n, heads, d}),
+          packed.narrow(2, heads * d, kv_heads * d).view({b, n, kv_heads, d}),
+          packed.narrow(2, (heads + kv_heads) * d, kv_heads * d).view({b, n, kv_heads, d})};
+}
+
+// split_qkv and the fused backend's DilatedFunction as one autograd function. The kernels read v (and q, k when
+// nothing rotates them) where it lies in the packed projection, so only rotated q and k are written; the backward
+// writes the packed gradient straight from its float32 accumulators, rotating dq and dk back in the same pass.
+// Apart from the float32 sums' order, the same arithmetic as the two functions one after the other.
+class PackedFunction : public torch::autograd::Function<PackedFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& qkv,
+                                                int64_t heads, int64_t kv_heads, const std::optional<at::Tensor>& cos,
+                                                const std::optional<at::Tensor>& sin,
+                                                const std::optional<at::Tensor>& q_scale,
+                                                const std::optional<at::Tensor>& k_scale,
+                                                const std::optional<at::Tensor>& mask,
+                                                const std::vector<int64_t>& segment_lengths,
+                                                const std::vector<int64_t>& dilation_rates, bool head_split,
+                                                bool causal, double scale) {
+    const at::Tensor c = cos.value_or(at::Tensor()), s = sin.value_or(at::Tensor());
+    const at::Tensor zq = q_scale.value_or(at::Tensor()), zk = k_scale.value_or(at::Tensor());
+    const auto slots = qkv_slots(qkv, heads, kv_heads);
+    const at::Tensor q = c.defined() ? rotate_cuda(slots[0], c, s, zq, /*transpose=*/false) : slots[0];
+    const at::Tensor k = c.defined() ? rotate_cuda(slots[1], c, s, zk, /*transpose=*/false) : slots[1];
+    auto [out, lse] = forward_impl(q, k, slots[2], mask,
+                                   dilated_config_of(segment_lengths, dilation_rates, head_split, causal), scale);
+    ctx->save_for_backward({q, k, slots[2], out, lse, c, s, zq, zk});
+    ctx->saved_data["mask"] = mask ? c10::IValue(*mask) : c10::IValue();
+    ctx->saved_data["segment_lengths"] = segment_lengths;
+    ctx->saved_data["dilation_rates"] = dilation_rates;
+    ctx->saved_data["head_split"] = head_split;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["scale"] = scale;
+    ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);
+    return {out, lse};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    torch::autograd::variable_list grads(14);
+    if (!grad_outputs[0].defined()) return grads;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
+    std::optional<at::Tensor> mask;
+    if (!ctx->saved_data["mask"].isNone()) mask = ctx->saved_data["mask"].toTensor();
+    const auto config = dilated_config_of(ctx->saved_data["segment_lengths"].toIntVector(),
+                                          ctx->saved_data["dilation_rates"].toIntVector(),
+                                          ctx->saved_data["head_split"].toBool(), ctx->saved_data["causal"].toBool());
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const c10::cuda::CUDAGuard guard(q.device());
+    const int64_t B = q.size(0), N = q.size(1), H = q.size(2), Hkv = k.size(2), D = q.size(3);
+    const auto dout = grad_outputs[0].to(q.scalar_type()).contiguous();
+    grads[0] = at::empty({B, N, (H + 2 * Hkv) * D}, q.options());
+    const auto slots = qkv_slots(grads[0], H, Hkv);
+    const GradientTargets to{.dq = slots[0], .dk = slots[1], .dv = slots[2],
+                             .rotation = {.cos = saved[5], .sin = saved[6], .q_scale = saved[7], .k_scale = saved[8]}};
+    if (flash_backward_chosen()) {
+      AttentionOptions options;
+      options.key_padding_mask = mask;
+      options.scale = scale;
+      const auto [dq, dk, dv] = flash_dilated_attention_backward(q, k, v.contiguous(), out, lse, dout, config,
+                                                                 options);
+      const QkvRotation& t = to.rotation;
+      rotate_cuda(dq, t.cos, t.sin, t.q_scale, /*transpose=*/true, to.dq);
+      rotate_cuda(dk, t.cos, t.sin, t.k_scale, /*transpose=*/true, to.dk);
+      rotate_cuda(dv, {}, {}, {}, /*transpose=*/true, to.dv);
+    } else {
+      backward_impl(q, k, v, out, lse, dout, mask, config, scale, to);
+    }
+    return grads;
   }
 };
 
@@ -242,6 +327,51 @@ AttentionResult fused_dilated_attention(const at::Tensor& q, const at::Tensor& k
   throw Error("fused attention backend: " + why);
 #else
   return run_dilated_function<FusedImpl>(q, k, v, check_cuda_backend_inputs("fused", q, k, v, options), config);
+#endif
+}
+
+AttentionResult fused_dilated_attention_packed(const at::Tensor& qkv, int64_t heads, int64_t kv_heads,
+                                               const QkvRotation& rotation, const DilatedAttentionConfig& config,
+                                               const AttentionOptions& options) {
+  config.validate();
+  if (!qkv.defined() || qkv.dim() != 3 || heads < 1 || kv_heads < 1 || qkv.size(2) % (heads + 2 * kv_heads) != 0) {
+    throw Error("fused attention backend: qkv must be (B, N, (H + 2·Hkv)·D) for H = " + std::to_string(heads) +
+                ", Hkv = " + std::to_string(kv_heads) + ", got " + (qkv.defined() ? sizes_of(qkv) : "undefined"));
+  }
+  const int64_t B = qkv.size(0), N = qkv.size(1), D = qkv.size(2) / (heads + 2 * kv_heads);
+  const at::Tensor q = qkv.narrow(2, 0, heads * D).view({B, N, heads, D});
+  const at::Tensor k = qkv.narrow(2, heads * D, kv_heads * D).view({B, N, kv_heads, D});
+  std::string why;
+  if (!fused_backend_supports(q, options, &why)) throw Error("fused attention backend: " + why);
+#ifndef LONGNET_WITH_CUDA
+  (void)rotation;
+  (void)k;
+  throw Error("fused attention backend: " + why);
+#else
+  const CudaInputs inputs = check_cuda_backend_inputs("fused", q, k, k, options);
+  if (rotation.cos.defined() != rotation.sin.defined() ||
+      (!rotation.cos.defined() && (rotation.q_scale.defined() || rotation.k_scale.defined()))) {
+    throw Error("fused attention backend: the rotation's cos and sin go together, and its scales need them");
+  }
+  // The kernel's tables: float32, contiguous, on qkv's device.
+  const auto table = [&](const at::Tensor& t) -> std::optional<at::Tensor> {
+    if (!t.defined()) return std::nullopt;
+    if (t.sizes() != at::IntArrayRef{N, D / 2}) {
+      throw Error("fused attention backend: the rotation's tables must be (N, D/2) = (" + std::to_string(N) + ", " +
+                  std::to_string(D / 2) + "), got " + sizes_of(t));
+    }
+    return t.to(qkv.device(), at::kFloat).contiguous();
+  };
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  if (B == 0 || N == 0) {
+    return {at::zeros({B, N, heads, D}, qkv.options()),
+            at::full({B, heads, N}, -std::numeric_limits<double>::infinity(), qkv.options().dtype(at::kFloat))};
+  }
+  const auto result = PackedFunction::apply(qkv, heads, kv_heads, table(rotation.cos), table(rotation.sin),
+                                            table(rotation.q_scale), table(rotation.k_scale), inputs.mask,
+                                            config.segment_lengths, config.dilation_rates,
+                                            config.mix == Mix::head_split, config.causal, inputs.scale);
+  return {result[0], result[1]};
 #endif
 }
 

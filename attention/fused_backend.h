@@ -25,6 +25,14 @@ namespace longnet::attention {
 AttentionResult fused_dilated_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                         const DilatedAttentionConfig& config, const AttentionOptions& options);
 
+// fused_dilated_attention on the slots of a packed projection qkv (B, N, (H + 2·Hkv)·D), q and k rotated as
+// split_qkv(qkv, heads, kv_heads, rotation's tables) would: see dilated_attention_packed. Differentiable w.r.t. qkv
+// through `out`; the gradient comes back packed. Throws longnet::Error as fused_dilated_attention does, and for
+// tables that are not (N, D/2).
+AttentionResult fused_dilated_attention_packed(const at::Tensor& qkv, int64_t heads, int64_t kv_heads,
+                                               const QkvRotation& rotation, const DilatedAttentionConfig& config,
+                                               const AttentionOptions& options);
+
 // Whether fused_dilated_attention can run these inputs; when false and `why` is given, *why says what is missing.
 bool fused_backend_supports(const at::Tensor& q, const AttentionOptions& options, std::string* why);
 

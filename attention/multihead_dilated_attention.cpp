@@ -116,7 +116,8 @@ std::optional<RelativePositionBias> MultiheadDilatedAttentionImpl::relative_bias
                               .bidirectional = !options_.dilated.causal};
 }
 
-Qkv MultiheadDilatedAttentionImpl::project(const at::Tensor& x, const SequenceShard* shard) {
+MultiheadDilatedAttentionImpl::Packed MultiheadDilatedAttentionImpl::packed_projection(const at::Tensor& x,
+                                                                                     const SequenceShard* shard) {
   if (x.dim() != 3 || x.size(2) != options_.embed_dim) {
     throw Error("multihead dilated attention: x must be (B, N, C) with C = " + std::to_string(options_.embed_dim) +
                 ", got " + shape_string(x.sizes()));
@@ -126,30 +127,33 @@ Qkv MultiheadDilatedAttentionImpl::project(const at::Tensor& x, const SequenceSh
   // three whose results are summed.
   const at::Tensor weight = at::cat({q_proj_->weight, k_proj_->weight, v_proj_->weight});
   const at::Tensor bias = options_.bias ? at::cat({q_proj_->bias, k_proj_->bias, v_proj_->bias}) : at::Tensor();
-  const at::Tensor qkv = at::linear(x, weight, bias);  // (B, N, (H + 2·Hkv)·D)
-  const bool rotary = options_.position == PositionEncoding::rope || options_.position == PositionEncoding::xpos;
-  at::Tensor cos, sin, q_scale, k_scale;
-  if (rotary) {
-    const int64_t start = shard ? shard->start : 0, length = shard ? shard->length : n;
-    const at::Tensor positions = at::arange(start, start + n, x.options().dtype(at::kLong));  // (N,)
-    // The tables in apply_rotary's arithmetic type (float64 only for float64 inputs), converted once for q and k.
-    const auto table_type = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    const auto [cos64, sin64] = rotary_cos_sin(positions, d, options_.rope_theta);
-    cos = cos64.to(table_type);
-    sin = sin64.to(table_type);
-    if (options_.position == PositionEncoding::xpos) {
-      // Centred positions keep ζ^(±n/γ) within float32 range for long sequences; q·k is unchanged (see header).
-      const at::Tensor centred = positions - length / 2;
-      q_scale = xpos_scale(centred, d, options_.xpos_scale_base).to(table_type);
-      k_scale = xpos_scale(-centred, d, options_.xpos_scale_base).to(table_type);
-    }
+  Packed out{.qkv = at::linear(x, weight, bias)};  // (B, N, (H + 2·Hkv)·D)
+  if (options_.position != PositionEncoding::rope && options_.position != PositionEncoding::xpos) return out;
+  const int64_t start = shard ? shard->start : 0, length = shard ? shard->length : n;
+  const at::Tensor positions = at::arange(start, start + n, x.options().dtype(at::kLong));  // (N,)
+  // The tables in apply_rotary's arithmetic type (float64 only for float64 inputs), converted once for q and k.
+  const auto table_type = out.qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto [cos64, sin64] = rotary_cos_sin(positions, d, options_.rope_theta);
+  out.rotation.cos = cos64.to(table_type);
+  out.rotation.sin = sin64.to(table_type);
+  if (options_.position == PositionEncoding::xpos) {
+    // Centred positions keep ζ^(±n/γ) within float32 range for long sequences; q·k is unchanged (see header).
+    const at::Tensor centred = positions - length / 2;
+    out.rotation.q_scale = xpos_scale(centred, d, options_.xpos_scale_base).to(table_type);
+    out.rotation.k_scale = xpos_scale(-centred, d, options_.xpos_scale_base).to(table_type);
   }
+  return out;
+}
+
+Qkv MultiheadDilatedAttentionImpl::project(const at::Tensor& x, const SequenceShard* shard) {
+  const auto [qkv, rotation] = packed_projection(x, shard);
+  const auto& [cos, sin, q_scale, k_scale] = rotation;
   if (!options_.qk_layernorm) return split_qkv(qkv, options_.heads, options_.kv_heads, cos, sin, q_scale, k_scale);
   Qkv out = split_qkv(qkv, options_.heads, options_.kv_heads);
   // Under autocast LayerNorm returns float32; q and k go back to v's dtype, which dilated_attention requires.
   out.q = q_norm_(out.q).to(out.v.scalar_type());
   out.k = k_norm_(out.k).to(out.v.scalar_type());
-  if (rotary) {
+  if (cos.defined()) {
     out.q = apply_rotary(out.q, cos, sin, q_scale);
     out.k = apply_rotary(out.k, cos, sin, k_scale);
   }
@@ -165,15 +169,22 @@ std::pair<at::Tensor, at::Tensor> MultiheadDilatedAttentionImpl::queries_and_key
 at::Tensor MultiheadDilatedAttentionImpl::forward(const at::Tensor& x,
                                                  const std::optional<at::Tensor>& key_padding_mask,
                                                  const SequenceShard* shard) {
-  const auto [q, k, v] = project(autocast_input(x), shard);  // (B, N, H, D), (B, N, Hkv, D) twice
   const int64_t b = x.size(0), n = x.size(1), d = options_.head_dim();
-
   AttentionOptions attention_options;
   attention_options.key_padding_mask = key_padding_mask;
   attention_options.relative_bias = relative_bias();
+  AttentionResult attended;
+  if (shard || options_.qk_layernorm) {
+    const auto [q, k, v] = project(autocast_input(x), shard);  // (B, N, H, D), (B, N, Hkv, D) twice
+    attended = shard ? shard->attend(q, k, v, options_.dilated, attention_options)
+                     : dilated_attention(q, k, v, options_.dilated, attention_options);
+  } else {
+    // The projection stays packed: the fused backend reads its slots in place (dilated_attention.h).
+    const auto [qkv, rotation] = packed_projection(autocast_input(x), nullptr);
+    attended = dilated_attention_packed(qkv, options_.heads, options_.kv_heads, rotation, options_.dilated,
+                                        attention_options);
+  }
   // o: (B, N, H, D) → (B, N, H·D)
-  const AttentionResult attended = shard ? shard->attend(q, k, v, options_.dilated, attention_options)
-                                         : dilated_attention(q, k, v, options_.dilated, attention_options);
   at::Tensor o = attended.out.reshape({b, n, options_.heads * d});
   o = at::dropout(o, options_.dropout, is_training());
   if (options_.sub_layernorm) o = sub_norm_(o);

@@ -112,6 +112,13 @@ class MultiheadDilatedAttentionImpl : public torch::nn::Module {
   std::optional<RelativePositionBias> relative_bias() const;
 
  private:
+  // The stacked projection qkv (B, N, (H + 2·Hkv)·D) and the position encoding's tables for its q and k (x already
+  // in the autocast dtype).
+  struct Packed {
+    at::Tensor qkv;
+    QkvRotation rotation{};
+  };
+  Packed packed_projection(const at::Tensor& x, const SequenceShard* shard);
   // q, k, v as the attention takes them (x already in the autocast dtype).
   Qkv project(const at::Tensor& x, const SequenceShard* shard);
 

@@ -15,7 +15,6 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "attention/cuda_backend.h"
-#include "attention/kernels/rotary.h"
 #endif
 
 namespace longnet::attention {
@@ -33,34 +32,6 @@ at::Tensor half_dim_index(int64_t head_dim, const at::Tensor& like) {
 }
 
 #ifdef LONGNET_WITH_CUDA
-
-// x (B, N, H, D) rotated by the rotary kernel into `out` (a new contiguous tensor when undefined; else any
-// (B, N, H, D) view with unit stride over D); `transpose` applies the gradient's map. Undefined tables: a copy.
-at::Tensor rotate_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& scale,
-                       bool transpose, at::Tensor out = {}) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.stride(3) == 1 ? x : x.contiguous();
-  if (!out.defined()) out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  kernels::RotaryParams p;
-  p.x = xc.data_ptr();
-  p.out = out.data_ptr();
-  for (int d = 0; d < 3; ++d) {
-    p.x_strides[d] = xc.stride(d);
-    p.out_strides[d] = out.stride(d);
-  }
-  p.cos = cos.defined() ? cos.data_ptr<float>() : nullptr;
-  p.sin = sin.defined() ? sin.data_ptr<float>() : nullptr;
-  p.scale = scale.defined() ? scale.data_ptr<float>() : nullptr;
-  p.batch = x.size(0);
-  p.n = x.size(1);
-  p.heads = x.size(2);
-  p.head_dim = x.size(3);
-  p.transpose = transpose;
-  p.dtype = element_type(x.scalar_type());
-  p.stream = at::cuda::getCurrentCUDAStream(x.get_device()).stream();
-  kernels::launch_rotary(p);
-  return out;
-}
 
 // The rotary encoding as one kernel each way; the tables are constants (positions carry no gradient).
 class RotaryFunction : public torch::autograd::Function<RotaryFunction> {

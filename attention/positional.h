@@ -38,6 +38,11 @@ at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Te
 struct Qkv {
   at::Tensor q, k, v;
 };
+
+// The tables split_qkv rotates q and k by (cos, sin and the xPos scales, each (N, D/2)); cos undefined: none.
+struct QkvRotation {
+  at::Tensor cos, sin, q_scale, k_scale;
+};
 Qkv split_qkv(const at::Tensor& qkv, int64_t heads, int64_t kv_heads, const at::Tensor& cos = {},
               const at::Tensor& sin = {}, const at::Tensor& q_scale = {}, const at::Tensor& k_scale = {});
 

@@ -87,7 +87,8 @@ struct RotaryParams {
   int64_t batch = 0, n = 0, heads = 0, head_dim = 0;
   bool transpose = false;
 
-  ElementType dtype = ElementType::bfloat16;
+  ElementType dtype = ElementType::bfloat16;  // out's, and x's unless x_float32
+  bool x_float32 = false;                     // x is float32 (an accumulator): converted to dtype in the same pass
   cudaStream_t stream = nullptr;
 };
 

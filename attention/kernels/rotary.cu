@@ -4,7 +4,8 @@
 // concatenation, the cast back) and more backward, on q and k of every layer: about a quarter of the GPU time of a
 // multimodal training step. Here a thread owns kVec consecutive pairs of one row: it reads both halves and the
 // token's table entries once and writes both halves once. Without tables it copies (strided rows into contiguous
-// ones or back), with 16-byte accesses where torch's copy of such views goes element by element.
+// ones or back), with 16-byte accesses where torch's copy of such views goes element by element. A float32 x with a
+// 16-bit out (the attention backward's accumulators into the packed gradient) is converted in the same pass.
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -24,7 +25,8 @@ using namespace elementwise;
 
 constexpr int kThreads = 256;
 
-template <typename T, int kVec, bool kScale, bool kTranspose, bool kCopy = false>
+// TIn: x's element type; T: out's.
+template <typename TIn, typename T, int kVec, bool kScale, bool kTranspose, bool kCopy = false>
 __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, int64_t total, int64_t vectors) {
   const int64_t gid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (gid >= total) return;
@@ -35,13 +37,19 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   rest /= p.heads;
   const int64_t n = rest % p.n;
   const int64_t b = rest / p.n;
-  const T* x = static_cast<const T*>(p.x) + b * p.x_strides[0] + n * p.x_strides[1] + h * p.x_strides[2] + i;
+  const TIn* x = static_cast<const TIn*>(p.x) + b * p.x_strides[0] + n * p.x_strides[1] + h * p.x_strides[2] + i;
   T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + n * p.out_strides[1] + h * p.out_strides[2] + i;
   const int64_t table = n * half + i;
-  const Vec<T, kVec> x1 = *reinterpret_cast<const Vec<T, kVec>*>(x);
-  const Vec<T, kVec> x2 = *reinterpret_cast<const Vec<T, kVec>*>(x + half);
-  Vec<T, kVec> y1 = x1, y2 = x2;  // kCopy: as they are
-  if constexpr (!kCopy) {
+  const Vec<TIn, kVec> x1 = *reinterpret_cast<const Vec<TIn, kVec>*>(x);
+  const Vec<TIn, kVec> x2 = *reinterpret_cast<const Vec<TIn, kVec>*>(x + half);
+  Vec<T, kVec> y1, y2;
+  if constexpr (kCopy) {  // exact: every 16-bit value is a float32 one
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      y1.v[e] = from_float<T>(to_float(x1.v[e]));
+      y2.v[e] = from_float<T>(to_float(x2.v[e]));
+    }
+  } else {
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       const float c = p.cos[table + e];
@@ -57,36 +65,37 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   *reinterpret_cast<Vec<T, kVec>*>(out + half) = y2;
 }
 
-template <typename T, int kVec>
+template <typename TIn, typename T, int kVec>
 void launch_typed(const RotaryParams& p, int64_t rows) {
   const int64_t vectors = p.head_dim / 2 / kVec;
   const int64_t total = rows * vectors;
   const unsigned grid = grid_for("launch_rotary", total, kThreads);
   const bool scale = p.scale != nullptr;
   if (p.cos == nullptr) {
-    rotary_kernel<T, kVec, false, false, true><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
+    rotary_kernel<TIn, T, kVec, false, false, true><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
   } else if (scale && p.transpose) {
-    rotary_kernel<T, kVec, true, true><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
+    rotary_kernel<TIn, T, kVec, true, true><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
   } else if (scale) {
-    rotary_kernel<T, kVec, true, false><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
+    rotary_kernel<TIn, T, kVec, true, false><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
   } else if (p.transpose) {
-    rotary_kernel<T, kVec, false, true><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
+    rotary_kernel<TIn, T, kVec, false, true><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
   } else {
-    rotary_kernel<T, kVec, false, false><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
+    rotary_kernel<TIn, T, kVec, false, false><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
   }
   LONGNET_CUDA_CHECK(cudaGetLastError());
 }
 
-template <typename T>
+template <typename TIn, typename T>
 void launch_dtype(const RotaryParams& p, int64_t rows) {
-  // 16-byte vectors of x where every row and both halves start on a vector boundary; single elements otherwise.
+  // 16-byte vectors of out (16 or 32 bytes of x) where every row and both halves start on a vector boundary; single
+  // elements otherwise.
   constexpr int kVec = 16 / sizeof(T);
-  bool vectorized = (p.head_dim / 2) % kVec == 0 && aligned(p.x, 16) && aligned(p.out, 16);
+  bool vectorized = (p.head_dim / 2) % kVec == 0 && aligned(p.x, kVec * sizeof(TIn)) && aligned(p.out, 16);
   for (int d = 0; d < 3; ++d) vectorized = vectorized && p.x_strides[d] % kVec == 0 && p.out_strides[d] % kVec == 0;
   if (vectorized) {
-    launch_typed<T, kVec>(p, rows);
+    launch_typed<TIn, T, kVec>(p, rows);
   } else {
-    launch_typed<T, 1>(p, rows);
+    launch_typed<TIn, T, 1>(p, rows);
   }
 }
 
@@ -107,7 +116,14 @@ void launch_rotary(const RotaryParams& params) {
   }
   const int64_t rows = params.batch * params.n * params.heads;
   if (rows == 0) return;
-  elementwise::with_element_type(params.dtype, [&](auto element) { launch_dtype<decltype(element)>(params, rows); });
+  elementwise::with_element_type(params.dtype, [&](auto element) {
+    using T = decltype(element);
+    if (params.x_float32) {
+      launch_dtype<float, T>(params, rows);
+    } else {
+      launch_dtype<T, T>(params, rows);
+    }
+  });
 }
 
 }  // namespace longnet::attention::kernels
