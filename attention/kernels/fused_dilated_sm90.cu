@@ -12,7 +12,6 @@
 // instruction, completion is counted on an mbarrier, and the hardware writes the 128-byte swizzle itself (the 5-d
 // views of sm90.cuh make a segment's sparse rows one box). The threads' only load work left is the keys' drop flags.
 #include <cstdint>
-#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -87,7 +86,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   const float scale_log2 = p.scale * kLog2e;
   const int warp_row = q0 + wg * 64 + warp * 16;  // first sparse query row of the warp
-  const bool own_rows = q0 + wg * 64 < L;
   const uint32_t q_addr = sQ + wg * 64 * kD * 2;
   __syncthreads();  // tile 0's key flags
   mbarrier_wait(bar_q, 0);
@@ -101,56 +99,36 @@ __global__ void __launch_bounds__(kThreads, 2)
     const uint8_t* drop = sDrop + stage * kKeys;
     const int n0 = j * kKeys;
 
-    // One key tile: S = Q·K^T over its first 8·NT keys (NT = 16, or 8 when the rest is past the keys in range),
-    // online softmax, O += P·V.
-    auto step = [&](auto n_tiles) {
-      constexpr int NT = decltype(n_tiles)::value;
-      // S = Q·K^T: four k-steps of 16 along D, 32 bytes apart inside the swizzled rows. The first step overwrites s
-      // (scale-d 0), so its old values are dead and need no registers across the P·V product.
-      mbarrier_wait(bar_k + 8 * stage, parity);
-      float s[NT][4];
-      wgmma_fence();
+    // S = Q·K^T: four k-steps of 16 along D, 32 bytes apart inside the swizzled rows. The first step overwrites s
+    // (scale-d 0), so its old values are dead and need no registers across the P·V product.
+    mbarrier_wait(bar_k + 8 * stage, parity);
+    float s[kKeys / 8][4];
+    wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        if constexpr (NT == kKeys / 8) {
-          W::ss_n128(s, smem_desc(q_addr + kk * 32), smem_desc(k_addr + kk * 32), kk);
-        } else {
-          W::ss_n64(s, smem_desc(q_addr + kk * 32), smem_desc(k_addr + kk * 32), kk);
-        }
-      }
-      wgmma_commit();
-      wgmma_wait_all();
-      pin(s);
+    for (int kk = 0; kk < kD / 16; ++kk) W::ss_n128(s, smem_desc(q_addr + kk * 32), smem_desc(k_addr + kk * 32), kk);
+    wgmma_commit();
+    wgmma_wait_all();
+    pin(s);
 
-      if (n0 + 8 * NT > L || mask != nullptr || (p.causal && n0 + 8 * NT - 1 > warp_row)) {
-        mask_scores(s, drop, p.causal, n0, warp_row + g, c);
-      }
-      softmax_step(s, o_acc, row_max, row_sum, scale_log2);
-
-      // O += P·V: k-steps of 16 keys, 16 rows (2048 bytes) apart in the V tile.
-      uint32_t pa[NT / 2][4];
-#pragma unroll
-      for (int kk = 0; kk < NT / 2; ++kk) a_from_accumulator<T>(pa[kk], s, kk);
-      mbarrier_wait(bar_v + 8 * stage, parity);
-      pin(o_acc);
-      pin(pa);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < NT / 2; ++kk) W::rs_n64(o_acc, pa[kk], smem_desc(v_addr + kk * 16 * kD * 2));
-      wgmma_commit();
-      wgmma_wait_all();
-      pin(o_acc);
-      pin(pa);
-    };
-    // Work wholly past the range is skipped (ragged segment ends: a frame of 196 rows, 784 rows at r = 2, …): the
-    // warpgroup's queries when none is a row of the segment, the second 64 keys of a tile when none is in range.
-    if (own_rows) {
-      if (keys - n0 > 64) {
-        step(std::integral_constant<int, kKeys / 8>{});
-      } else {
-        step(std::integral_constant<int, 8>{});
-      }
+    if (n0 + kKeys > L || mask != nullptr || (p.causal && n0 + kKeys - 1 > warp_row)) {
+      mask_scores(s, drop, p.causal, n0, warp_row + g, c);
     }
+    softmax_step(s, o_acc, row_max, row_sum, scale_log2);
+
+    // O += P·V: eight k-steps of 16 keys, 16 rows (2048 bytes) apart in the V tile.
+    uint32_t pa[kKeys / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) a_from_accumulator<T>(pa[kk], s, kk);
+    mbarrier_wait(bar_v + 8 * stage, parity);
+    pin(o_acc);
+    pin(pa);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) W::rs_n64(o_acc, pa[kk], smem_desc(v_addr + kk * 16 * kD * 2));
+    wgmma_commit();
+    wgmma_wait_all();
+    pin(o_acc);
+    pin(pa);
     __syncthreads();  // both warpgroups are done with this stage before the next iteration refills it
   }
 

@@ -157,17 +157,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bool dropped[2] = {sDrop[key_a] != 0, sDrop[key_a + 8] != 0};
   mbarrier_wait(bar_kv, 0);
 
-  // Work wholly past L is skipped (ragged segment ends: a frame of 196 rows, 784 rows at r = 2, …): warpgroup 1's
-  // 64 keys when none is in range, and a query tile's second half when none of its rows is. Such a warpgroup's dS^T
-  // rows are zeros once and for all, for the dQ products (a branch inside their chain would cost a fence each).
-  const bool own_keys = wg == 0 || k0 + 64 < L;
-  if (!own_keys) {
-    for (int i = tid & 127; i < 2 * 64 * kRowBytes / 16; i += 128) {
-      const int half = i / (64 * kRowBytes / 16), chunk = i % (64 * kRowBytes / 16);
-      const uint32_t addr = sS + half * kTileBytes + 64 * kRowBytes + chunk * 16;
-      asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
-    }
-  }
   int it = 0;
   for (int m0 = m_begin; m0 < L; m0 += kQueries, ++it) {
     // Stage (it + 1) & 1 was last read in iteration it - 1, which every thread has left (the barrier at its end).
@@ -177,7 +166,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint32_t q_addr = sQ + stage * kTileBytes, o_addr = sO + stage * kTileBytes;
     const float* lse = sLse + stage * kQueries;
     const float* delta = sDelta + stage * kQueries;
-    const bool second_half = m0 + 64 < L;
 
     // S^T = K·Q^T and dP^T = V·dout^T in two groups, one per half of the queries, so that the first half's
     // exponentials run while the tensor cores work on the second: four k-steps of 16 along D, 32 bytes apart inside
@@ -185,122 +173,104 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbarrier_wait(bar_qo + 8 * stage, (it >> 1) & 1);
     constexpr uint32_t kHalf = 64 * kRowBytes;
     float s0[8][4], d0[8][4], s1[8][4], d1[8][4];
-    uint32_t pa0[4][4], da0[4][4], pa1[4][4], da1[4][4];
-    if (own_keys) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) W::ss_n64(s0, smem_desc(k_rows + kk * 32), smem_desc(q_addr + kk * 32), kk);
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) W::ss_n64(d0, smem_desc(v_rows + kk * 32), smem_desc(o_addr + kk * 32), kk);
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      W::ss_n64(s1, smem_desc(k_rows + kk * 32), smem_desc(q_addr + kHalf + kk * 32), kk);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      W::ss_n64(d1, smem_desc(v_rows + kk * 32), smem_desc(o_addr + kHalf + kk * 32), kk);
+    }
+    wgmma_commit();
+
+    // Per half: P^T and dS^T, dS^T to shared memory for dQ, then dV += P^T·dout and dK += dS^T·Q (four k-steps of
+    // 16 queries, 16 rows = 2048 bytes apart), which run while the next half's exponentials do.
+    const bool masked = any_dropped || (p.causal && m0 < k0 + kKeys);
+    const int key = k0 + key_a;
+    auto half_gradients = [&](float (&s)[8][4], float (&dp)[8][4], uint32_t (&pa)[4][4], uint32_t (&da)[4][4],
+                              int half) {
+      if (masked) {
+        gradients_of_scores<T, true>(s, dp, pa, da, lse, delta, 64 * half, scale_log2, c, dropped, p.causal, key, m0);
+      } else {
+        gradients_of_scores<T, false>(s, dp, pa, da, lse, delta, 64 * half, scale_log2, c, dropped, p.causal, key,
+                                      m0);
+      }
+      store_scores_t(sS + half * kTileBytes, da, key_a, c);
+      if (half == 0) {  // the accumulators, before the first products that write them
+        pin(dv);
+        pin(dk);
+      }
+      pin(pa);
+      pin(da);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        W::ss_n64(s0, smem_desc(k_rows + kk * 32), smem_desc(q_addr + kk * 32), kk);
-      }
+      for (int kk = 0; kk < 4; ++kk) W::rs_n64(dv, pa[kk], smem_desc(o_addr + half * kHalf + kk * 16 * kRowBytes));
 #pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        W::ss_n64(d0, smem_desc(v_rows + kk * 32), smem_desc(o_addr + kk * 32), kk);
-      }
+      for (int kk = 0; kk < 4; ++kk) W::rs_n64(dk, da[kk], smem_desc(q_addr + half * kHalf + kk * 16 * kRowBytes));
       wgmma_commit();
-      if (second_half) {
-        wgmma_fence();  // the branch starts a new block, so ptxas would insert it anyway
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk) {
-          W::ss_n64(s1, smem_desc(k_rows + kk * 32), smem_desc(q_addr + kHalf + kk * 32), kk);
-        }
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk) {
-          W::ss_n64(d1, smem_desc(v_rows + kk * 32), smem_desc(o_addr + kHalf + kk * 32), kk);
-        }
-        wgmma_commit();
-      }
-
-      // Per half: P^T and dS^T, dS^T to shared memory for dQ, then dV += P^T·dout and dK += dS^T·Q (four k-steps of
-      // 16 queries, 16 rows = 2048 bytes apart), which run while the next half's exponentials do.
-      const bool masked = any_dropped || (p.causal && m0 < k0 + kKeys);
-      const int key = k0 + key_a;
-      auto half_gradients = [&](float (&s)[8][4], float (&dp)[8][4], uint32_t (&pa)[4][4], uint32_t (&da)[4][4],
-                                int half) {
-        if (masked) {
-          gradients_of_scores<T, true>(s, dp, pa, da, lse, delta, 64 * half, scale_log2, c, dropped, p.causal, key,
-                                       m0);
-        } else {
-          gradients_of_scores<T, false>(s, dp, pa, da, lse, delta, 64 * half, scale_log2, c, dropped, p.causal, key,
-                                        m0);
-        }
-        store_scores_t(sS + half * kTileBytes, da, key_a, c);
-        if (half == 0) {  // the accumulators, before the first products that write them
-          pin(dv);
-          pin(dk);
-        }
-        pin(pa);
-        pin(da);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) W::rs_n64(dv, pa[kk], smem_desc(o_addr + half * kHalf + kk * 16 * kRowBytes));
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) W::rs_n64(dk, da[kk], smem_desc(q_addr + half * kHalf + kk * 16 * kRowBytes));
-        wgmma_commit();
-      };
-      if (second_half) {
-        wgmma_wait<1>();
-      } else {
-        wgmma_wait<0>();
-      }
-      pin(s0);
-      pin(d0);
-      half_gradients(s0, d0, pa0, da0, 0);
-      if (second_half) {
-        wgmma_wait<1>();  // the second half's scores (the first half's products may still run)
-        pin(s1);
-        pin(d1);
-        half_gradients(s1, d1, pa1, da1, 1);
-      }
-      fence_proxy_async();
-      wgmma_wait<0>();
-      pin(dv);
-      pin(dk);
-      pin(pa0);
-      pin(da0);
-      pin(pa1);
-      pin(da1);
-    }
-    __syncthreads();  // the halves of dS^T are written
+    };
+    uint32_t pa0[4][4], da0[4][4], pa1[4][4], da1[4][4];
+    wgmma_wait<1>();
+    pin(s0);
+    pin(d0);
+    half_gradients(s0, d0, pa0, da0, 0);
+    wgmma_wait<1>();  // the second half's scores (the first half's products may still run)
+    pin(s1);
+    pin(d1);
+    half_gradients(s1, d1, pa1, da1, 1);
+    fence_proxy_async();
+    wgmma_wait<0>();
+    pin(dv);
+    pin(dk);
+    pin(pa0);
+    pin(da0);
+    pin(pa1);
+    pin(da1);
+    __syncthreads();  // both halves of dS^T are written
 
     // dQ for the warpgroup's 64 queries = dS·K: eight k-steps of 16 keys, 16 rows apart in both tiles.
-    if (wg == 0 || second_half) {
-      float dq[kD / 8][4];
-      wgmma_fence();
+    float dq[kD / 8][4];
+    wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        W::ss_n64_tt(dq, smem_desc(sS + wg * kTileBytes + kk * 16 * kRowBytes), smem_desc(sK + kk * 16 * kRowBytes),
-                     kk);
-      }
-      wgmma_commit();
-      wgmma_wait_all();
-      pin(dq);
-      // dQ to shared memory in the TMA box layout (128-byte swizzle over rows of 32 floats), then one TMA reduction
-      // per box into the float32 accumulator: whole lines added in L2, none of the threads' atomics. Rows past L add
-      // zeros (their dS is 0) to whatever rows the box covers.
-      const uint32_t dq_tile = sQd + wg * kTileBytes;
-      const bool issuer = (tid & 127) == 0;
-      if (issuer) bulk_wait_read();  // the previous tile's reductions have read the buffer
-      warpgroup_sync(wg);
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      W::ss_n64_tt(dq, smem_desc(sS + wg * kTileBytes + kk * 16 * kRowBytes), smem_desc(sK + kk * 16 * kRowBytes),
+                   kk);
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    pin(dq);
+    // dQ to shared memory in the TMA box layout (128-byte swizzle over rows of 32 floats), then one TMA reduction
+    // per box into the float32 accumulator: whole lines added in L2, none of the threads' atomics. Rows past L add
+    // zeros (their dS is 0) to whatever rows the box covers.
+    const uint32_t dq_tile = sQd + wg * kTileBytes;
+    const bool issuer = (tid & 127) == 0;
+    if (issuer) bulk_wait_read();  // the previous tile's reductions have read the buffer
+    warpgroup_sync(wg);
 #pragma unroll
-      for (int dt = 0; dt < kD / 8; ++dt) {
+    for (int dt = 0; dt < kD / 8; ++dt) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int row = warp * 16 + g + 8 * i, chunk = (dt & 3) * 2 + (c >> 1);
-          const uint32_t addr = dq_tile + (dt >> 2) * (kTileBytes / 2) + row * 128 + ((chunk ^ (row & 7)) << 4) +
-                                (c & 1) * 8;
-          asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(p.scale * dq[dt][2 * i]),
-                       "f"(p.scale * dq[dt][2 * i + 1])
-                       : "memory");
-        }
+      for (int i = 0; i < 2; ++i) {
+        const int row = warp * 16 + g + 8 * i, chunk = (dt & 3) * 2 + (c >> 1);
+        const uint32_t addr = dq_tile + (dt >> 2) * (kTileBytes / 2) + row * 128 + ((chunk ^ (row & 7)) << 4) +
+                              (c & 1) * 8;
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(p.scale * dq[dt][2 * i]),
+                     "f"(p.scale * dq[dt][2 * i + 1])
+                     : "memory");
       }
-      fence_proxy_async();
-      warpgroup_sync(wg);
-      if (issuer) {
-        const int row_g = g0 + m0 + wg * 64, acc_head = head - static_cast<int>(p.acc_head0);
-        tma_reduce_add(views.dq[view], dq_tile, 0, acc_head, o, row_g, batch);
-        tma_reduce_add(views.dq[view], dq_tile + kTileBytes / 2, kD / 2, acc_head, o, row_g, batch);
-        bulk_commit();
-      }
+    }
+    fence_proxy_async();
+    warpgroup_sync(wg);
+    if (issuer) {
+      const int row_g = g0 + m0 + wg * 64, acc_head = head - static_cast<int>(p.acc_head0);
+      tma_reduce_add(views.dq[view], dq_tile, 0, acc_head, o, row_g, batch);
+      tma_reduce_add(views.dq[view], dq_tile + kTileBytes / 2, kD / 2, acc_head, o, row_g, batch);
+      bulk_commit();
     }
     if (has_next) store_stat((it + 1) & 1, next_stat);
     __syncthreads();  // the next iteration overwrites dS^T and refills this stage, and reads the next one
