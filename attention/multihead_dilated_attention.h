@@ -20,6 +20,8 @@
 //          (bidirectional unless causal)
 //   o = dilated_attention(q, k, v): (B, N, H, D) → (B, N, C), dropout(o), sub_layernorm: LayerNorm(o) (Magneto),
 //   y = Wo o
+// Without qk_layernorm or a sequence shard, the projection goes to dilated_attention_packed whole, which for the
+// fused backend reads the slots in place and rotates q and k itself (the same result; dilated_attention.h).
 //
 // Options against backends (DilatedAttentionConfig::backend; `auto` resolves per dilated_attention.h):
 //   option                          reference   flash
