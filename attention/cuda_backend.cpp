@@ -90,6 +90,13 @@ CudaInputs check_cuda_backend_inputs(const std::string& backend, const at::Tenso
 
 #ifdef LONGNET_WITH_CUDA
 
+std::array<at::Tensor, 3> qkv_slots(const at::Tensor& packed, int64_t heads, int64_t kv_heads) {
+  const int64_t b = packed.size(0), n = packed.size(1), d = packed.size(2) / (heads + 2 * kv_heads);
+  return {packed.narrow(2, 0, heads * d).view({b, n, heads, d}),
+          packed.narrow(2, heads * d, kv_heads * d).view({b, n, kv_heads, d}),
+          packed.narrow(2, (heads + kv_heads) * d, kv_heads * d).view({b, n, kv_heads, d})};
+}
+
 at::Tensor rotate_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& scale,
                        bool transpose, at::Tensor out) {
   const c10::cuda::CUDAGuard guard(x.device());

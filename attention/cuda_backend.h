@@ -2,6 +2,7 @@
 // inputs, and the autograd function that saves a call and runs the backend's exact backward. Internal to attention/.
 #pragma once
 
+#include <array>
 #include <limits>
 #include <optional>
 #include <string>
@@ -50,7 +51,10 @@ CudaInputs check_cuda_backend_inputs(const std::string& backend, const at::Tenso
 at::Tensor rotate_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& scale,
                        bool transpose, at::Tensor out = {});
 
-// The branch configuration an autograd function saved as plain values (saved_data holds no structs).
+// The q, k and v slots of a packed projection (B, N, (H + 2·Hkv)·D) as (B, N, heads, D) views.
+std::array<at::Tensor, 3> qkv_slots(const at::Tensor& packed, int64_t heads, int64_t kv_heads);
+
+// The branch configuration as an autograd function receives it (apply() takes no structs).
 inline DilatedAttentionConfig dilated_config_of(const std::vector<int64_t>& segment_lengths,
                                                 const std::vector<int64_t>& dilation_rates, bool head_split,
                                                 bool causal) {
@@ -60,6 +64,34 @@ inline DilatedAttentionConfig dilated_config_of(const std::vector<int64_t>& segm
   config.mix = head_split ? Mix::head_split : Mix::lse;
   config.causal = causal;
   return config;
+}
+
+// What the backends' autograd functions keep of a call besides their saved tensors, and read back in the backward.
+// save_call also marks the LSE output non-differentiable (a statistic) and leaves undefined gradients undefined.
+struct SavedCall {
+  std::optional<at::Tensor> mask;
+  DilatedAttentionConfig config;
+  double scale = 1.0;
+};
+inline void save_call(torch::autograd::AutogradContext* ctx, const std::optional<at::Tensor>& mask,
+                      const DilatedAttentionConfig& config, double scale, const at::Tensor& lse) {
+  ctx->mark_non_differentiable({lse});
+  ctx->set_materialize_grads(false);
+  ctx->saved_data["mask"] = mask ? c10::IValue(*mask) : c10::IValue();
+  ctx->saved_data["segment_lengths"] = config.segment_lengths;
+  ctx->saved_data["dilation_rates"] = config.dilation_rates;
+  ctx->saved_data["head_split"] = config.mix == Mix::head_split;
+  ctx->saved_data["causal"] = config.causal;
+  ctx->saved_data["scale"] = scale;
+}
+inline SavedCall saved_call(torch::autograd::AutogradContext* ctx) {
+  SavedCall call;
+  if (!ctx->saved_data["mask"].isNone()) call.mask = ctx->saved_data["mask"].toTensor();
+  call.config = dilated_config_of(ctx->saved_data["segment_lengths"].toIntVector(),
+                                  ctx->saved_data["dilation_rates"].toIntVector(),
+                                  ctx->saved_data["head_split"].toBool(), ctx->saved_data["causal"].toBool());
+  call.scale = ctx->saved_data["scale"].toDouble();
+  return call;
 }
 
 // Autograd through a CUDA backend `Impl`, which provides
@@ -75,17 +107,10 @@ class DilatedFunction : public torch::autograd::Function<DilatedFunction<Impl>> 
                                                 const std::vector<int64_t>& segment_lengths,
                                                 const std::vector<int64_t>& dilation_rates, bool head_split,
                                                 bool causal, double scale) {
-    auto [out, lse] = Impl::forward(q, k, v, mask,
-                                    dilated_config_of(segment_lengths, dilation_rates, head_split, causal), scale);
+    const auto config = dilated_config_of(segment_lengths, dilation_rates, head_split, causal);
+    auto [out, lse] = Impl::forward(q, k, v, mask, config, scale);
     ctx->save_for_backward({q, k, v, out, lse});
-    ctx->saved_data["mask"] = mask ? c10::IValue(*mask) : c10::IValue();
-    ctx->saved_data["segment_lengths"] = segment_lengths;
-    ctx->saved_data["dilation_rates"] = dilation_rates;
-    ctx->saved_data["head_split"] = head_split;
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["scale"] = scale;
-    ctx->mark_non_differentiable({lse});
-    ctx->set_materialize_grads(false);
+    save_call(ctx, mask, config, scale, lse);
     return {out, lse};
   }
 
@@ -94,15 +119,11 @@ class DilatedFunction : public torch::autograd::Function<DilatedFunction<Impl>> 
     const auto saved = ctx->get_saved_variables();
     torch::autograd::variable_list grads(9);
     if (!grad_outputs[0].defined()) return grads;
-    std::optional<at::Tensor> mask;
-    if (!ctx->saved_data["mask"].isNone()) mask = ctx->saved_data["mask"].toTensor();
-    const auto config = dilated_config_of(ctx->saved_data["segment_lengths"].toIntVector(),
-                                          ctx->saved_data["dilation_rates"].toIntVector(),
-                                          ctx->saved_data["head_split"].toBool(), ctx->saved_data["causal"].toBool());
+    const SavedCall call = saved_call(ctx);
     const c10::cuda::CUDAGuard guard(saved[0].device());
     auto [dq, dk, dv] = Impl::backward(saved[0], saved[1], saved[2], saved[3], saved[4],
-                                       grad_outputs[0].to(saved[0].scalar_type()).contiguous(), mask, config,
-                                       ctx->saved_data["scale"].toDouble());
+                                       grad_outputs[0].to(saved[0].scalar_type()).contiguous(), call.mask,
+                                       call.config, call.scale);
     grads[0] = dq;
     grads[1] = dk;
     grads[2] = dv;

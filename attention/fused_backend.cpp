@@ -3,7 +3,6 @@
 #include "attention/fused_backend.h"
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -202,14 +201,6 @@ struct FusedImpl {
   }
 };
 
-// The q, k and v slots of a packed (B, N, (H + 2·Hkv)·D) tensor as (B, N, heads, D) views.
-std::array<at::Tensor, 3> qkv_slots(const at::Tensor& packed, int64_t heads, int64_t kv_heads) {
-  const int64_t b = packed.size(0), n = packed.size(1), d = packed.size(2) / (heads + 2 * kv_heads);
-  return {packed.narrow(2, 0, heads * d).view({b, n, heads, d}),
-          packed.narrow(2, heads * d, kv_heads * d).view({b, n, kv_heads, d}),
-          packed.narrow(2, (heads + kv_heads) * d, kv_heads * d).view({b, n, kv_heads, d})};
-}
-
 // split_qkv and the fused backend's DilatedFunction as one autograd function. The kernels read v (and q, k when
 // nothing rotates them) where it lies in the packed projection, so only rotated q and k are written; the backward
 // writes the packed gradient straight from its float32 accumulators, rotating dq and dk back in the same pass.
@@ -230,32 +221,20 @@ class PackedFunction : public torch::autograd::Function<PackedFunction> {
     const auto slots = qkv_slots(qkv, heads, kv_heads);
     const at::Tensor q = c.defined() ? rotate_cuda(slots[0], c, s, zq, /*transpose=*/false) : slots[0];
     const at::Tensor k = c.defined() ? rotate_cuda(slots[1], c, s, zk, /*transpose=*/false) : slots[1];
-    auto [out, lse] = forward_impl(q, k, slots[2], mask,
-                                   dilated_config_of(segment_lengths, dilation_rates, head_split, causal), scale);
+    const auto config = dilated_config_of(segment_lengths, dilation_rates, head_split, causal);
+    auto [out, lse] = forward_impl(q, k, slots[2], mask, config, scale);
     ctx->save_for_backward({q, k, slots[2], out, lse, c, s, zq, zk});
-    ctx->saved_data["mask"] = mask ? c10::IValue(*mask) : c10::IValue();
-    ctx->saved_data["segment_lengths"] = segment_lengths;
-    ctx->saved_data["dilation_rates"] = dilation_rates;
-    ctx->saved_data["head_split"] = head_split;
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["scale"] = scale;
-    ctx->mark_non_differentiable({lse});
-    ctx->set_materialize_grads(false);
+    save_call(ctx, mask, config, scale, lse);
     return {out, lse};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
-    torch::autograd::variable_list grads(14);
+    torch::autograd::variable_list grads(13);  // one per input of forward
     if (!grad_outputs[0].defined()) return grads;
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
-    std::optional<at::Tensor> mask;
-    if (!ctx->saved_data["mask"].isNone()) mask = ctx->saved_data["mask"].toTensor();
-    const auto config = dilated_config_of(ctx->saved_data["segment_lengths"].toIntVector(),
-                                          ctx->saved_data["dilation_rates"].toIntVector(),
-                                          ctx->saved_data["head_split"].toBool(), ctx->saved_data["causal"].toBool());
-    const double scale = ctx->saved_data["scale"].toDouble();
+    const SavedCall call = saved_call(ctx);
     const c10::cuda::CUDAGuard guard(q.device());
     const int64_t B = q.size(0), N = q.size(1), H = q.size(2), Hkv = k.size(2), D = q.size(3);
     const auto dout = grad_outputs[0].to(q.scalar_type()).contiguous();
@@ -265,16 +244,16 @@ class PackedFunction : public torch::autograd::Function<PackedFunction> {
                              .rotation = {.cos = saved[5], .sin = saved[6], .q_scale = saved[7], .k_scale = saved[8]}};
     if (flash_backward_chosen()) {
       AttentionOptions options;
-      options.key_padding_mask = mask;
-      options.scale = scale;
-      const auto [dq, dk, dv] = flash_dilated_attention_backward(q, k, v.contiguous(), out, lse, dout, config,
+      options.key_padding_mask = call.mask;
+      options.scale = call.scale;
+      const auto [dq, dk, dv] = flash_dilated_attention_backward(q, k, v.contiguous(), out, lse, dout, call.config,
                                                                  options);
       const QkvRotation& t = to.rotation;
       rotate_cuda(dq, t.cos, t.sin, t.q_scale, /*transpose=*/true, to.dq);
       rotate_cuda(dk, t.cos, t.sin, t.k_scale, /*transpose=*/true, to.dk);
       rotate_cuda(dv, {}, {}, {}, /*transpose=*/true, to.dv);
     } else {
-      backward_impl(q, k, v, out, lse, dout, mask, config, scale, to);
+      backward_impl(q, k, v, out, lse, dout, call.mask, call.config, call.scale, to);
     }
     return grads;
   }

@@ -1,7 +1,6 @@
 #include "attention/autograd_gcc_warnings.h"  // first: its pragmas cover every later include
 #include "attention/positional.h"
 
-#include <array>
 #include <cmath>
 #include <optional>
 
@@ -66,7 +65,7 @@ class SplitQkvFunction : public torch::autograd::Function<SplitQkvFunction> {
     const at::Tensor c = cos.value_or(at::Tensor()), s = sin.value_or(at::Tensor());
     const at::Tensor zq = q_scale.value_or(at::Tensor()), zk = k_scale.value_or(at::Tensor());
     ctx->save_for_backward({c, s, zq, zk});
-    const auto parts = slots(qkv, heads, kv_heads);
+    const auto parts = qkv_slots(qkv, heads, kv_heads);
     // The slots are strided views; the kernel writes each into a contiguous tensor (v and unrotated q, k copied).
     return {rotate_cuda(parts[0], c, s, zq, /*transpose=*/false), rotate_cuda(parts[1], c, s, zk, /*transpose=*/false),
             rotate_cuda(parts[2], {}, {}, {}, /*transpose=*/false)};
@@ -78,7 +77,7 @@ class SplitQkvFunction : public torch::autograd::Function<SplitQkvFunction> {
     const at::Tensor& any = grads[0].defined() ? grads[0] : grads[1].defined() ? grads[1] : grads[2];
     const int64_t b = any.size(0), n = any.size(1), d = any.size(3);
     at::Tensor grad = at::empty({b, n, (heads + 2 * kv_heads) * d}, any.options());
-    const auto parts = slots(grad, heads, kv_heads);
+    const auto parts = qkv_slots(grad, heads, kv_heads);
     for (size_t i = 0; i < 3; ++i) {
       if (!grads[i].defined()) {
         parts[i].zero_();
@@ -91,14 +90,6 @@ class SplitQkvFunction : public torch::autograd::Function<SplitQkvFunction> {
     return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 
- private:
-  // The q, k and v slots of a packed (B, N, (H + 2·Hkv)·D) tensor as (B, N, heads, D) views.
-  static std::array<at::Tensor, 3> slots(const at::Tensor& packed, int64_t heads, int64_t kv_heads) {
-    const int64_t b = packed.size(0), n = packed.size(1), d = packed.size(2) / (heads + 2 * kv_heads);
-    return {packed.narrow(2, 0, heads * d).view({b, n, heads, d}),
-            packed.narrow(2, heads * d, kv_heads * d).view({b, n, kv_heads, d}),
-            packed.narrow(2, (heads + kv_heads) * d, kv_heads * d).view({b, n, kv_heads, d})};
-  }
 };
 
 #endif  // LONGNET_WITH_CUDA

@@ -205,6 +205,15 @@ at::Tensor padding_mask(const Case& c) {
   return mask;
 }
 
+DilatedAttentionConfig config_of(const Case& c) {
+  DilatedAttentionConfig config;
+  config.segment_lengths = c.segments;
+  config.dilation_rates = c.rates;
+  config.causal = c.causal;
+  config.mix = c.mix;
+  return config;
+}
+
 }  // namespace
 
 TEST_CASE("flash and fused backends match the float64 oracle: forward, LSE, dq, dk, dv", "[attention][cuda]") {
@@ -233,11 +242,7 @@ TEST_CASE("flash and fused backends match the float64 oracle: forward, LSE, dq, 
   const auto v = torch::randn({c.batch, c.n, c.kv_heads, c.head_dim}, opts).requires_grad_();
   const auto dout = torch::randn({c.batch, c.n, c.heads, c.head_dim}, opts);
 
-  DilatedAttentionConfig config;
-  config.segment_lengths = c.segments;
-  config.dilation_rates = c.rates;
-  config.causal = c.causal;
-  config.mix = c.mix;
+  const DilatedAttentionConfig config = config_of(c);
   AttentionOptions options;
   if (c.padding != Padding::none) options.key_padding_mask = padding_mask(c).to(dev);
 
@@ -555,11 +560,7 @@ TEST_CASE("fused backend on a packed projection matches split_qkv and the float6
     rotation.q_scale = longnet::attention::xpos_scale(positions - c.n / 2, D, 512.0);
     rotation.k_scale = longnet::attention::xpos_scale(c.n / 2 - positions, D, 512.0);
   }
-  DilatedAttentionConfig config;
-  config.segment_lengths = c.segments;
-  config.dilation_rates = c.rates;
-  config.causal = c.causal;
-  config.mix = c.mix;
+  const DilatedAttentionConfig config = config_of(c);
   AttentionOptions options;
   if (c.padding != Padding::none) options.key_padding_mask = padding_mask(c).to(dev);
 
