@@ -10,12 +10,15 @@ Each row: milliseconds, share of all GPU time, launches, then the outermost auto
 launch for each of the first N rows. --gaps N adds the GPU's idle time: every interval of at least --min-gap-us in
 which no kernel, copy or memset runs is charged to the operator stack that launched the work ending it (what the
 host was late to launch) and that work's name, and the N largest of those rows are printed with their share of the
-traced wall time.
+traced wall time. --lag adds how far the host runs ahead: the delay from each kernel's launch to its start on the GPU
+(median and percentiles). Delays of many milliseconds mean a queue of work, so the step is bound by the GPU; delays
+near zero mean the GPU waits for the host.
 Needs only Python's standard library. Exit status 2 for a missing or unreadable trace.
 """
 import argparse
 import collections
 import json
+import statistics
 import sys
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -130,6 +133,20 @@ def idle_gaps(events, stack_of, min_gap_us):
     return rows, busy_until - spans[0][0], idle
 
 
+def launch_lags(events):
+    """Microseconds from each GPU event's launch to its start, sorted (events without a recorded launch left out)."""
+    launched = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {}):
+            launched[e["args"]["correlation"]] = float(e["ts"])
+    lags = []
+    for e in gpu_events(events):
+        start = launched.get(e.get("args", {}).get("correlation"))
+        if start is not None:
+            lags.append(float(e["ts"]) - start)
+    return sorted(lags)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trace", help="trace.json written by train.profile_from")
@@ -137,6 +154,7 @@ def main():
     parser.add_argument("--stacks", type=int, default=0, help="print the whole stack of the first N rows")
     parser.add_argument("--gaps", type=int, default=0, help="print the N largest rows of GPU idle time")
     parser.add_argument("--min-gap-us", type=float, default=5.0, help="shorter idle intervals are not charged")
+    parser.add_argument("--lag", action="store_true", help="print the delays from launch to start on the GPU")
     args = parser.parse_args()
     events = load(args.trace)
     stack_of = launch_stacks(events)
@@ -160,6 +178,15 @@ def main():
         for (node, inner, name), (us, count, _) in sorted(gaps.items(), key=lambda item: -item[1][0])[: args.gaps]:
             print(f"{us / 1e3:9.2f} {100 * us / max(wall, 1e-9):5.1f}% {count:6d}  {node[:60] or '-'} | {inner[:80]} | "
                   f"{name[:80]}")
+    if args.lag:
+        lags = launch_lags(events)
+        if lags:
+            at = lambda q: lags[round(q * (len(lags) - 1))] / 1e3  # noqa: E731  (nearest rank)
+            print(f"\nlaunch to GPU start over {len(lags)} launches: median {statistics.median(lags) / 1e3:.2f} ms, "
+                  f"p10 {at(0.1):.2f} ms, "
+                  f"p90 {at(0.9):.2f} ms, max {lags[-1] / 1e3:.2f} ms")
+        else:
+            print("\nlaunch to GPU start: no GPU event has a recorded launch")
     return 0
 
 
