@@ -171,8 +171,10 @@ def main():
     if args.gaps > 0:
         gaps, wall, idle = idle_gaps(events, stack_of, args.min_gap_us)
         charged = sum(row[0] for row in gaps.values())
-        print(f"\nGPU idle {idle / 1e3:.1f} ms of {wall / 1e3:.1f} ms traced wall time ({100 * idle / max(wall, 1e-9):.1f} %); "
-              f"{charged / 1e3:.1f} ms in {sum(row[1] for row in gaps.values())} gaps of at least {args.min_gap_us:g} us, "
+        share = 100 * idle / max(wall, 1e-9)
+        count = sum(row[1] for row in gaps.values())
+        print(f"\nGPU idle {idle / 1e3:.1f} ms of {wall / 1e3:.1f} ms traced wall time ({share:.1f} %); "
+              f"{charged / 1e3:.1f} ms in {count} gaps of at least {args.min_gap_us:g} us, "
               "by the operators that launched the work ending each gap:")
         print(f"{'ms':>9} {'wall':>6} {'gaps':>6}  backward node | innermost operators | next GPU work")
         for (node, inner, name), (us, count, _) in sorted(gaps.items(), key=lambda item: -item[1][0])[: args.gaps]:
