@@ -31,17 +31,18 @@ at::Tensor xpos_scale(const at::Tensor& positions, int64_t head_dim, double scal
 at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                         const at::Tensor& scale = {});
 
+// The tables split_qkv rotates q and k by (cos, sin and the xPos scales, each (N, D/2)); cos undefined: none.
+// dilated_attention_packed (dilated_attention.h) takes them as one.
+struct QkvRotation {
+  at::Tensor cos, sin, q_scale, k_scale;
+};
+
 // The projections of a layer as one packed tensor qkv (B, N, (H + 2·Hkv)·D), split into q (B, N, H, D), k and v
 // (B, N, Hkv, D), with q and k rotated as apply_rotary(q, cos, sin, q_scale) and apply_rotary(k, cos, sin, k_scale)
 // when cos is defined. On CUDA (float32/half) one autograd function returns all three contiguous, and its backward
 // writes their gradients straight into one packed gradient; elsewhere they are split_with_sizes views (v stays one).
 struct Qkv {
   at::Tensor q, k, v;
-};
-
-// The tables split_qkv rotates q and k by (cos, sin and the xPos scales, each (N, D/2)); cos undefined: none.
-struct QkvRotation {
-  at::Tensor cos, sin, q_scale, k_scale;
 };
 Qkv split_qkv(const at::Tensor& qkv, int64_t heads, int64_t kv_heads, const at::Tensor& cos = {},
               const at::Tensor& sin = {}, const at::Tensor& q_scale = {}, const at::Tensor& k_scale = {});

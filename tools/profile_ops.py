@@ -69,12 +69,15 @@ def enclosing_stacks(events, queries):
     return answers
 
 
+def launches_by_correlation(events):
+    """{correlation id: (thread, start time) of the runtime or driver call that launched that GPU work}."""
+    return {e["args"]["correlation"]: (e["tid"], e["ts"]) for e in events
+            if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
+
+
 def launch_stacks(events):
     """A function from a GPU event to the CPU operator stack (outermost first) that launched it ([] if unknown)."""
-    launches = {}
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {}):
-            launches[e["args"]["correlation"]] = (e["tid"], e["ts"])
+    launches = launches_by_correlation(events)
     stacks = enclosing_stacks(events, launches.values())
 
     def stack_of(gpu_event):
@@ -135,15 +138,12 @@ def idle_gaps(events, stack_of, min_gap_us):
 
 def launch_lags(events):
     """Microseconds from each GPU event's launch to its start, sorted (events without a recorded launch left out)."""
-    launched = {}
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {}):
-            launched[e["args"]["correlation"]] = float(e["ts"])
+    launches = launches_by_correlation(events)
     lags = []
     for e in gpu_events(events):
-        start = launched.get(e.get("args", {}).get("correlation"))
-        if start is not None:
-            lags.append(float(e["ts"]) - start)
+        launch = launches.get(e.get("args", {}).get("correlation"))
+        if launch is not None:
+            lags.append(float(e["ts"]) - float(launch[1]))
     return sorted(lags)
 
 
