@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 namespace longnet::test {
 
 namespace fs = std::filesystem;
@@ -20,8 +22,9 @@ class TempDir {
   TempDir() {
     static std::atomic<int> counter{0};
     const auto stamp = std::chrono::steady_clock::now().time_since_epoch().count();
-    path_ = fs::temp_directory_path() /
-            ("longnet_test_" + std::to_string(stamp) + "_" + std::to_string(counter.fetch_add(1)));
+    // The process id as well: ctest runs test processes side by side, and a folder must be no other process's.
+    path_ = fs::temp_directory_path() / ("longnet_test_" + std::to_string(::getpid()) + "_" + std::to_string(stamp) +
+                                         "_" + std::to_string(counter.fetch_add(1)));
     fs::create_directories(path_);
   }
   // Not fs::remove_all: the copy of it that libtorch.so exports (and the dynamic linker binds) crashes.
