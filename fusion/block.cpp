@@ -42,7 +42,10 @@ at::Tensor gelu(MlpKind kind, const at::Tensor& h) {
 }
 
 TransformerBlockImpl::TransformerBlockImpl(const ModelConfig& model, const AttentionConfig& attention)
-    : mlp_kind_(model.mlp), dropout_(model.dropout), checkpoint_(model.activation_checkpointing) {
+    : mlp_kind_(model.mlp),
+      dropout_(model.dropout),
+      checkpoint_(model.activation_checkpointing),
+      autocast_residual_(model.autocast_residual) {
   if (!(model.mlp_ratio > 0.0)) throw ConfigError("model.mlp_ratio must be > 0, got " + std::to_string(model.mlp_ratio));
   if (!(model.dropout >= 0.0 && model.dropout < 1.0)) {
     throw ConfigError("model.dropout must be in [0, 1), got " + std::to_string(model.dropout));
@@ -114,6 +117,9 @@ Residual TransformerBlockImpl::run(const Residual& in, const std::optional<at::T
     std::tie(x, normed) = attention_norm_->forward_residual(in.x, in.add);
   } else {
     x = in.x;
+    if (autocast_residual_ && at::autocast::is_autocast_enabled(x.device().type())) {
+      x = x.to(at::autocast::get_autocast_dtype(x.device().type()));  // the stream enters in the autocast dtype
+    }
     normed = attention_norm_(x);
   }
   const auto [y, mlp_normed] = mlp_norm_->forward_residual(

@@ -93,6 +93,7 @@ class TransformerBlockImpl : public torch::nn::Module {
   MlpKind mlp_kind_;
   double dropout_;
   bool checkpoint_;
+  bool autocast_residual_;  // ModelConfig::autocast_residual
   LayerNorm attention_norm_{nullptr}, mlp_norm_{nullptr};  // outputs in the autocast dtype (fusion/layer_norm.h)
   attention::MultiheadDilatedAttention attention_{nullptr};
   longnet::Linear fc1_{nullptr};  // C → hidden (GELU) or C → 2·hidden, [gate | up] in one matmul (SwiGLU)

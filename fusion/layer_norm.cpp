@@ -21,9 +21,12 @@
 namespace longnet::fusion {
 namespace {
 
-bool kernel_takes(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+// x: float32, or `out_dtype` (a 16-bit residual stream).
+bool kernel_takes(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::ScalarType out_dtype) {
   const int64_t width = weight.defined() ? weight.numel() : 0;
-  return x.is_cuda() && x.scalar_type() == at::kFloat && weight.defined() && bias.defined() && weight.dim() == 1 &&
+  return x.is_cuda() && (out_dtype == at::kHalf || out_dtype == at::kBFloat16) &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == out_dtype) && weight.defined() && bias.defined() &&
+         weight.dim() == 1 &&
          weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat && x.dim() >= 1 &&
          x.size(-1) == width && width % 4 == 0 && width >= 4 && width <= 1024 && weight.device() == x.device() &&
          bias.device() == x.device();
@@ -50,17 +53,18 @@ Normalized normalize(const at::Tensor& x, const at::Tensor* residual, const at::
   const int64_t width = weight.numel(), rows = xc.numel() / width;
   Normalized out;
   out.y = at::empty(xc.sizes(), xc.options().dtype(out_dtype));
-  out.mean = at::empty({rows}, xc.options());
-  out.rstd = at::empty({rows}, xc.options());
+  out.mean = at::empty({rows}, xc.options().dtype(at::kFloat));
+  out.rstd = at::empty({rows}, xc.options().dtype(at::kFloat));
   const auto w = aligned_contiguous(weight), b = aligned_contiguous(bias);
   at::Tensor ac;
   kernels::LayerNormForwardParams p;
-  p.x = xc.data_ptr<float>();
+  p.x = xc.data_ptr();
+  p.x_dtype = attention::element_type(xc.scalar_type());
   if (residual != nullptr) {
     ac = aligned_contiguous(*residual);
     out.input = at::empty_like(xc);
     p.residual = ac.data_ptr();
-    p.sum = out.input.data_ptr<float>();
+    p.sum = out.input.data_ptr();
   } else {
     out.input = xc;
   }
@@ -78,8 +82,9 @@ Normalized normalize(const at::Tensor& x, const at::Tensor* residual, const at::
   return out;
 }
 
-// The backward kernel: {dx (float32), dweight, dbias}, plus the gradient of the residual in dy's dtype when
-// `residual` (with `grad_sum`, the gradient x + a receives from its other uses, added to dx; may be undefined).
+// The backward kernel: {dx (in the input's dtype), dweight, dbias}, plus the gradient of the residual in dy's dtype
+// when `residual` (with `grad_sum`, the gradient x + a receives from its other uses, added to dx; may be undefined).
+// With a 16-bit input the two gradients are one tensor.
 struct Gradients {
   at::Tensor dx, dresidual, dweight, dbias;
 };
@@ -90,20 +95,23 @@ Gradients normalize_backward(const at::Tensor& input, const at::Tensor& weight, 
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t width = weight.numel(), rows = input.numel() / width;
   const auto dy = aligned_contiguous(dy_in), w = aligned_contiguous(weight);
-  const auto grad_sum = grad_sum_in.defined() ? aligned_contiguous(grad_sum_in.to(at::kFloat)) : at::Tensor();
+  const auto grad_sum =
+      grad_sum_in.defined() ? aligned_contiguous(grad_sum_in.to(input.scalar_type())) : at::Tensor();
+  const bool stream16 = input.scalar_type() != at::kFloat;
   Gradients out;
   out.dx = at::empty_like(input);
-  if (residual) out.dresidual = at::empty(input.sizes(), input.options().dtype(dy.scalar_type()));
-  auto partials = at::empty({kernels::layer_norm_partial_rows(rows), 2, width}, input.options());
+  if (residual) out.dresidual = stream16 ? out.dx : at::empty(input.sizes(), input.options().dtype(dy.scalar_type()));
+  auto partials = at::empty({kernels::layer_norm_partial_rows(rows), 2, width}, input.options().dtype(at::kFloat));
   kernels::LayerNormBackwardParams p;
   p.dy = dy.data_ptr();
-  p.x = input.data_ptr<float>();
+  p.x = input.data_ptr();
+  p.x_dtype = attention::element_type(input.scalar_type());
   p.weight = w.data_ptr<float>();
-  p.grad_sum = grad_sum.defined() ? grad_sum.data_ptr<float>() : nullptr;
+  p.grad_sum = grad_sum.defined() ? grad_sum.data_ptr() : nullptr;
   p.grad_residual = residual ? out.dresidual.data_ptr() : nullptr;
   p.mean = mean.data_ptr<float>();
   p.rstd = rstd.data_ptr<float>();
-  p.dx = out.dx.data_ptr<float>();
+  p.dx = out.dx.data_ptr();
   p.partials = partials.data_ptr<float>();
   p.rows = rows;
   p.width = width;
@@ -170,9 +178,9 @@ class AddLayerNormToFunction : public torch::autograd::Function<AddLayerNormToFu
 
 at::Tensor layer_norm_to(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
                          at::ScalarType out_dtype) {
-  if (!kernel_takes(x, weight, bias) || (out_dtype != at::kHalf && out_dtype != at::kBFloat16)) {
-    throw Error("layer_norm_to: needs a float32 CUDA input whose last dim is the width of float32 weight and bias "
-                "(a multiple of 4 up to 1024) and a 16-bit output dtype");
+  if (!kernel_takes(x, weight, bias, out_dtype)) {
+    throw Error("layer_norm_to: needs a 16-bit output dtype and a CUDA input in float32 or that dtype whose last dim "
+                "is the width of float32 weight and bias (a multiple of 4 up to 1024)");
   }
 #ifdef LONGNET_WITH_CUDA
   return LayerNormToFunction::apply(x, weight, bias, eps, out_dtype);
@@ -183,10 +191,11 @@ at::Tensor layer_norm_to(const at::Tensor& x, const at::Tensor& weight, const at
 
 std::pair<at::Tensor, at::Tensor> add_layer_norm_to(const at::Tensor& x, const at::Tensor& a, const at::Tensor& weight,
                                                     const at::Tensor& bias, double eps, at::ScalarType out_dtype) {
-  if (!kernel_takes(x, weight, bias) || (out_dtype != at::kHalf && out_dtype != at::kBFloat16) ||
-      a.scalar_type() != out_dtype || a.sizes() != x.sizes() || a.device() != x.device()) {
-    throw Error("add_layer_norm_to: needs a float32 CUDA input whose last dim is the width of float32 weight and "
-                "bias (a multiple of 4 up to 1024), a residual of its shape in the 16-bit output dtype");
+  if (!kernel_takes(x, weight, bias, out_dtype) || a.scalar_type() != out_dtype || a.sizes() != x.sizes() ||
+      a.device() != x.device()) {
+    throw Error("add_layer_norm_to: needs a 16-bit output dtype, a CUDA input in float32 or that dtype whose last "
+                "dim is the width of float32 weight and bias (a multiple of 4 up to 1024), and a residual of its "
+                "shape in the output dtype");
   }
 #ifdef LONGNET_WITH_CUDA
   const auto out = AddLayerNormToFunction::apply(x, a, weight, bias, eps, out_dtype);
@@ -199,7 +208,7 @@ std::pair<at::Tensor, at::Tensor> add_layer_norm_to(const at::Tensor& x, const a
 bool LayerNormImpl::one_kernel(const at::Tensor& x) const {
 #ifdef LONGNET_WITH_CUDA
   return at::autocast::is_autocast_enabled(at::kCUDA) && options.normalized_shape().size() == 1 &&
-         kernel_takes(x, weight, bias);
+         kernel_takes(x, weight, bias, at::autocast::get_autocast_dtype(at::kCUDA));
 #else
   (void)x;
   return false;

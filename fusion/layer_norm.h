@@ -6,8 +6,9 @@
 // autocast, for a float32 input with affine parameters and a width that is a multiple of 4 up to 1024, this module
 // runs one kernel each way instead (fusion/kernels/layer_norm.cu): float32 arithmetic, the output rounded once to the
 // autocast dtype (what the cast after torch's float32 output gives, up to float32 summation order), and a float32
-// input gradient from the 16-bit output gradient. Everywhere else it is torch's LayerNorm. Parameters, their names
-// and the options are torch's.
+// input gradient from the 16-bit output gradient. An input already in the autocast dtype (a 16-bit residual stream,
+// ModelConfig::autocast_residual) takes the same kernels, its gradient in that dtype. Everywhere else it is torch's
+// LayerNorm. Parameters, their names and the options are torch's.
 #pragma once
 
 #include <utility>
@@ -32,8 +33,8 @@ class LayerNormImpl : public torch::nn::LayerNormImpl {
 };
 TORCH_MODULE(LayerNorm);
 
-// The layer norm of x (float32, CUDA, last dim = weight's width) with the output in `out_dtype` (kHalf or
-// kBFloat16), differentiable in x, weight and bias; the one-kernel path of LayerNorm::forward. Throws longnet::Error
+// The layer norm of x (CUDA, float32 or out_dtype, last dim = weight's width) with the output in `out_dtype` (kHalf
+// or kBFloat16), differentiable in x, weight and bias; the one-kernel path of LayerNorm::forward. Throws longnet::Error
 // when the build has no CUDA kernels or the inputs are outside what the kernel takes.
 at::Tensor layer_norm_to(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
                          at::ScalarType out_dtype);

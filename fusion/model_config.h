@@ -28,6 +28,10 @@ struct ModelConfig {
   // Blocks keep only their input for the backward pass and rerun their forward there (fusion/checkpoint.h): less
   // memory for about a third more compute.
   bool activation_checkpointing = false;
+  // Under autocast, the residual stream between the blocks is kept in the autocast dtype (bf16) instead of float32,
+  // as Megatron-LM does by default: each residual add is rounded to it, and the pre-norms (fusion/layer_norm.h) move
+  // a third less memory forward and half as much backward. Without autocast it changes nothing.
+  bool autocast_residual = false;
 };
 
 }  // namespace longnet::fusion

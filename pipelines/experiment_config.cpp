@@ -72,6 +72,7 @@ fusion::ModelConfig parse_model(const Section& s) {
   in_unit_interval(s, "dropout", c.dropout, true, false);
   c.sub_layernorm = s.boolean("sub_layernorm", c.sub_layernorm);
   c.activation_checkpointing = s.boolean("activation_checkpointing", c.activation_checkpointing);
+  c.autocast_residual = s.boolean("autocast_residual", c.autocast_residual);
   c.vocab_size = s.integer("vocab_size", c.vocab_size);
   at_least(s, "vocab_size", c.vocab_size, 2);
   c.max_length = s.integer("max_length", c.max_length);
@@ -575,6 +576,7 @@ std::string to_toml(const ExperimentConfig& c) {
   w.put("dropout", m.dropout);
   w.put("sub_layernorm", m.sub_layernorm);
   w.put("activation_checkpointing", m.activation_checkpointing);
+  w.put("autocast_residual", m.autocast_residual);
   w.put("vocab_size", m.vocab_size);
   w.put("max_length", m.max_length);
 

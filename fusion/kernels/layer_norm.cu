@@ -1,4 +1,4 @@
-// One warp per row: the row stays in registers (4 floats a lane per 128 columns), so the forward reads x (and the
+// One warp per row: the row stays in registers (4 values a lane per 128 columns), so the forward reads x (and the
 // residual) once and the backward reads x and dy (and the other gradient of x + a) once. Mean and variance are
 // two-pass over the registers. The backward's parameter gradients are per-warp column sums written to `partials`
 // (summed by the caller).
@@ -60,23 +60,48 @@ __device__ __forceinline__ void store_quad(Quad<T>* q, int64_t i, float4 v) {
   q[i] = out;
 }
 
-template <typename T, int kChunks, bool kResidual>
+// Four values of the residual stream as loaded: float32, or the 16-bit type.
+template <typename TX>
+using Vec4 = std::conditional_t<std::is_same_v<TX, float>, float4, Quad<TX>>;
+
+__device__ __forceinline__ float4 to_float4(const float4& v) { return v; }
+
+template <typename TX>
+__device__ __forceinline__ void store_vec(TX* row, int64_t i, float4 v) {
+  if constexpr (std::is_same_v<TX, float>) {
+    reinterpret_cast<float4*>(row)[i] = v;
+  } else {
+    store_quad(reinterpret_cast<Quad<TX>*>(row), i, v);
+  }
+}
+
+// v rounded to the 16-bit type and back.
+template <typename T>
+__device__ __forceinline__ float4 rounded(float4 v) {
+  return make_float4(ew::to_float(ew::from_float<T>(v.x)), ew::to_float(ew::from_float<T>(v.y)),
+                     ew::to_float(ew::from_float<T>(v.z)), ew::to_float(ew::from_float<T>(v.w)));
+}
+
+template <typename T, typename TX, int kChunks, bool kResidual>
 __global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(LayerNormForwardParams p) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= p.rows) return;
-  const float4* x = reinterpret_cast<const float4*>(p.x + row * p.width);
+  const Vec4<TX>* x = reinterpret_cast<const Vec4<TX>*>(static_cast<const TX*>(p.x) + row * p.width);
   float4 v[kChunks];
   float sum = 0.f;
 #pragma unroll
   for (int k = 0; k < kChunks; ++k) {
     if (present<kChunks>(k, lane, p.width)) {
-      v[k] = x[32 * k + lane];
+      const Vec4<TX> xk = x[32 * k + lane];  // one 16- or 8-byte load
+      v[k] = to_float4(xk);
       if constexpr (kResidual) {
         const float4 a = load_quad(reinterpret_cast<const Quad<T>*>(static_cast<const T*>(p.residual) + row * p.width),
                                    32 * k + lane);
         v[k] = make_float4(v[k].x + a.x, v[k].y + a.y, v[k].z + a.z, v[k].w + a.w);
-        reinterpret_cast<float4*>(p.sum + row * p.width)[32 * k + lane] = v[k];
+        store_vec(static_cast<TX*>(p.sum) + row * p.width, 32 * k + lane, v[k]);
+        // A 16-bit stream normalises the sum as stored, so that the backward's x̂ is the forward's.
+        if constexpr (!std::is_same_v<TX, float>) v[k] = rounded<TX>(v[k]);
       }
       sum += (v[k].x + v[k].y) + (v[k].z + v[k].w);
     }
@@ -118,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(LayerNormF
 // the weight is read from L1 each time. (At 154 registers, one block did, and the kernel reached ~60 % of peak
 // bandwidth.)
 // Up to 768 columns (6 chunks) the kernel fits 128 registers without spilling; wider rows keep one block an SM.
-template <typename T, int kChunks, bool kResidual>
+template <typename T, typename TX, int kChunks, bool kResidual>
 __global__ void __launch_bounds__(kThreads, kChunks <= 6 ? 2 : 1)
     layer_norm_backward_kernel(LayerNormBackwardParams p) {
   const int lane = threadIdx.x % 32;
@@ -129,11 +154,12 @@ __global__ void __launch_bounds__(kThreads, kChunks <= 6 ? 2 : 1)
   float4 dw[kChunks] = {}, db[kChunks] = {};
   const bool with_sum = kResidual && p.grad_sum != nullptr;
   for (int64_t row = warp; row < p.rows; row += warps) {
-    const float4* x = reinterpret_cast<const float4*>(p.x + row * p.width);
+    const Vec4<TX>* x = reinterpret_cast<const Vec4<TX>*>(static_cast<const TX*>(p.x) + row * p.width);
     const Quad<T>* dy = reinterpret_cast<const Quad<T>*>(static_cast<const T*>(p.dy) + row * p.width);
-    const float4* grad_sum = reinterpret_cast<const float4*>(p.grad_sum + row * p.width);  // with_sum only
+    const Vec4<TX>* grad_sum =  // with_sum only
+        reinterpret_cast<const Vec4<TX>*>(static_cast<const TX*>(p.grad_sum) + row * p.width);
     const float mean = p.mean[row], rstd = p.rstd[row];
-    float4 xv[kChunks];
+    Vec4<TX> xv[kChunks];
     Quad<T> dq[kChunks];
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) {
@@ -146,9 +172,9 @@ __global__ void __launch_bounds__(kThreads, kChunks <= 6 ? 2 : 1)
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) {
       if (present<kChunks>(k, lane, p.width)) {
-        const float4 d = to_float4(dq[k]), wk = w[32 * k + lane];
-        const float4 xh = make_float4((xv[k].x - mean) * rstd, (xv[k].y - mean) * rstd, (xv[k].z - mean) * rstd,
-                                      (xv[k].w - mean) * rstd);
+        const float4 d = to_float4(dq[k]), wk = w[32 * k + lane], xf = to_float4(xv[k]);
+        const float4 xh = make_float4((xf.x - mean) * rstd, (xf.y - mean) * rstd, (xf.z - mean) * rstd,
+                                      (xf.w - mean) * rstd);
         const float4 g = make_float4(d.x * wk.x, d.y * wk.y, d.z * wk.z, d.w * wk.w);
         sum_g += (g.x + g.y) + (g.z + g.w);
         sum_gx += (g.x * xh.x + g.y * xh.y) + (g.z * xh.z + g.w * xh.w);
@@ -163,26 +189,30 @@ __global__ void __launch_bounds__(kThreads, kChunks <= 6 ? 2 : 1)
       }
     }
     const float mg = warp_sum(sum_g) * inv_width, mgx = warp_sum(sum_gx) * inv_width;
-    float4* dx = reinterpret_cast<float4*>(p.dx + row * p.width);
+    TX* dx = static_cast<TX*>(p.dx) + row * p.width;
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) {
       if (present<kChunks>(k, lane, p.width)) {
-        const float4 dv = to_float4(dq[k]), wk = w[32 * k + lane];
-        const float4 xh = make_float4((xv[k].x - mean) * rstd, (xv[k].y - mean) * rstd, (xv[k].z - mean) * rstd,
-                                      (xv[k].w - mean) * rstd);
+        const float4 dv = to_float4(dq[k]), wk = w[32 * k + lane], xf = to_float4(xv[k]);
+        const float4 xh = make_float4((xf.x - mean) * rstd, (xf.y - mean) * rstd, (xf.z - mean) * rstd,
+                                      (xf.w - mean) * rstd);
         const float4 g = make_float4(dv.x * wk.x, dv.y * wk.y, dv.z * wk.z, dv.w * wk.w);
         float4 d = make_float4(rstd * (g.x - mg - xh.x * mgx), rstd * (g.y - mg - xh.y * mgx),
                                rstd * (g.z - mg - xh.z * mgx), rstd * (g.w - mg - xh.w * mgx));
         if constexpr (kResidual) {
           if (with_sum) {
-            const float4 gs = grad_sum[32 * k + lane];
+            const float4 gs = to_float4(grad_sum[32 * k + lane]);
             // __fadd_rn: never contracted with the products in d into an FMA, so the sum is bit for bit what the
             // unfused add of the two gradients gives.
             d = make_float4(__fadd_rn(gs.x, d.x), __fadd_rn(gs.y, d.y), __fadd_rn(gs.z, d.z), __fadd_rn(gs.w, d.w));
           }
-          store_quad(reinterpret_cast<Quad<T>*>(static_cast<T*>(p.grad_residual) + row * p.width), 32 * k + lane, d);
+          // A 16-bit stream's dx is a's gradient too (grad_residual is dx).
+          if constexpr (std::is_same_v<TX, float>) {
+            store_quad(reinterpret_cast<Quad<T>*>(static_cast<T*>(p.grad_residual) + row * p.width), 32 * k + lane,
+                       d);
+          }
         }
-        dx[32 * k + lane] = d;
+        store_vec(dx, 32 * k + lane, d);
       }
     }
   }
@@ -241,22 +271,34 @@ void with_chunks(int64_t width, F&& f) {
   }
 }
 
-// f(T{}, std::integral_constant<int, kChunks>{}, std::bool_constant<residual>{}): the launchers' dispatch over the
-// 16-bit type, the chunk count of `width` and the residual variant.
+// f(T{}, TX{}, std::integral_constant<int, kChunks>{}, std::bool_constant<residual>{}): the launchers' dispatch over
+// the 16-bit type, the stream's type (float32 or that 16-bit type), the chunk count of `width` and the residual
+// variant.
 template <typename F>
-void dispatch(const char* launcher, ElementType type, int64_t width, bool residual, F&& f) {
+void dispatch(const char* launcher, ElementType type, ElementType stream, int64_t width, bool residual, F&& f) {
   if (type == ElementType::float32) {
     throw std::invalid_argument(std::string(launcher) + ": the 16-bit side must be float16 or bfloat16");
   }
+  if (stream != ElementType::float32 && stream != type) {
+    throw std::invalid_argument(std::string(launcher) + ": the stream must be float32 or the 16-bit type");
+  }
   ew::with_element_type(type, [&](auto element) {
-    if constexpr (!std::is_same_v<decltype(element), float>) {
-      with_chunks(width, [&](auto chunks) {
-        if (residual) {
-          f(element, chunks, std::true_type{});
-        } else {
-          f(element, chunks, std::false_type{});
-        }
-      });
+    using T = decltype(element);
+    if constexpr (!std::is_same_v<T, float>) {
+      const auto with_stream = [&](auto x) {
+        with_chunks(width, [&](auto chunks) {
+          if (residual) {
+            f(element, x, chunks, std::true_type{});
+          } else {
+            f(element, x, chunks, std::false_type{});
+          }
+        });
+      };
+      if (stream == ElementType::float32) {
+        with_stream(float{});
+      } else {
+        with_stream(T{});
+      }
     }
   });
 }
@@ -276,10 +318,11 @@ void launch_layer_norm_forward(const LayerNormForwardParams& p) {
   const bool residual = p.residual != nullptr;
   if (residual) check_pointers("launch_layer_norm_forward", {p.residual, p.sum});
   const unsigned grid = ew::grid_for("launch_layer_norm_forward", p.rows * 32, kThreads);
-  dispatch("launch_layer_norm_forward", p.dtype, p.width, residual, [&](auto element, auto chunks, auto with_residual) {
-    layer_norm_forward_kernel<decltype(element), decltype(chunks)::value, decltype(with_residual)::value>
-        <<<grid, kThreads, 0, p.stream>>>(p);
-  });
+  dispatch("launch_layer_norm_forward", p.dtype, p.x_dtype, p.width, residual,
+           [&](auto element, auto x, auto chunks, auto with_residual) {
+             layer_norm_forward_kernel<decltype(element), decltype(x), decltype(chunks)::value,
+                                       decltype(with_residual)::value><<<grid, kThreads, 0, p.stream>>>(p);
+           });
   LONGNET_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -290,15 +333,19 @@ void launch_layer_norm_backward(const LayerNormBackwardParams& p) {
   check_pointers("launch_layer_norm_backward", {p.dy, p.x, p.weight, p.mean, p.rstd, p.dx, p.partials});
   const bool residual = p.grad_residual != nullptr;
   if (residual) check_pointers("launch_layer_norm_backward", {p.grad_residual});
+  if (residual && p.x_dtype != ElementType::float32 && p.grad_residual != p.dx) {
+    throw std::invalid_argument("launch_layer_norm_backward: with a 16-bit stream, grad_residual must be dx");
+  }
   if (p.grad_sum != nullptr) {
     if (!residual) throw std::invalid_argument("launch_layer_norm_backward: grad_sum needs grad_residual");
     check_pointers("launch_layer_norm_backward", {p.grad_sum});
   }
   const auto grid = static_cast<unsigned>(layer_norm_partial_rows(p.rows) / kWarps);
-  dispatch("launch_layer_norm_backward", p.dtype, p.width, residual, [&](auto element, auto chunks, auto with_residual) {
-    layer_norm_backward_kernel<decltype(element), decltype(chunks)::value, decltype(with_residual)::value>
-        <<<grid, kThreads, 0, p.stream>>>(p);
-  });
+  dispatch("launch_layer_norm_backward", p.dtype, p.x_dtype, p.width, residual,
+           [&](auto element, auto x, auto chunks, auto with_residual) {
+             layer_norm_backward_kernel<decltype(element), decltype(x), decltype(chunks)::value,
+                                        decltype(with_residual)::value><<<grid, kThreads, 0, p.stream>>>(p);
+           });
   LONGNET_CUDA_CHECK(cudaGetLastError());
 }
 

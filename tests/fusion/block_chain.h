@@ -17,19 +17,29 @@ inline std::vector<at::Tensor> chain_outputs(std::vector<fusion::TransformerBloc
                                              bool stream, bool autocast) {
   for (auto& b : blocks) b->zero_grad();
   const at::Tensor x = x0.clone().requires_grad_();
-  if (autocast) {
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-  }
   at::Tensor y = x;
-  if (stream) {
-    y = fusion::run_blocks(blocks, x).value();
-  } else {
-    for (auto& b : blocks) y = b(y);
-  }
-  if (autocast) {
-    at::autocast::set_autocast_enabled(at::kCUDA, false);
-    at::autocast::clear_cache();
+  {
+    // Off again however the forward ends: a failing case must not leave autocast on for the tests after it.
+    struct Autocast {
+      bool on;
+      explicit Autocast(bool enable) : on(enable) {
+        if (!on) return;
+        at::autocast::set_autocast_enabled(at::kCUDA, true);
+        at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+      }
+      ~Autocast() {
+        if (!on) return;
+        at::autocast::set_autocast_enabled(at::kCUDA, false);
+        at::autocast::clear_cache();
+      }
+      Autocast(const Autocast&) = delete;
+      Autocast& operator=(const Autocast&) = delete;
+    } guard(autocast);
+    if (stream) {
+      y = fusion::run_blocks(blocks, x).value();
+    } else {
+      for (auto& b : blocks) y = b(y);
+    }
   }
   y.to(x0.scalar_type()).pow(2).sum().backward();
   std::vector<at::Tensor> out{y.detach(), x.grad()};

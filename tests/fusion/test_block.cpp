@@ -146,6 +146,25 @@ TEST_CASE("run_blocks equals calling the blocks in turn, forward and gradients",
   REQUIRE(torch::allclose(r.value(), plain[0], 1e-12, 1e-12));
 }
 
+TEST_CASE("autocast_residual changes nothing without autocast", "[fusion][cpu]") {
+  auto model = small_model(MlpKind::gelu);
+  std::vector<TransformerBlock> plain, kept;
+  for (int i = 0; i < 2; ++i) {
+    plain.push_back(make_block(model, small_attention()));
+    model.autocast_residual = true;
+    kept.push_back(make_block(model, small_attention()));  // make_block seeds: the same weights
+    model.autocast_residual = false;
+  }
+  const at::Tensor x0 = torch::randn({2, 9, 16}, torch::kDouble);
+  const auto a = test::chain_outputs(plain, x0, true, false), b = test::chain_outputs(kept, x0, true, false);
+  REQUIRE(a.size() == b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    CAPTURE(i);
+    CHECK(b[i].scalar_type() == at::kDouble);
+    CHECK(a[i].equal(b[i]));
+  }
+}
+
 TEST_CASE("block configuration errors", "[fusion][cpu]") {
   auto model = small_model(MlpKind::gelu);
   SECTION("mlp_ratio") {

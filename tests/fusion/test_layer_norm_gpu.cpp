@@ -1,6 +1,7 @@
-// fusion/layer_norm.h on a CUDA device: the one-kernel LayerNorm (float32 in, 16-bit out) against float64 on the CPU,
-// forward and all gradients, and the module under autocast against torch's LayerNorm followed by the cast; blocks
-// chained with each residual add in the next pre-norm's kernel (run_blocks) against the blocks called in turn.
+// fusion/layer_norm.h on a CUDA device: the one-kernel LayerNorm (float32 or 16-bit in, 16-bit out) against float64 on
+// the CPU, forward and all gradients, and the module under autocast against torch's LayerNorm followed by the cast;
+// blocks chained with each residual add in the next pre-norm's kernel (run_blocks) against the blocks called in turn,
+// with a float32 and a bf16 residual stream.
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -178,5 +179,95 @@ TEST_CASE("run_blocks under CUDA autocast equals calling the blocks in turn, for
     // The same arithmetic in other kernels (add_layer_norm_to is the add then layer_norm_to, to the bit); what
     // differs is the order of float32 sums in the kernels' own backward passes.
     CHECK(relative_error(stream[i], plain[i]) < 1e-4);
+  }
+}
+
+TEST_CASE("a 16-bit residual stream: layer_norm_to and add_layer_norm_to against float64 and the unfused add",
+          "[fusion][gpu]") {
+  REQUIRE(torch::cuda::is_available());
+  for (const auto dtype : {at::kBFloat16, at::kHalf}) {
+    INFO("dtype " << c10::toString(dtype));
+    torch::manual_seed(13);
+    const auto f32 = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kFloat);
+    const auto x0 = (torch::randn({3, 257, 768}, f32) * 3 + 1).to(dtype);
+    const auto a0 = torch::randn({3, 257, 768}, f32).to(dtype);
+    const auto w0 = torch::randn({768}, f32) * 0.3 + 1, b0 = torch::randn({768}, f32) * 0.1;
+    const auto gs = torch::randn({3, 257, 768}, f32).to(dtype), gy = torch::randn({3, 257, 768}, f32).to(dtype);
+    // 16-bit gradients are rounded once (relative 2^-9 for bf16, 2^-12 for fp16).
+    const double tolerance = dtype == at::kBFloat16 ? 4e-3 : 5e-4;
+
+    // The layer norm alone, against float64 on the same (16-bit) input values.
+    const auto x = x0.clone().requires_grad_();
+    const auto w = w0.clone().requires_grad_(), b = b0.clone().requires_grad_();
+    const auto y = layer_norm_to(x, w, b, 1e-5, dtype);
+    REQUIRE(y.scalar_type() == dtype);
+    y.backward(gy);
+    REQUIRE(x.grad().scalar_type() == dtype);
+    const auto x64 = x0.cpu().to(at::kDouble).requires_grad_();
+    const auto w64 = w0.cpu().to(at::kDouble).requires_grad_(), b64 = b0.cpu().to(at::kDouble).requires_grad_();
+    const auto y64 = at::layer_norm(x64, {768}, w64, b64, 1e-5);
+    y64.backward(gy.cpu().to(at::kDouble));
+    CHECK(relative_error(y, y64) < tolerance);
+    CHECK(relative_error(x.grad(), x64.grad()) < tolerance);
+    CHECK(relative_error(w.grad(), w64.grad()) < 1e-5);
+    CHECK(relative_error(b.grad(), b64.grad()) < 1e-5);
+
+    // The fused add: the forward is the 16-bit add, then layer_norm_to, to the bit; the backward rounds the sum of
+    // both gradients of x + a once, where the unfused one rounds the layer norm's gradient and then the sum.
+    auto leaves = [&] {
+      return std::vector<at::Tensor>{x0.clone().requires_grad_(), a0.clone().requires_grad_(),
+                                     w0.clone().requires_grad_(), b0.clone().requires_grad_()};
+    };
+    auto fused = leaves(), plain = leaves();
+    const auto [s1, y1] = longnet::fusion::add_layer_norm_to(fused[0], fused[1], fused[2], fused[3], 1e-5, dtype);
+    const auto s2 = plain[0] + plain[1];
+    const auto y2 = layer_norm_to(s2, plain[2], plain[3], 1e-5, dtype);
+    REQUIRE(s1.scalar_type() == dtype);
+    CHECK(s1.equal(s2));
+    CHECK(y1.equal(y2));
+    const auto loss = [&](const at::Tensor& s, const at::Tensor& out) {
+      return (out.to(at::kFloat) * gy.to(at::kFloat)).sum() + (s.to(at::kFloat) * gs.to(at::kFloat)).sum();
+    };
+    loss(s1, y1).backward();
+    loss(s2, y2).backward();
+    CHECK(fused[0].grad().scalar_type() == dtype);
+    CHECK(fused[0].grad().equal(fused[1].grad()));  // d(x + a)/dx = d(x + a)/da
+    CHECK(relative_error(fused[0].grad(), plain[0].grad()) < 2 * tolerance);
+    CHECK(fused[2].grad().equal(plain[2].grad()));
+    CHECK(fused[3].grad().equal(plain[3].grad()));
+  }
+}
+
+TEST_CASE("run_blocks with autocast_residual keeps a bf16 stream, near the float32 stream's result", "[fusion][gpu]") {
+  REQUIRE(torch::cuda::is_available());
+  using namespace longnet::fusion;
+  const auto make = [](bool autocast_residual) {
+    const ModelConfig model{.width = 128, .depth = 1, .heads = 2, .kv_heads = 2, .mlp = MlpKind::gelu_tanh,
+                            .mlp_ratio = 4.0, .autocast_residual = autocast_residual};
+    const AttentionConfig attention{.dilated = {.segment_lengths = {64, 256}, .dilation_rates = {1, 4}}};
+    std::vector<TransformerBlock> blocks;
+    for (int i = 0; i < 3; ++i) {
+      torch::manual_seed(40 + i);
+      blocks.emplace_back(model, attention);
+      blocks.back()->to(torch::kCUDA);
+    }
+    return blocks;
+  };
+  auto kept = make(true), wide = make(false);
+  torch::manual_seed(6);
+  const auto x0 = torch::randn({2, 256, 128}, torch::TensorOptions().device(torch::kCUDA));
+  const auto stream = longnet::test::chain_outputs(kept, x0, true, true);
+  const auto plain = longnet::test::chain_outputs(kept, x0, false, true);
+  const auto f32 = longnet::test::chain_outputs(wide, x0, true, true);
+  REQUIRE(stream.size() == plain.size());
+  REQUIRE(stream.size() == f32.size());
+  CHECK(stream[0].scalar_type() == at::kBFloat16);
+  CHECK(f32[0].scalar_type() == at::kFloat);
+  for (size_t i = 0; i < stream.size(); ++i) {
+    CAPTURE(i);
+    // Chained or called in turn: the same bf16 stream, but the fused backward rounds each residual gradient once.
+    CHECK(relative_error(stream[i], plain[i]) < 1e-2);
+    // Against a float32 stream: three blocks of bf16 rounding of every residual add, forward and backward.
+    CHECK(relative_error(stream[i], f32[i]) < 3e-2);
   }
 }

@@ -59,6 +59,7 @@ void check_same(const ExperimentConfig& a, const ExperimentConfig& b) {
   CHECK(a.model.mlp == b.model.mlp);
   CHECK(a.model.mlp_ratio == b.model.mlp_ratio);
   CHECK(a.model.activation_checkpointing == b.model.activation_checkpointing);
+  CHECK(a.model.autocast_residual == b.model.autocast_residual);
   CHECK(a.model.dropout == b.model.dropout);
   CHECK(a.model.sub_layernorm == b.model.sub_layernorm);
   CHECK(a.model.vocab_size == b.model.vocab_size);
@@ -154,8 +155,9 @@ const std::vector<BadCase> kBadFiles = {
      "bad.toml:2:1: unknown key 'run.nmae'; did you mean 'name'? (valid keys: device, name, output_dir, seed, "
      "task)"},
     {"unknown key in [model]", "[model]\nwidth = 64\nwidht = 64\n", {},
-     "bad.toml:3:1: unknown key 'model.widht'; did you mean 'width'? (valid keys: activation_checkpointing, depth, "
-     "dropout, heads, kv_heads, max_length, mlp, mlp_ratio, sub_layernorm, vocab_size, width)"},
+     "bad.toml:3:1: unknown key 'model.widht'; did you mean 'width'? (valid keys: activation_checkpointing, "
+     "autocast_residual, depth, dropout, heads, kv_heads, max_length, mlp, mlp_ratio, sub_layernorm, vocab_size, "
+     "width)"},
     {"unknown key in [attention]", "[attention]\nsegment_length = [64]\n", {},
      "bad.toml:2:1: unknown key 'attention.segment_length'; did you mean 'segment_lengths'? (valid keys: backend, "
      "bias, causal, dilation_rates, dropout, mix, position, qk_layernorm, relative_max_distance, relative_num_buckets, "
@@ -423,6 +425,7 @@ mlp = "swiglu"
 mlp_ratio = 2.6666666666666665
 dropout = 0.1
 sub_layernorm = true
+autocast_residual = true
 vocab_size = 300
 max_length = 2048
 
