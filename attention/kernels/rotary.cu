@@ -6,6 +6,7 @@
 // token's table entries once and writes both halves once. Without tables it copies (strided rows into contiguous
 // ones or back), with 16-byte accesses where torch's copy of such views goes element by element. A float32 x with a
 // 16-bit out (the attention backward's accumulators into the packed gradient) is converted in the same pass.
+#include <climits>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -25,21 +26,40 @@ using namespace elementwise;
 
 constexpr int kThreads = 256;
 
-// TIn: x's element type; T: out's.
-template <typename TIn, typename T, int kVec, bool kScale, bool kTranspose, bool kCopy = false>
-__global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, int64_t total, int64_t vectors) {
-  const int64_t gid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+// kVec table entries from `t` (16-byte loads when kVec is a multiple of 4: launch_dtype checks the alignment).
+template <int kVec>
+__device__ __forceinline__ void load_table(const float* t, float (&out)[kVec]) {
+  if constexpr (kVec % 4 == 0) {
+#pragma unroll
+    for (int e = 0; e < kVec; e += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(t + e);
+      out[e] = v.x, out[e + 1] = v.y, out[e + 2] = v.z, out[e + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) out[e] = t[e];
+  }
+}
+
+// TIn: x's element type; T: out's. Index: the type of the thread-index arithmetic, 32 bits where the thread count
+// allows (64-bit division costs several times more, and a thread does three).
+template <typename TIn, typename T, int kVec, bool kScale, bool kTranspose, bool kCopy, typename Index>
+__global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, Index total, Index vectors) {
+  const Index gid = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x;
   if (gid >= total) return;
-  const int64_t half = p.head_dim / 2;
-  const int64_t i = (gid % vectors) * kVec;  // first pair of this thread
-  int64_t rest = gid / vectors;              // row = (b·N + n)·H + h
-  const int64_t h = rest % p.heads;
-  rest /= p.heads;
-  const int64_t n = rest % p.n;
-  const int64_t b = rest / p.n;
-  const TIn* x = static_cast<const TIn*>(p.x) + b * p.x_strides[0] + n * p.x_strides[1] + h * p.x_strides[2] + i;
-  T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + n * p.out_strides[1] + h * p.out_strides[2] + i;
-  const int64_t table = n * half + i;
+  const auto half = static_cast<Index>(p.head_dim / 2);
+  const Index i = (gid % vectors) * kVec;  // first pair of this thread
+  Index rest = gid / vectors;              // row = (b·N + n)·H + h
+  const auto heads = static_cast<Index>(p.heads), n_total = static_cast<Index>(p.n);
+  const Index h = rest % heads;
+  rest /= heads;
+  const Index n = rest % n_total;
+  const Index b = rest / n_total;
+  const TIn* x = static_cast<const TIn*>(p.x) + static_cast<int64_t>(b) * p.x_strides[0] +
+                 static_cast<int64_t>(n) * p.x_strides[1] + static_cast<int64_t>(h) * p.x_strides[2] + i;
+  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(b) * p.out_strides[0] +
+           static_cast<int64_t>(n) * p.out_strides[1] + static_cast<int64_t>(h) * p.out_strides[2] + i;
+  const int64_t table = static_cast<int64_t>(n) * half + i;
   const Vec<TIn, kVec> x1 = *reinterpret_cast<const Vec<TIn, kVec>*>(x);
   const Vec<TIn, kVec> x2 = *reinterpret_cast<const Vec<TIn, kVec>*>(x + half);
   Vec<T, kVec> y1, y2;
@@ -50,39 +70,57 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
       y2.v[e] = from_float<T>(to_float(x2.v[e]));
     }
   } else {
+    float c[kVec], sn[kVec], z[kVec];
+    load_table<kVec>(p.cos + table, c);
+    load_table<kVec>(p.sin + table, sn);
+    if constexpr (kScale) load_table<kVec>(p.scale + table, z);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      const float c = p.cos[table + e];
       // The transpose of a rotation is the rotation by the opposite angle.
-      const float s = kTranspose ? -p.sin[table + e] : p.sin[table + e];
-      const float z = kScale ? p.scale[table + e] : 1.f;
+      const float s = kTranspose ? -sn[e] : sn[e];
       const float a = to_float(x1.v[e]), bb = to_float(x2.v[e]);
-      y1.v[e] = from_float<T>((a * c - bb * s) * z);
-      y2.v[e] = from_float<T>((bb * c + a * s) * z);
+      if constexpr (kScale) {
+        y1.v[e] = from_float<T>((a * c[e] - bb * s) * z[e]);
+        y2.v[e] = from_float<T>((bb * c[e] + a * s) * z[e]);
+      } else {
+        y1.v[e] = from_float<T>(a * c[e] - bb * s);
+        y2.v[e] = from_float<T>(bb * c[e] + a * s);
+      }
     }
   }
   *reinterpret_cast<Vec<T, kVec>*>(out) = y1;
   *reinterpret_cast<Vec<T, kVec>*>(out + half) = y2;
 }
 
+template <typename TIn, typename T, int kVec, typename Index>
+void launch_indexed(const RotaryParams& p, int64_t total, int64_t vectors) {
+  const unsigned grid = grid_for("launch_rotary", total, kThreads);
+  const auto t = static_cast<Index>(total), v = static_cast<Index>(vectors);
+  const bool scale = p.scale != nullptr;
+  if (p.cos == nullptr) {
+    rotary_kernel<TIn, T, kVec, false, false, true, Index><<<grid, kThreads, 0, p.stream>>>(p, t, v);
+  } else if (scale && p.transpose) {
+    rotary_kernel<TIn, T, kVec, true, true, false, Index><<<grid, kThreads, 0, p.stream>>>(p, t, v);
+  } else if (scale) {
+    rotary_kernel<TIn, T, kVec, true, false, false, Index><<<grid, kThreads, 0, p.stream>>>(p, t, v);
+  } else if (p.transpose) {
+    rotary_kernel<TIn, T, kVec, false, true, false, Index><<<grid, kThreads, 0, p.stream>>>(p, t, v);
+  } else {
+    rotary_kernel<TIn, T, kVec, false, false, false, Index><<<grid, kThreads, 0, p.stream>>>(p, t, v);
+  }
+  LONGNET_CUDA_CHECK(cudaGetLastError());
+}
+
 template <typename TIn, typename T, int kVec>
 void launch_typed(const RotaryParams& p, int64_t rows) {
   const int64_t vectors = p.head_dim / 2 / kVec;
   const int64_t total = rows * vectors;
-  const unsigned grid = grid_for("launch_rotary", total, kThreads);
-  const bool scale = p.scale != nullptr;
-  if (p.cos == nullptr) {
-    rotary_kernel<TIn, T, kVec, false, false, true><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
-  } else if (scale && p.transpose) {
-    rotary_kernel<TIn, T, kVec, true, true><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
-  } else if (scale) {
-    rotary_kernel<TIn, T, kVec, true, false><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
-  } else if (p.transpose) {
-    rotary_kernel<TIn, T, kVec, false, true><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
+  // 32-bit indices when every thread index and every row position fits.
+  if (total + kThreads <= INT32_MAX && p.n * (p.head_dim / 2) <= INT32_MAX) {
+    launch_indexed<TIn, T, kVec, uint32_t>(p, total, vectors);
   } else {
-    rotary_kernel<TIn, T, kVec, false, false><<<grid, kThreads, 0, p.stream>>>(p, total, vectors);
+    launch_indexed<TIn, T, kVec, int64_t>(p, total, vectors);
   }
-  LONGNET_CUDA_CHECK(cudaGetLastError());
 }
 
 template <typename TIn, typename T>
@@ -91,6 +129,7 @@ void launch_dtype(const RotaryParams& p, int64_t rows) {
   // elements otherwise.
   constexpr int kVec = 16 / sizeof(T);
   bool vectorized = (p.head_dim / 2) % kVec == 0 && aligned(p.x, kVec * sizeof(TIn)) && aligned(p.out, 16);
+  for (const float* table : {p.cos, p.sin, p.scale}) vectorized = vectorized && (table == nullptr || aligned(table, 16));
   for (int d = 0; d < 3; ++d) vectorized = vectorized && p.x_strides[d] % kVec == 0 && p.out_strides[d] % kVec == 0;
   if (vectorized) {
     launch_typed<TIn, T, kVec>(p, rows);
