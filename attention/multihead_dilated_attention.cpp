@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <c10/core/InferenceMode.h>
 
 #include "attention/positional.h"
 #include "core/error.h"
@@ -122,7 +123,7 @@ MultiheadDilatedAttentionImpl::Packed MultiheadDilatedAttentionImpl::packed_proj
     throw Error("multihead dilated attention: x must be (B, N, C) with C = " + std::to_string(options_.embed_dim) +
                 ", got " + shape_string(x.sizes()));
   }
-  const int64_t n = x.size(1), d = options_.head_dim();
+  const int64_t n = x.size(1);
   // One GEMM for the three projections (their weights stacked): its backward is one GEMM into x's gradient instead of
   // three whose results are summed.
   const at::Tensor weight = at::cat({q_proj_->weight, k_proj_->weight, v_proj_->weight});
@@ -130,19 +131,33 @@ MultiheadDilatedAttentionImpl::Packed MultiheadDilatedAttentionImpl::packed_proj
   Packed out{.qkv = at::linear(x, weight, bias)};  // (B, N, (H + 2·Hkv)·D)
   if (options_.position != PositionEncoding::rope && options_.position != PositionEncoding::xpos) return out;
   const int64_t start = shard ? shard->start : 0, length = shard ? shard->length : n;
-  const at::Tensor positions = at::arange(start, start + n, x.options().dtype(at::kLong));  // (N,)
   // The tables in apply_rotary's arithmetic type (float64 only for float64 inputs), converted once for q and k.
   const auto table_type = out.qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  out.rotation = rotation_tables(start, n, length, x.device(), table_type);
+  return out;
+}
+
+const QkvRotation& MultiheadDilatedAttentionImpl::rotation_tables(int64_t start, int64_t n, int64_t length,
+                                                                  c10::Device device, at::ScalarType dtype) {
+  const RotationKey key{.start = start, .n = n, .length = length, .device = device, .dtype = dtype};
+  if (key == rotation_key_) return rotation_;
+  // Tables made in inference mode could not be saved for a later backward: those are not kept.
+  const bool keep = !c10::InferenceMode::is_enabled();
+  const int64_t d = options_.head_dim();
+  const at::Tensor positions = at::arange(start, start + n, at::TensorOptions(device).dtype(at::kLong));  // (N,)
   const auto [cos64, sin64] = rotary_cos_sin(positions, d, options_.rope_theta);
-  out.rotation.cos = cos64.to(table_type);
-  out.rotation.sin = sin64.to(table_type);
+  QkvRotation r;
+  r.cos = cos64.to(dtype);
+  r.sin = sin64.to(dtype);
   if (options_.position == PositionEncoding::xpos) {
     // Centred positions keep ζ^(±n/γ) within float32 range for long sequences; q·k is unchanged (see header).
     const at::Tensor centred = positions - length / 2;
-    out.rotation.q_scale = xpos_scale(centred, d, options_.xpos_scale_base).to(table_type);
-    out.rotation.k_scale = xpos_scale(-centred, d, options_.xpos_scale_base).to(table_type);
+    r.q_scale = xpos_scale(centred, d, options_.xpos_scale_base).to(dtype);
+    r.k_scale = xpos_scale(-centred, d, options_.xpos_scale_base).to(dtype);
   }
-  return out;
+  rotation_ = std::move(r);
+  rotation_key_ = keep ? key : RotationKey{};
+  return rotation_;
 }
 
 Qkv MultiheadDilatedAttentionImpl::project(const at::Tensor& x, const SequenceShard* shard) {

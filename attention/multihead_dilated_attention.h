@@ -121,6 +121,10 @@ class MultiheadDilatedAttentionImpl : public torch::nn::Module {
     QkvRotation rotation{};
   };
   Packed packed_projection(const at::Tensor& x, const SequenceShard* shard);
+  // The RoPE/xPos tables of positions [start, start + n) on a device in a dtype: computed once (arange, pow, cos and
+  // sin in float64, the casts: several small kernels) and kept while the shapes repeat, as they do step after step.
+  const QkvRotation& rotation_tables(int64_t start, int64_t n, int64_t length, c10::Device device,
+                                     at::ScalarType dtype);
   // q, k, v as the attention takes them (x already in the autocast dtype).
   Qkv project(const at::Tensor& x, const SequenceShard* shard);
 
@@ -129,6 +133,14 @@ class MultiheadDilatedAttentionImpl : public torch::nn::Module {
   torch::nn::LayerNorm q_norm_{nullptr}, k_norm_{nullptr};  // qk_layernorm only
   torch::nn::LayerNorm sub_norm_{nullptr};                  // sub_layernorm only
   at::Tensor relative_bias_table_;                          // (H, num_buckets), relative_bias only
+  struct RotationKey {
+    int64_t start = -1, n = 0, length = 0;
+    c10::Device device = c10::kCPU;
+    at::ScalarType dtype = at::kFloat;
+    bool operator==(const RotationKey&) const = default;
+  };
+  RotationKey rotation_key_;  // of rotation_ (start -1: none yet)
+  QkvRotation rotation_;
 };
 
 TORCH_MODULE(MultiheadDilatedAttention);

@@ -304,6 +304,26 @@ TEST_CASE("every parameter receives a gradient", "[attention][cpu]") {
   REQUIRE(x.grad().abs().sum().item<double>() > 0.0);
 }
 
+TEST_CASE("the module's rotary tables follow the sequence length from call to call", "[attention][cpu]") {
+  const auto position = GENERATE(PositionEncoding::rope, PositionEncoding::xpos);
+  CAPTURE(to_string(position));
+  auto m = make_module(small_options(position));
+  // The tables are kept while the length repeats and made anew when it changes (xPos centres on the length).
+  for (const int64_t n : {9, 12, 12, 9, 5}) {
+    CAPTURE(n);
+    const at::Tensor x = random_input(2, n, 16);
+    REQUIRE(torch::allclose(m(x), hand_forward(m, x), kTol, kTol));
+  }
+  // Tables made in inference mode are not kept for a later call whose backward would save them.
+  const at::Tensor x = random_input(2, 9, 16).requires_grad_(true);
+  {
+    const c10::InferenceMode inference;
+    REQUIRE(torch::allclose(m(x.detach()), hand_forward(m, x.detach()), kTol, kTol));
+  }
+  m(x).pow(2).sum().backward();
+  REQUIRE(x.grad().abs().sum().item<double>() > 0.0);
+}
+
 TEST_CASE("dropout acts in training mode only", "[attention][cpu]") {
   auto options = small_options(PositionEncoding::rope);
   options.dropout = 0.5;
