@@ -90,15 +90,15 @@ void drop_media(fusion::MultimodalInput& input, const std::vector<int64_t>& samp
   }
 }
 
-// The batch on `device`, patches as float32, presence flags left on the host (fusion/strategies.h). A padding mask
-// without any padding is left out: attention without a key mask takes the faster kernels.
+// The batch on `device`, presence flags left on the host (fusion/strategies.h). Patches keep their stored type: the
+// encoders convert them once, to the autocast or parameter type. A padding mask without any padding is left out:
+// attention without a key mask takes the faster kernels.
 fusion::MultimodalInput to_device(const fusion::MultimodalInput& in, c10::Device device) {
   fusion::MultimodalInput out;
   for (size_t m = 0; m < kM; ++m) {
     if (!in.modalities[m]) continue;
     const auto& x = *in.modalities[m];
-    auto data = x.data.to(device, /*non_blocking=*/true);
-    if (data.is_floating_point() && data.scalar_type() != at::kFloat) data = data.to(at::kFloat);
+    const auto data = x.data.to(device, /*non_blocking=*/true);
     const bool padded = x.padding.defined() && x.padding.any().item<bool>();
     out.modalities[m] = fusion::ModalityInput{
         .data = data,
@@ -126,10 +126,11 @@ fusion::MultimodalInput select(const fusion::MultimodalInput& in, const Rows& ro
   for (const Modality m : keep) {
     if (!in.modalities[idx(m)]) continue;
     const auto& x = *in.modalities[idx(m)];
-    out.modalities[idx(m)] = fusion::ModalityInput{
-        .data = x.data.index_select(0, rows.device),
-        .positions = x.positions.defined() ? x.positions.index_select(0, rows.device) : at::Tensor(),
-        .padding = x.padding.defined() ? x.padding.index_select(0, rows.device) : at::Tensor()};
+    // Every row (the flags' nonzero() lists them in order): the tensors as they are, not gathered copies.
+    const bool all = rows.host.size(0) == x.data.size(0);
+    const auto take = [&](const at::Tensor& t) { return !t.defined() || all ? t : t.index_select(0, rows.device); };
+    out.modalities[idx(m)] =
+        fusion::ModalityInput{.data = take(x.data), .positions = take(x.positions), .padding = take(x.padding)};
     const auto c = static_cast<int64_t>(idx(m));
     out.present.select(1, c).copy_(in.present.select(1, c).index_select(0, rows.host));
   }
