@@ -4,6 +4,8 @@
 // with a float32 and a bf16 residual stream.
 #include <cmath>
 #include <cstdint>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include <ATen/autocast_mode.h>
@@ -23,6 +25,28 @@ namespace {
 double relative_error(const at::Tensor& got, const at::Tensor& want) {
   const auto g = got.detach().cpu().to(at::kDouble), w = want.detach().cpu().to(at::kDouble);
   return ((g - w).norm() / w.norm().clamp_min(1e-30)).item<double>();
+}
+
+// One way of x + a and its layer norm: the leaves (x, a, weight, bias, each requiring gradients) and the outputs.
+struct AddNorm {
+  std::vector<at::Tensor> leaves;
+  at::Tensor sum, y;
+};
+
+// What the fused-add tests compare: add_layer_norm_to on copies of x0, a0, w0, b0, and the add followed by
+// layer_norm_to on other copies.
+std::pair<AddNorm, AddNorm> fused_and_unfused(const at::Tensor& x0, const at::Tensor& a0, const at::Tensor& w0,
+                                              const at::Tensor& b0, at::ScalarType dtype) {
+  const auto leaves = [&] {
+    return std::vector<at::Tensor>{x0.clone().requires_grad_(), a0.clone().requires_grad_(),
+                                   w0.clone().requires_grad_(), b0.clone().requires_grad_()};
+  };
+  AddNorm fused{leaves(), {}, {}}, plain{leaves(), {}, {}};
+  std::tie(fused.sum, fused.y) = longnet::fusion::add_layer_norm_to(fused.leaves[0], fused.leaves[1], fused.leaves[2],
+                                                                    fused.leaves[3], 1e-5, dtype);
+  plain.sum = plain.leaves[0] + plain.leaves[1];
+  plain.y = layer_norm_to(plain.sum, plain.leaves[2], plain.leaves[3], 1e-5, dtype);
+  return {fused, plain};
 }
 
 }  // namespace
@@ -91,26 +115,19 @@ TEST_CASE("add_layer_norm_to equals the add followed by layer_norm_to, to the bi
       const auto x0 = torch::randn({3, 257, 768}, f32), a0 = torch::randn({3, 257, 768}, f32).to(dtype);
       const auto w0 = torch::randn({768}, f32) * 0.3 + 1, b0 = torch::randn({768}, f32) * 0.1;
       const auto gs = torch::randn({3, 257, 768}, f32), gy = torch::randn({3, 257, 768}, f32).to(dtype);
-      auto leaves = [&] {
-        return std::vector<at::Tensor>{x0.clone().requires_grad_(), a0.clone().requires_grad_(),
-                                       w0.clone().requires_grad_(), b0.clone().requires_grad_()};
+      const auto [fused, plain] = fused_and_unfused(x0, a0, w0, b0, dtype);
+      CHECK(fused.sum.equal(plain.sum));
+      CHECK(fused.y.equal(plain.y));
+      auto loss = [&](const AddNorm& r) {
+        const auto l = (r.y.to(at::kFloat) * gy.to(at::kFloat)).sum();
+        return sum_used ? l + (r.sum * gs).sum() : l;
       };
-      auto fused = leaves(), plain = leaves();
-      const auto [s1, y1] = longnet::fusion::add_layer_norm_to(fused[0], fused[1], fused[2], fused[3], 1e-5, dtype);
-      const auto s2 = plain[0] + plain[1];
-      const auto y2 = layer_norm_to(s2, plain[2], plain[3], 1e-5, dtype);
-      CHECK(s1.equal(s2));
-      CHECK(y1.equal(y2));
-      auto loss = [&](const at::Tensor& s, const at::Tensor& y) {
-        const auto l = (y.to(at::kFloat) * gy.to(at::kFloat)).sum();
-        return sum_used ? l + (s * gs).sum() : l;
-      };
-      loss(s1, y1).backward();
-      loss(s2, y2).backward();
+      loss(fused).backward();
+      loss(plain).backward();
       for (size_t i = 0; i < 4; ++i) {
         INFO("gradient of input " << i);
-        CHECK(fused[i].grad().scalar_type() == plain[i].grad().scalar_type());
-        CHECK(fused[i].grad().equal(plain[i].grad()));
+        CHECK(fused.leaves[i].grad().scalar_type() == plain.leaves[i].grad().scalar_type());
+        CHECK(fused.leaves[i].grad().equal(plain.leaves[i].grad()));
       }
     }
   }
@@ -214,27 +231,21 @@ TEST_CASE("a 16-bit residual stream: layer_norm_to and add_layer_norm_to against
 
     // The fused add: the forward is the 16-bit add, then layer_norm_to, to the bit; the backward rounds the sum of
     // both gradients of x + a once, where the unfused one rounds the layer norm's gradient and then the sum.
-    auto leaves = [&] {
-      return std::vector<at::Tensor>{x0.clone().requires_grad_(), a0.clone().requires_grad_(),
-                                     w0.clone().requires_grad_(), b0.clone().requires_grad_()};
+    const auto [fused, plain] = fused_and_unfused(x0, a0, w0, b0, dtype);
+    REQUIRE(fused.sum.scalar_type() == dtype);
+    CHECK(fused.sum.equal(plain.sum));
+    CHECK(fused.y.equal(plain.y));
+    const auto loss = [&](const AddNorm& r) {
+      return (r.y.to(at::kFloat) * gy.to(at::kFloat)).sum() + (r.sum.to(at::kFloat) * gs.to(at::kFloat)).sum();
     };
-    auto fused = leaves(), plain = leaves();
-    const auto [s1, y1] = longnet::fusion::add_layer_norm_to(fused[0], fused[1], fused[2], fused[3], 1e-5, dtype);
-    const auto s2 = plain[0] + plain[1];
-    const auto y2 = layer_norm_to(s2, plain[2], plain[3], 1e-5, dtype);
-    REQUIRE(s1.scalar_type() == dtype);
-    CHECK(s1.equal(s2));
-    CHECK(y1.equal(y2));
-    const auto loss = [&](const at::Tensor& s, const at::Tensor& out) {
-      return (out.to(at::kFloat) * gy.to(at::kFloat)).sum() + (s.to(at::kFloat) * gs.to(at::kFloat)).sum();
-    };
-    loss(s1, y1).backward();
-    loss(s2, y2).backward();
-    CHECK(fused[0].grad().scalar_type() == dtype);
-    CHECK(fused[0].grad().equal(fused[1].grad()));  // d(x + a)/dx = d(x + a)/da
-    CHECK(relative_error(fused[0].grad(), plain[0].grad()) < 2 * tolerance);
-    CHECK(fused[2].grad().equal(plain[2].grad()));
-    CHECK(fused[3].grad().equal(plain[3].grad()));
+    loss(fused).backward();
+    loss(plain).backward();
+    const auto& dx = fused.leaves[0].grad();
+    CHECK(dx.scalar_type() == dtype);
+    CHECK(dx.equal(fused.leaves[1].grad()));  // d(x + a)/dx = d(x + a)/da
+    CHECK(relative_error(dx, plain.leaves[0].grad()) < 2 * tolerance);
+    CHECK(fused.leaves[2].grad().equal(plain.leaves[2].grad()));
+    CHECK(fused.leaves[3].grad().equal(plain.leaves[3].grad()));
   }
 }
 
