@@ -4,6 +4,7 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/InferenceMode.h>
 
+#include "attention/linear.h"
 #include "attention/positional.h"
 #include "core/error.h"
 
@@ -87,12 +88,12 @@ MultiheadDilatedAttentionImpl::MultiheadDilatedAttentionImpl(const MultiheadDila
     : options_(options) {
   options_.validate();
   const int64_t c = options_.embed_dim, d = options_.head_dim();
-  const auto linear = [&](int64_t in, int64_t out) {
+  const auto projection = [&](int64_t in, int64_t out) {
     return longnet::Linear(torch::nn::LinearOptions(in, out).bias(options_.bias));
   };
-  q_proj_ = register_module("q_proj", linear(c, options_.heads * d));
-  k_proj_ = register_module("k_proj", linear(c, options_.kv_heads * d));
-  v_proj_ = register_module("v_proj", linear(c, options_.kv_heads * d));
+  q_proj_ = register_module("q_proj", projection(c, options_.heads * d));
+  k_proj_ = register_module("k_proj", projection(c, options_.kv_heads * d));
+  v_proj_ = register_module("v_proj", projection(c, options_.kv_heads * d));
   if (options_.qk_layernorm) {
     q_norm_ = register_module("q_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})));
     k_norm_ = register_module("k_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})));
@@ -100,7 +101,7 @@ MultiheadDilatedAttentionImpl::MultiheadDilatedAttentionImpl(const MultiheadDila
   if (options_.sub_layernorm) {
     sub_norm_ = register_module("sub_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c})));
   }
-  out_proj_ = register_module("out_proj", linear(options_.heads * d, c));
+  out_proj_ = register_module("out_proj", projection(options_.heads * d, c));
   if (options_.position == PositionEncoding::relative_bias) {
     // Zeros: the layer starts without positional preference and learns one (T5 initialises it randomly, which only
     // adds noise to the first steps).
@@ -128,7 +129,7 @@ MultiheadDilatedAttentionImpl::Packed MultiheadDilatedAttentionImpl::packed_proj
   // three whose results are summed.
   const at::Tensor weight = at::cat({q_proj_->weight, k_proj_->weight, v_proj_->weight});
   const at::Tensor bias = options_.bias ? at::cat({q_proj_->bias, k_proj_->bias, v_proj_->bias}) : at::Tensor();
-  Packed out{.qkv = at::linear(x, weight, bias)};  // (B, N, (H + 2·Hkv)·D)
+  Packed out{.qkv = linear(x, weight, bias)};  // (B, N, (H + 2·Hkv)·D)
   if (options_.position != PositionEncoding::rope && options_.position != PositionEncoding::xpos) return out;
   const int64_t start = shard ? shard->start : 0, length = shard ? shard->length : n;
   // The tables in apply_rotary's arithmetic type (float64 only for float64 inputs), converted once for q and k.
@@ -203,7 +204,7 @@ at::Tensor MultiheadDilatedAttentionImpl::forward(const at::Tensor& x,
   at::Tensor o = attended.out.reshape({b, n, options_.heads * d});
   o = at::dropout(o, options_.dropout, is_training());
   if (options_.sub_layernorm) o = sub_norm_(o);
-  return out_proj_(o);  // (B, N, C)
+  return linear(o, out_proj_->weight, out_proj_->bias);  // (B, N, C)
 }
 
 }  // namespace longnet::attention

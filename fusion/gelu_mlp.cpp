@@ -14,6 +14,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "attention/cuda_backend.h"
+#include "attention/linear.h"
 #include "fusion/kernels/gemm_epilogue.h"
 #endif
 
@@ -71,9 +72,10 @@ class GeluMlpFunction : public torch::autograd::Function<GeluMlpFunction> {
     const auto dy = grads[0].defined() ? grads[0].to(x2.scalar_type()).reshape({rows, c}).contiguous()
                                        : at::zeros({rows, c}, x2.options());
 
-    // dW2 and db2 as torch's GEMM and sum: cuBLASLt's BGRADB epilogue is slower at these sizes (bench/bench_mlp.cpp).
+    // dW2 as torch's GEMM, db2 as a column sum: cuBLASLt's BGRADB epilogue is slower at these sizes
+    // (bench/bench_mlp.cpp).
     const auto dw2 = at::mm(dy.t(), h);
-    const auto db2 = dy.sum(0);
+    const auto db2 = attention::column_sum(dy);
 
     // The GELU derivative rides in the GEMM's epilogue; its bias gradient does not: cuBLASLt runs DGELU_BGRAD on an
     // H100 as the GEMM plus a separate pass over a float32 copy, slower than the sum below (bench/bench_mlp.cpp).
@@ -85,7 +87,7 @@ class GeluMlpFunction : public torch::autograd::Function<GeluMlpFunction> {
     p.d = dpre.data_ptr(), p.ldd = hidden;
     p.aux = pre.data_ptr();
     kernels::launch_gemm_epilogue(p);
-    const auto db1 = dpre.sum(0);
+    const auto db1 = attention::column_sum(dpre);
 
     const auto dw1 = at::mm(dpre.t(), x2);
     const auto dx = at::mm(dpre, w1);

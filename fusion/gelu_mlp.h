@@ -1,7 +1,8 @@
 // The feed-forward layer fc2(gelu_tanh(fc1(x))) with the biases, the GELU and the GELU's derivative in the GEMMs'
 // epilogues (fusion/kernels/gemm_epilogue.h) instead of separate passes over the hidden activation:
 //   forward:  h = gelu(x·W1ᵀ + b1) keeping the pre-activation; y = h·W2ᵀ + b2
-//   backward: dpre = (dy·W2) ⊙ gelu'(pre) in one GEMM, db1 its column sum; dW2, db2, dW1 and dx: torch's GEMMs, sum.
+//   backward: dpre = (dy·W2) ⊙ gelu'(pre) in one GEMM; dW2, dW1 and dx: torch's GEMMs; db1 and db2: column sums
+//   (attention/linear.h).
 // bench/bench_mlp.cpp times it, piece by piece, against torch's operators (results: bench/results/h100_mlp.md).
 // The GELU is the tanh approximation (torch's gelu(approximate="tanh")), which is what the epilogue computes.
 #pragma once
