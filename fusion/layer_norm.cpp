@@ -224,6 +224,11 @@ std::pair<at::Tensor, at::Tensor> LayerNormImpl::forward_residual(const at::Tens
   return {sum, forward(sum)};
 }
 
+at::Tensor LayerNormImpl::forward_keeping_dtype(const at::Tensor& x) {
+  if (one_kernel(x) && x.scalar_type() == at::autocast::get_autocast_dtype(at::kCUDA)) return forward(x);
+  return torch::nn::LayerNormImpl::forward(x);
+}
+
 at::Tensor LayerNormImpl::forward(const at::Tensor& x) {
   if (one_kernel(x)) return layer_norm_to(x, weight, bias, options.eps(), at::autocast::get_autocast_dtype(at::kCUDA));
   return torch::nn::LayerNormImpl::forward(x);

@@ -27,6 +27,10 @@ class LayerNormImpl : public torch::nn::LayerNormImpl {
   // autocast dtype (an attention or MLP output), the add is fused into the same kernel each way, and the backward
   // also adds the gradient that x + a receives from its other uses and rounds the gradient of a.
   std::pair<at::Tensor, at::Tensor> forward_residual(const at::Tensor& x, const at::Tensor& a);
+  // The norm after a stack's last block. An input already in the autocast dtype (a 16-bit residual stream,
+  // ModelConfig::autocast_residual) takes the one-kernel path and stays in that dtype, where torch's LayerNorm would
+  // cast it to float32 and back each way; any other input takes torch's LayerNorm (float32 under autocast).
+  at::Tensor forward_keeping_dtype(const at::Tensor& x);
 
  private:
   bool one_kernel(const at::Tensor& x) const;  // CUDA autocast and an input the kernels take

@@ -25,7 +25,7 @@ LongNetLMImpl::LongNetLMImpl(const ModelConfig& model, const AttentionConfig& at
   for (int64_t i = 0; i < model_.depth; ++i) {
     blocks_.push_back(register_module("block" + std::to_string(i), TransformerBlock(model_, attention_)));
   }
-  final_norm_ = register_module("final_norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({model_.width})));
+  final_norm_ = register_module("final_norm", LayerNorm(torch::nn::LayerNormOptions({model_.width})));
 }
 
 at::Tensor LongNetLMImpl::forward(const at::Tensor& tokens, const std::optional<at::Tensor>& key_padding_mask,
@@ -34,7 +34,8 @@ at::Tensor LongNetLMImpl::forward(const at::Tensor& tokens, const std::optional<
     throw Error("LongNetLM: tokens must be (B, N) int64, got " + std::to_string(tokens.dim()) + " dims of " +
                 std::string(c10::toString(tokens.scalar_type())));
   }
-  const at::Tensor h = final_norm_(run_blocks(blocks_, embedding_(tokens), key_padding_mask, shard).value());
+  const at::Tensor h =
+      final_norm_->forward_keeping_dtype(run_blocks(blocks_, embedding_(tokens), key_padding_mask, shard).value());
   return at::linear(h, embedding_->weight);  // (B, N, vocab): the head is the embedding, transposed
 }
 

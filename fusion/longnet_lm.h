@@ -59,7 +59,7 @@ class LongNetLMImpl : public torch::nn::Module {
   AttentionConfig attention_;
   torch::nn::Embedding embedding_{nullptr};  // (vocab, C), also the LM head
   std::vector<TransformerBlock> blocks_;
-  torch::nn::LayerNorm final_norm_{nullptr};
+  LayerNorm final_norm_{nullptr};  // a 16-bit stream stays 16-bit (LayerNorm::forward_keeping_dtype)
 };
 
 TORCH_MODULE(LongNetLM);

@@ -30,7 +30,9 @@ struct ModelConfig {
   bool activation_checkpointing = false;
   // Under autocast, the residual stream between the blocks is kept in the autocast dtype (bf16) instead of float32,
   // as Megatron-LM does by default: each residual add is rounded to it, and the pre-norms (fusion/layer_norm.h) move
-  // a third less memory forward and half as much backward. Without autocast it changes nothing.
+  // a third less memory forward and half as much backward. The norm after a stack's last block then also returns
+  // that dtype (and what reads it: the fusion input, the pooled embeddings, the LM head's input), where float32 came
+  // out before. Without autocast it changes nothing.
   bool autocast_residual = false;
 };
 

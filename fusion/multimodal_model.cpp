@@ -66,8 +66,7 @@ MultimodalModelImpl::MultimodalModelImpl(const ModelConfig& model, const Attenti
       stacks_[idx(m)].push_back(
           register_module("stack_" + name + "_block" + std::to_string(i), TransformerBlock(model_, a)));
     }
-    stack_norms_[idx(m)] = register_module("stack_" + name + "_norm",
-                                           torch::nn::LayerNorm(torch::nn::LayerNormOptions({c})));
+    stack_norms_[idx(m)] = register_module("stack_" + name + "_norm", LayerNorm(torch::nn::LayerNormOptions({c})));
     projections_[idx(m)] = register_module("projection_" + name, longnet::Linear(c, e));
   }
   fusion_ = register_module("fusion", make_strategy(ctx));
@@ -80,7 +79,7 @@ at::Tensor MultimodalModelImpl::run_stack(Modality m, const ModalityInput& input
   std::optional<at::Tensor> padding;
   if (input.padding.defined()) padding = take_rows(input.padding, rows);
   const at::Tensor h = encoders_[idx(m)](data, positions);
-  return stack_norms_[idx(m)](run_blocks(stacks_[idx(m)], h, padding).value());
+  return stack_norms_[idx(m)]->forward_keeping_dtype(run_blocks(stacks_[idx(m)], h, padding).value());
 }
 
 void MultimodalModelImpl::check_ranges(const MultimodalInput& host_input) const {
@@ -214,6 +213,15 @@ MultimodalOutput MultimodalModelImpl::forward_batch(const MultimodalInput& input
     for (Modality m : to_run) results[idx(m)] = run_stack(m, *input.modalities[idx(m)], rows[idx(m)]);
   }
 
+  // Zeros for absent rows in the stacks' output type (16-bit with autocast_residual), so that every modality's tokens
+  // share one type.
+  at::TensorOptions token_options = opts;
+  for (const at::Tensor& r : results) {
+    if (r.defined()) {
+      token_options = r.options();
+      break;
+    }
+  }
   MultimodalOutput out;
   out.present = present;
   FusionInput fusion_in;
@@ -225,7 +233,7 @@ MultimodalOutput MultimodalModelImpl::forward_batch(const MultimodalInput& input
     // stack's result is the whole tensor.)
     const at::Tensor& result = results[idx(m)];
     const bool all = result.defined() && rows[idx(m)].size(0) == batch;
-    at::Tensor tokens = all ? result : at::zeros({batch, mi->data.size(1), model_.width}, opts);
+    at::Tensor tokens = all ? result : at::zeros({batch, mi->data.size(1), model_.width}, token_options);
     if (result.defined() && !all) tokens = tokens.index_copy(0, rows[idx(m)], result);
     out.tokens[idx(m)] = tokens;
     fusion_in.tokens[idx(m)] = tokens;

@@ -114,7 +114,8 @@ class MultimodalModelImpl : public torch::nn::Module {
   std::array<AttentionConfig, modalities::kModalityCount> stack_attention_;
   std::array<modalities::ModalityEncoder, modalities::kModalityCount> encoders_{nullptr, nullptr, nullptr, nullptr};
   std::array<std::vector<TransformerBlock>, modalities::kModalityCount> stacks_;
-  std::array<torch::nn::LayerNorm, modalities::kModalityCount> stack_norms_{nullptr, nullptr, nullptr, nullptr};
+  // After each stack's last block: a 16-bit stream stays 16-bit (LayerNorm::forward_keeping_dtype).
+  std::array<LayerNorm, modalities::kModalityCount> stack_norms_{nullptr, nullptr, nullptr, nullptr};
   std::shared_ptr<FusionStrategyImpl> fusion_;
   std::array<longnet::Linear, modalities::kModalityCount> projections_{nullptr, nullptr, nullptr, nullptr};
   longnet::Linear joint_projection_{nullptr};

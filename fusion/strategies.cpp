@@ -91,6 +91,8 @@ void check_input(const FusionInput& in, const std::array<bool, kModalityCount>& 
 }
 
 torch::nn::LayerNorm make_norm(int64_t c) { return torch::nn::LayerNorm(torch::nn::LayerNormOptions({c})); }
+// The norm after a strategy's last block: a 16-bit stream stays 16-bit (LayerNorm::forward_keeping_dtype).
+LayerNorm make_output_norm(int64_t c) { return LayerNorm(torch::nn::LayerNormOptions({c})); }
 
 // ---- concat_seq ----------------------------------------------------------------------------------------------------
 
@@ -100,7 +102,7 @@ class ConcatSeqFusion : public FusionStrategyImpl {
     for (int64_t i = 0; i < ctx.fusion.depth; ++i) {
       blocks_.push_back(register_module("block" + std::to_string(i), TransformerBlock(ctx.model, cross_)));
     }
-    norm_ = register_module("norm", make_norm(ctx.model.width));
+    norm_ = register_module("norm", make_output_norm(ctx.model.width));
   }
 
   at::Tensor forward(const FusionInput& in) override {
@@ -109,7 +111,7 @@ class ConcatSeqFusion : public FusionStrategyImpl {
     for (const auto& [mask, rows] : presence_groups(in.present, out.device())) {
       Concatenation c = concatenate(in, mask, rows);
       c.x = run_blocks(blocks_, c.x, optional_mask(c.padding)).value();
-      out = put_rows(out, rows, masked_mean(norm_(c.x), c.padding));
+      out = put_rows(out, rows, masked_mean(norm_->forward_keeping_dtype(c.x), c.padding));
     }
     return out;
   }
@@ -126,7 +128,7 @@ class ConcatSeqFusion : public FusionStrategyImpl {
   StrategyContext ctx_;
   AttentionConfig cross_;
   std::vector<TransformerBlock> blocks_;
-  torch::nn::LayerNorm norm_{nullptr};
+  LayerNorm norm_{nullptr};
 };
 
 // ---- multiway ------------------------------------------------------------------------------------------------------
@@ -215,7 +217,7 @@ class MultiwayFusion : public FusionStrategyImpl {
     for (int64_t i = 0; i < ctx.fusion.depth; ++i) {
       blocks_.push_back(register_module("block" + std::to_string(i), MultiwayBlock(ctx, cross_)));
     }
-    norm_ = register_module("norm", make_norm(ctx.model.width));
+    norm_ = register_module("norm", make_output_norm(ctx.model.width));
   }
 
   at::Tensor forward(const FusionInput& in) override {
@@ -225,7 +227,7 @@ class MultiwayFusion : public FusionStrategyImpl {
       const Concatenation c = concatenate(in, mask, rows);
       at::Tensor x = c.x;
       for (auto& block : blocks_) x = block->forward(c, x);
-      out = put_rows(out, rows, masked_mean(norm_(x), c.padding));
+      out = put_rows(out, rows, masked_mean(norm_->forward_keeping_dtype(x), c.padding));
     }
     return out;
   }
@@ -240,7 +242,7 @@ class MultiwayFusion : public FusionStrategyImpl {
   StrategyContext ctx_;
   AttentionConfig cross_;
   std::vector<MultiwayBlock> blocks_;
-  torch::nn::LayerNorm norm_{nullptr};
+  LayerNorm norm_{nullptr};
 };
 
 // ---- late ----------------------------------------------------------------------------------------------------------
@@ -376,7 +378,7 @@ class BottleneckFusion : public FusionStrategyImpl {
       }
       layers_.push_back(blocks);
     }
-    norm_ = register_module("norm", make_norm(ctx.model.width));
+    norm_ = register_module("norm", make_output_norm(ctx.model.width));
   }
 
   at::Tensor forward(const FusionInput& in) override {
@@ -407,7 +409,7 @@ class BottleneckFusion : public FusionStrategyImpl {
         }
         z = at::stack(updates).mean(0);  // the bottleneck carries what the modalities share
       }
-      out = put_rows(out, rows, norm_(z).mean(1));
+      out = put_rows(out, rows, norm_->forward_keeping_dtype(z).mean(1));
     }
     return out;
   }
@@ -430,7 +432,7 @@ class BottleneckFusion : public FusionStrategyImpl {
   AttentionConfig cross_;
   at::Tensor tokens_;  // (bottleneck_tokens, C)
   std::vector<std::array<TransformerBlock, kModalityCount>> layers_;
-  torch::nn::LayerNorm norm_{nullptr};
+  LayerNorm norm_{nullptr};
 };
 
 // ---- registry ------------------------------------------------------------------------------------------------------
@@ -488,8 +490,10 @@ std::shared_ptr<FusionStrategyImpl> make_strategy(const StrategyContext& context
 
 at::Tensor masked_mean(const at::Tensor& x, const at::Tensor& padding) {
   if (!padding.defined()) return x.mean(1);
-  const at::Tensor keep = padding.logical_not().to(x.scalar_type()).unsqueeze(-1);  // (B, N, 1)
-  return (x * keep).sum(1) / keep.sum(1).clamp_min(1.0);
+  // Sums and counts in float32 at least: a 16-bit count of 33K tokens would be off by a few tokens.
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor keep = padding.logical_not().unsqueeze(-1);  // (B, N, 1)
+  return ((x * keep).sum(1, false, acc) / keep.sum(1).clamp_min(1).to(acc)).to(x.scalar_type());
 }
 
 std::vector<std::pair<uint32_t, at::Tensor>> presence_groups(const at::Tensor& present, at::Device device) {

@@ -1,9 +1,13 @@
 // fusion/layer_norm.h on a CUDA device: the one-kernel LayerNorm (float32 or 16-bit in, 16-bit out) against float64 on
 // the CPU, forward and all gradients, and the module under autocast against torch's LayerNorm followed by the cast;
 // blocks chained with each residual add in the next pre-norm's kernel (run_blocks) against the blocks called in turn,
-// with a float32 and a bf16 residual stream.
+// with a float32 and a bf16 residual stream; the norm after a stack (forward_keeping_dtype) and a multimodal model
+// whose stream is bf16 throughout.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iostream>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -13,7 +17,9 @@
 
 #include "fusion/block.h"
 #include "fusion/layer_norm.h"
+#include "fusion/multimodal_model.h"
 #include "tests/fusion/block_chain.h"
+#include "tests/fusion/multimodal_fixture.h"
 
 #include <catch2/catch.hpp>
 
@@ -281,4 +287,105 @@ TEST_CASE("run_blocks with autocast_residual keeps a bf16 stream, near the float
     // Against a float32 stream: three blocks of bf16 rounding of every residual add, forward and backward.
     CHECK(relative_error(stream[i], f32[i]) < 3e-2);
   }
+}
+
+TEST_CASE("LayerNorm::forward_keeping_dtype: a 16-bit input under autocast stays 16-bit, float32 is torch's",
+          "[fusion][gpu]") {
+  REQUIRE(torch::cuda::is_available());
+  torch::manual_seed(8);
+  LayerNorm norm(torch::nn::LayerNormOptions({256}));
+  norm->to(torch::kCUDA);
+  torch::NoGradGuard no_grad;
+  norm->weight.normal_(1.0, 0.2);
+  norm->bias.normal_(0.0, 0.1);
+  const auto x = torch::randn({3, 500, 256}, torch::TensorOptions().device(torch::kCUDA));
+  const auto x16 = x.to(at::kBFloat16);
+  at::autocast::set_autocast_enabled(at::kCUDA, true);
+  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+  const auto kept = norm->forward_keeping_dtype(x16), widened = norm->forward_keeping_dtype(x);
+  at::autocast::set_autocast_enabled(at::kCUDA, false);
+  at::autocast::clear_cache();
+  CHECK(kept.scalar_type() == at::kBFloat16);
+  CHECK(kept.equal(layer_norm_to(x16, norm->weight, norm->bias, 1e-5, at::kBFloat16)));
+  CHECK(widened.scalar_type() == at::kFloat);  // as torch's LayerNorm under autocast
+  CHECK(widened.equal(at::layer_norm(x, {256}, norm->weight, norm->bias, 1e-5)));
+}
+
+TEST_CASE("a multimodal model with autocast_residual: bf16 tokens after the stacks, outputs near the float32 stream's",
+          "[fusion][gpu]") {
+  REQUIRE(torch::cuda::is_available());
+  using namespace longnet;
+  using longnet::modalities::Modality;
+  const std::string strategy = GENERATE(from_range(test::all_strategies()));
+  const bool no_audio = GENERATE(false, true);  // audio given, but no sample has it: its tokens are all zeros
+  CAPTURE(strategy, no_audio);
+  const auto make = [&strategy](bool autocast_residual) {
+    fusion::ModelConfig model = test::tiny_model();
+    model.autocast_residual = autocast_residual;
+    torch::manual_seed(7);
+    fusion::MultimodalModel m(model, test::tiny_attention(), test::tiny_config(strategy));
+    m->to(torch::kCUDA);
+    return m;
+  };
+  // Four samples, one without an image and one with neither text nor video: absent rows take the zero-filled path.
+  fusion::MultimodalInput in = test::full_batch(4, 2, torch::kFloat);
+  in.present[1][test::mi(Modality::image)] = false;
+  in.present[2][test::mi(Modality::text)] = in.present[2][test::mi(Modality::video)] = false;
+  if (no_audio) in.present.select(1, static_cast<int64_t>(test::mi(Modality::audio))).fill_(false);
+  for (auto& m : in.modalities) {
+    if (!m) continue;
+    for (at::Tensor* t : {&m->data, &m->positions, &m->padding}) {
+      if (t->defined()) *t = t->to(torch::kCUDA);
+    }
+  }
+  struct Run {
+    fusion::MultimodalOutput out;
+    std::vector<at::Tensor> grads;
+  };
+  const auto run = [&in](fusion::MultimodalModel& m) {
+    Run r;
+    {
+      struct Autocast {  // off again however the forward ends
+        Autocast() {
+          at::autocast::set_autocast_enabled(at::kCUDA, true);
+          at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+        }
+        ~Autocast() {
+          at::autocast::set_autocast_enabled(at::kCUDA, false);
+          at::autocast::clear_cache();
+        }
+        Autocast(const Autocast&) = delete;
+        Autocast& operator=(const Autocast&) = delete;
+      } guard;
+      r.out = m(in);
+    }
+    at::Tensor loss = r.out.joint.to(at::kFloat).pow(2).sum() + r.out.lm_logits.to(at::kFloat).pow(2).mean();
+    for (const auto& e : r.out.embeddings) {
+      if (e.defined()) loss = loss + e.to(at::kFloat).sum();
+    }
+    loss.backward();
+    for (const auto& p : m->parameters()) r.grads.push_back(p.grad().defined() ? p.grad() : at::zeros_like(p));
+    return r;
+  };
+  auto kept_model = make(true), wide_model = make(false);
+  const Run kept = run(kept_model), wide = run(wide_model);
+  const auto video = test::mi(Modality::video), image = test::mi(Modality::image);
+  CHECK(kept.out.tokens[video].scalar_type() == at::kBFloat16);
+  CHECK(wide.out.tokens[video].scalar_type() == at::kFloat);
+  CHECK(kept.out.tokens[image][1].eq(0).all().item<bool>());  // the absent image row: exactly zero
+  CHECK(kept.out.tokens[test::mi(Modality::audio)].scalar_type() == at::kBFloat16);
+  // Every residual add of the stacks and the fusion rounded to bf16, forward and backward.
+  CHECK(relative_error(kept.out.joint, wide.out.joint) < 3e-2);
+  for (size_t m = 0; m < kept.out.embeddings.size(); ++m) {
+    CAPTURE(m);
+    if (wide.out.embeddings[m].defined()) CHECK(relative_error(kept.out.embeddings[m], wide.out.embeddings[m]) < 3e-2);
+  }
+  CHECK(relative_error(kept.out.lm_logits, wide.out.lm_logits) < 3e-2);
+  REQUIRE(kept.grads.size() == wide.grads.size());
+  double worst = 0;
+  for (size_t i = 0; i < kept.grads.size(); ++i) {
+    if (wide.grads[i].norm().item<double>() > 0) worst = std::max(worst, relative_error(kept.grads[i], wide.grads[i]));
+  }
+  std::cout << "[autocast_residual model] " << strategy << ": worst parameter gradient relative error " << worst << "\n";
+  CHECK(worst < 0.1);
 }
