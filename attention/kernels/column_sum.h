@@ -20,7 +20,7 @@ struct ColumnSumParams {
   cudaStream_t stream = nullptr;
 };
 
-// Rows of ColumnSumParams::partials for a (rows, cols) matrix.
+// Rows of ColumnSumParams::partials for a (rows, cols) matrix on the current device (the grid fills its SMs once).
 int64_t column_sum_partial_rows(int64_t rows, int64_t cols);
 
 // Throws std::invalid_argument for a float32 dtype, null or unaligned pointers, rows < 1 or cols not a positive
