@@ -3,3 +3,7 @@
 longnet_add_library(longnet_encoders TORCH
   SOURCES ${CMAKE_CURRENT_SOURCE_DIR}/encoders.cpp
   DEPS longnet_core)
+# The learned-position sum of encoders.cpp (kernels/ holds CUDA code only; the glue compiles without it).
+if(LONGNET_CUDA)
+  target_sources(longnet_encoders PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/kernels/position_sum.cu)
+endif()

@@ -1,3 +1,4 @@
+#include "attention/autograd_gcc_warnings.h"  // first: its pragmas cover every later include
 #include "modalities/encoders.h"
 
 #include <string>
@@ -8,7 +9,83 @@
 
 #include "core/error.h"
 
+#ifdef LONGNET_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "modalities/kernels/position_sum.h"
+#endif
+
 namespace longnet::modalities {
+namespace {
+
+#ifdef LONGNET_WITH_CUDA
+
+// (h + modality) + the sum of the tables' rows at each token's positions, float32 (B, N, C), in one kernel forward.
+// Backward: h's gradient is the output's (in h's dtype), the modality embedding's its sum over the tokens, and each
+// table's torch's embedding backward on its axis.
+class PositionSumFunction : public torch::autograd::Function<PositionSumFunction> {
+ public:
+  // tables: the axes' tables, then undefined ones up to kMaxPositionAxes; positions (rows, axes) int64.
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h, const at::Tensor& modality,
+                            const at::Tensor& t0, const at::Tensor& t1, const at::Tensor& t2,
+                            const at::Tensor& positions) {
+    const c10::cuda::CUDAGuard guard(h.device());
+    const int64_t c = modality.size(0), rows = h.numel() / c;
+    const auto hc = h.contiguous();
+    auto out = at::empty({rows, c}, h.options().dtype(at::kFloat));
+    kernels::PositionSumParams p;
+    p.h = hc.data_ptr();
+    p.h_dtype = hc.scalar_type() == at::kFloat  ? kernels::ElementType::float32
+                : hc.scalar_type() == at::kHalf ? kernels::ElementType::float16
+                                                : kernels::ElementType::bfloat16;
+    p.modality = modality.data_ptr<float>();
+    const at::Tensor* tables[] = {&t0, &t1, &t2};
+    p.axes = static_cast<int>(positions.size(1));
+    for (int a = 0; a < p.axes; ++a) p.tables[a] = tables[a]->data_ptr<float>();
+    p.table_rows = t0.size(0);
+    p.positions = positions.data_ptr<int64_t>();
+    p.position_stride = positions.stride(0);
+    p.out = out.data_ptr<float>();
+    p.rows = rows;
+    p.width = c;
+    p.stream = at::cuda::getCurrentCUDAStream(h.get_device()).stream();
+    kernels::launch_position_sum(p);
+    ctx->save_for_backward({positions});
+    ctx->saved_data["h_dtype"] = static_cast<int64_t>(h.scalar_type());
+    ctx->saved_data["h_shape"] = h.sizes().vec();
+    ctx->saved_data["table_rows"] = t0.size(0);
+    auto shape = h.sizes().vec();
+    shape.back() = c;
+    return out.view(shape);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const at::Tensor positions = ctx->get_saved_variables()[0];
+    const auto shape = ctx->saved_data["h_shape"].toIntVector();
+    const int64_t c = shape.back(), rows = positions.size(0);
+    const at::Tensor d = grads[0].defined() ? grads[0].reshape({rows, c}).to(at::kFloat)
+                                            : at::zeros({rows, c}, positions.options().dtype(at::kFloat));
+    torch::autograd::variable_list out(6);
+    if (ctx->needs_input_grad(0)) {
+      out[0] = d.to(static_cast<at::ScalarType>(ctx->saved_data["h_dtype"].toInt())).view(shape);
+    }
+    if (ctx->needs_input_grad(1)) out[1] = d.sum(0);
+    const int64_t table_rows = ctx->saved_data["table_rows"].toInt();
+    for (int64_t a = 0; a < positions.size(1); ++a) {
+      if (!ctx->needs_input_grad(static_cast<size_t>(2 + a))) continue;
+      out[static_cast<size_t>(2 + a)] =
+          at::embedding_dense_backward(d, positions.select(1, a).contiguous(), table_rows, -1, false);
+    }
+    return out;
+  }
+};
+
+#endif  // LONGNET_WITH_CUDA
+
+}  // namespace
 
 std::string to_string(Modality modality) {
   switch (modality) {
@@ -150,7 +227,34 @@ at::Tensor ModalityEncoderImpl::forward(const at::Tensor& input, const at::Tenso
         input.to(autocast ? at::autocast::get_autocast_dtype(device) : patches_->weight.scalar_type());
     h = patches_(patch_norm_ ? patch_norm_(values) : values);
   }
+  if (const at::Tensor fused = fused_learned_sum(h, axis_positions); fused.defined()) return fused;
   return h + modality_embedding_ + positional(axis_positions, h.scalar_type());
+}
+
+at::Tensor ModalityEncoderImpl::fused_learned_sum(const at::Tensor& h, const at::Tensor& axis_positions) {
+#ifdef LONGNET_WITH_CUDA
+  const int64_t c = options_.width, axes = axis_positions.size(-1);
+  const auto is_float32_here = [&h](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat && t.device() == h.device() && t.is_contiguous();
+  };
+  bool takes = options_.positional == PositionalKind::learned && h.is_cuda() && c % 4 == 0 && h.size(-1) == c &&
+               (h.scalar_type() == at::kFloat || h.scalar_type() == at::kHalf || h.scalar_type() == at::kBFloat16) &&
+               is_float32_here(modality_embedding_) && axes >= 1 &&
+               axes <= kernels::kMaxPositionAxes && axes == static_cast<int64_t>(position_tables_.size()) &&
+               axis_positions.device() == h.device();
+  for (int64_t a = 0; takes && a < axes; ++a) takes = is_float32_here(position_tables_[static_cast<size_t>(a)]->weight);
+  if (!takes) return {};
+  // (rows, axes) with unit stride along the axes: a view of the (B, N, 3) triples, or a copy of broadcast positions.
+  at::Tensor positions = axis_positions.reshape({-1, axes});
+  if (positions.stride(1) != 1) positions = positions.contiguous();
+  const auto table = [this, axes](int64_t a) {
+    return a < axes ? position_tables_[static_cast<size_t>(a)]->weight : at::Tensor();
+  };
+  return PositionSumFunction::apply(h, modality_embedding_, table(0), table(1), table(2), positions);
+#else
+  (void)h, (void)axis_positions;
+  return {};
+#endif
 }
 
 at::Tensor ModalityEncoderImpl::used_positions(const at::Tensor& positions) const {

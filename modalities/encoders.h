@@ -96,6 +96,10 @@ class ModalityEncoderImpl : public torch::nn::Module {
  private:
   at::Tensor positional(const at::Tensor& axis_positions, at::ScalarType dtype);  // (B, N, axes) → (B, N, C)
   at::Tensor used_positions(const at::Tensor& positions) const;  // the axes this modality encodes: (B, N, axes)
+  // (h + modality embedding) + learned positions in one CUDA kernel (modalities/kernels/position_sum.h), the same
+  // float32 result as the torch ops; undefined where it does not apply (CPU, sinusoidal positions, tables that are not
+  // float32, a width that is not a multiple of 4).
+  at::Tensor fused_learned_sum(const at::Tensor& h, const at::Tensor& axis_positions);
 
   EncoderOptions options_;
   torch::nn::Embedding tokens_{nullptr};     // text
