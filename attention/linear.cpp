@@ -25,7 +25,7 @@ bool is_16bit(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
 bool kernel_takes(const at::Tensor& x) {
   return x.is_cuda() && is_16bit(x.scalar_type()) && x.dim() == 2 && x.size(0) > 0 && x.size(1) >= 8 &&
-         x.size(1) % 8 == 0 && x.is_contiguous() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+         x.size(1) % 8 == 0 && x.size(1) <= kernels::kColumnSumMaxCols && x.is_contiguous() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
 }
 
 at::Tensor column_sum_kernel(const at::Tensor& x) {

@@ -15,7 +15,7 @@ namespace longnet::attention {
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
 
 // x (rows, cols) summed over its rows, (cols) in x's dtype: one float32 sum rounded once for a contiguous 16-bit
-// CUDA x whose cols is a multiple of 8 (in a build with CUDA), x.sum(0) otherwise.
+// CUDA x whose cols is a multiple of 8 up to 8192 (in a build with CUDA), x.sum(0) otherwise.
 at::Tensor column_sum(const at::Tensor& x);
 
 }  // namespace longnet::attention
