@@ -27,7 +27,7 @@ namespace {
 // table's torch's embedding backward on its axis.
 class PositionSumFunction : public torch::autograd::Function<PositionSumFunction> {
  public:
-  // tables: the axes' tables, then undefined ones up to kMaxPositionAxes; positions (rows, axes) int64.
+  // t0..t2: the axes' tables (the first again where the modality has fewer); positions (rows, axes) int64.
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h, const at::Tensor& modality,
                             const at::Tensor& t0, const at::Tensor& t1, const at::Tensor& t2,
                             const at::Tensor& positions) {
@@ -247,9 +247,8 @@ at::Tensor ModalityEncoderImpl::fused_learned_sum(const at::Tensor& h, const at:
   // (rows, axes) with unit stride along the axes: a view of the (B, N, 3) triples, or a copy of broadcast positions.
   at::Tensor positions = axis_positions.reshape({-1, axes});
   if (positions.stride(1) != 1) positions = positions.contiguous();
-  const auto table = [this, axes](int64_t a) {
-    return a < axes ? position_tables_[static_cast<size_t>(a)]->weight : at::Tensor();
-  };
+  // Autograd takes defined inputs only: a modality with fewer axes passes its first table again (not read).
+  const auto table = [this, axes](int64_t a) { return position_tables_[static_cast<size_t>(a < axes ? a : 0)]->weight; };
   return PositionSumFunction::apply(h, modality_embedding_, table(0), table(1), table(2), positions);
 #else
   (void)h, (void)axis_positions;

@@ -61,11 +61,13 @@ cmake -S "$ROOT" -B "$BUILD_DIR" -G Ninja \
 # GPU time is scarce: when the build fails with warnings as errors (this machine's compiler may be newer than CI's),
 # it is retried without -Werror so that the tests and the benchmark still run, and the script exits 1 at the end.
 STATUS=0
-if ! ninja -C "$BUILD_DIR" -j "$(nproc)" attention_gpu_tests fusion_gpu_tests pipelines_gpu_tests bench_attention; then
+if ! ninja -C "$BUILD_DIR" -j "$(nproc)" attention_gpu_tests encoders_gpu_tests fusion_gpu_tests pipelines_gpu_tests \
+    bench_attention; then
   echo "gpu-build.sh: build with -Werror failed; retrying with LONGNET_WERROR=OFF" >&2
   STATUS=1
   cmake -B "$BUILD_DIR" -DLONGNET_WERROR=OFF
-  ninja -C "$BUILD_DIR" -j "$(nproc)" attention_gpu_tests fusion_gpu_tests pipelines_gpu_tests bench_attention
+  ninja -C "$BUILD_DIR" -j "$(nproc)" attention_gpu_tests encoders_gpu_tests fusion_gpu_tests pipelines_gpu_tests \
+    bench_attention
 fi
 
 if [[ $RUN_TESTS == 1 ]]; then

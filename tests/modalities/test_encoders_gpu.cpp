@@ -17,7 +17,7 @@ using longnet::test::relative_error;
 
 namespace {
 
-constexpr int64_t kWidth = 64, kDim = 24, kVocab = 50, kMaxPositions = 16, kB = 2, kN = 40;
+constexpr int64_t kWidth = 64, kDim = 24, kVocab = 50, kMaxPositions = 48, kB = 2, kN = 40;
 
 ModalityEncoder make_encoder(Modality m, torch::Dtype dtype, torch::Device device) {
   torch::manual_seed(21);
