@@ -2,10 +2,10 @@
 // values, and the linear layer's output and gradients (the bias gradient from that kernel) against float64.
 #include <iostream>
 
-#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include "attention/linear.h"
+#include "tests/support/autocast.h"
 #include "tests/support/oracle.h"
 
 #include <catch2/catch.hpp>
@@ -56,21 +56,7 @@ TEST_CASE("linear on CUDA matches float64 forward and gradients, with and withou
   const auto dy = torch::randn({B, N, out}, torch::TensorOptions(torch::kCUDA).dtype(dtype));
   at::Tensor y;
   {
-    // Autocast off and its dtype restored however the forward ends: a failing case must not leak into later tests.
-    struct Autocast {
-      at::ScalarType before = at::autocast::get_autocast_dtype(at::kCUDA);
-      Autocast(bool on, at::ScalarType t) {
-        at::autocast::set_autocast_enabled(at::kCUDA, on);
-        at::autocast::set_autocast_dtype(at::kCUDA, t);
-      }
-      ~Autocast() {
-        at::autocast::set_autocast_enabled(at::kCUDA, false);
-        at::autocast::set_autocast_dtype(at::kCUDA, before);
-        at::autocast::clear_cache();
-      }
-      Autocast(const Autocast&) = delete;
-      Autocast& operator=(const Autocast&) = delete;
-    } guard(autocast, dtype);
+    const longnet::test::CudaAutocast guard(autocast, dtype);
     y = linear(x, w, b);
   }
   y.backward(dy);

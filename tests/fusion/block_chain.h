@@ -3,10 +3,10 @@
 
 #include <vector>
 
-#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include "fusion/block.h"
+#include "tests/support/autocast.h"
 
 namespace longnet::test {
 
@@ -19,22 +19,7 @@ inline std::vector<at::Tensor> chain_outputs(std::vector<fusion::TransformerBloc
   const at::Tensor x = x0.clone().requires_grad_();
   at::Tensor y = x;
   {
-    // Off again however the forward ends: a failing case must not leave autocast on for the tests after it.
-    struct Autocast {
-      bool on;
-      explicit Autocast(bool enable) : on(enable) {
-        if (!on) return;
-        at::autocast::set_autocast_enabled(at::kCUDA, true);
-        at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-      }
-      ~Autocast() {
-        if (!on) return;
-        at::autocast::set_autocast_enabled(at::kCUDA, false);
-        at::autocast::clear_cache();
-      }
-      Autocast(const Autocast&) = delete;
-      Autocast& operator=(const Autocast&) = delete;
-    } guard(autocast);
+    const CudaAutocast guard(autocast);
     if (stream) {
       y = fusion::run_blocks(blocks, x).value();
     } else {

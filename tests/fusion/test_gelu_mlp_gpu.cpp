@@ -6,7 +6,6 @@
 #include <stdexcept>
 #include <vector>
 
-#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include <ATen/cuda/CUDAContext.h>
@@ -14,6 +13,7 @@
 #include "fusion/block.h"
 #include "fusion/gelu_mlp.h"
 #include "fusion/kernels/gemm_epilogue.h"
+#include "tests/support/autocast.h"
 
 #include <catch2/catch.hpp>
 
@@ -24,19 +24,6 @@ double relative_error(const at::Tensor& got, const at::Tensor& want) {
   return ((g - w).norm() / w.norm().clamp_min(1e-30)).item<double>();
 }
 
-// Autocast on CUDA for the life of the object.
-struct Autocast {
-  explicit Autocast(at::ScalarType dtype) {
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
-    at::autocast::set_autocast_dtype(at::kCUDA, dtype);
-  }
-  ~Autocast() {
-    at::autocast::set_autocast_enabled(at::kCUDA, false);
-    at::autocast::clear_cache();
-  }
-  Autocast(const Autocast&) = delete;
-  Autocast& operator=(const Autocast&) = delete;
-};
 
 }  // namespace
 
@@ -175,7 +162,7 @@ TEST_CASE("a gelu_tanh block under autocast matches its MLP composed of torch op
     const auto x = x0.clone().requires_grad_();
     at::Tensor y;
     {
-      const Autocast autocast(at::kBFloat16);
+      const longnet::test::CudaAutocast autocast(true, at::kBFloat16);
       const auto normed = block->mlp_norm()(x);
       if (composed) {
         auto params = block->named_parameters();

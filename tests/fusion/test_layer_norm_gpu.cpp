@@ -300,11 +300,12 @@ TEST_CASE("LayerNorm::forward_keeping_dtype: a 16-bit input under autocast stays
   norm->bias.normal_(0.0, 0.1);
   const auto x = torch::randn({3, 500, 256}, torch::TensorOptions().device(torch::kCUDA));
   const auto x16 = x.to(at::kBFloat16);
-  at::autocast::set_autocast_enabled(at::kCUDA, true);
-  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-  const auto kept = norm->forward_keeping_dtype(x16), widened = norm->forward_keeping_dtype(x);
-  at::autocast::set_autocast_enabled(at::kCUDA, false);
-  at::autocast::clear_cache();
+  at::Tensor kept, widened;
+  {
+    const longnet::test::CudaAutocast autocast;
+    kept = norm->forward_keeping_dtype(x16);
+    widened = norm->forward_keeping_dtype(x);
+  }
   CHECK(kept.scalar_type() == at::kBFloat16);
   CHECK(kept.equal(layer_norm_to(x16, norm->weight, norm->bias, 1e-5, at::kBFloat16)));
   CHECK(widened.scalar_type() == at::kFloat);  // as torch's LayerNorm under autocast
@@ -345,18 +346,7 @@ TEST_CASE("a multimodal model with autocast_residual: bf16 tokens after the stac
   const auto run = [&in](fusion::MultimodalModel& m) {
     Run r;
     {
-      struct Autocast {  // off again however the forward ends
-        Autocast() {
-          at::autocast::set_autocast_enabled(at::kCUDA, true);
-          at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-        }
-        ~Autocast() {
-          at::autocast::set_autocast_enabled(at::kCUDA, false);
-          at::autocast::clear_cache();
-        }
-        Autocast(const Autocast&) = delete;
-        Autocast& operator=(const Autocast&) = delete;
-      } guard;
+      const test::CudaAutocast guard;
       r.out = m(in);
     }
     at::Tensor loss = r.out.joint.to(at::kFloat).pow(2).sum() + r.out.lm_logits.to(at::kFloat).pow(2).mean();

@@ -4,10 +4,10 @@
 #include <iostream>
 #include <string>
 
-#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include "modalities/encoders.h"
+#include "tests/support/autocast.h"
 #include "tests/support/oracle.h"
 
 #include <catch2/catch.hpp>
@@ -27,22 +27,6 @@ ModalityEncoder make_encoder(Modality m, torch::Dtype dtype, torch::Device devic
   return enc;
 }
 
-// Autocast on (bf16) within the scope when asked, off again however the scope ends.
-struct Autocast {
-  bool on;
-  explicit Autocast(bool enable) : on(enable) {
-    if (!on) return;
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-  }
-  ~Autocast() {
-    if (!on) return;
-    at::autocast::set_autocast_enabled(at::kCUDA, false);
-    at::autocast::clear_cache();
-  }
-  Autocast(const Autocast&) = delete;
-  Autocast& operator=(const Autocast&) = delete;
-};
 
 }  // namespace
 
@@ -65,7 +49,7 @@ TEST_CASE("learned positions on CUDA match float64 on the CPU, forward and every
   const at::Tensor x = text ? x64.to(torch::kCUDA) : x64.detach().to(torch::kCUDA, torch::kFloat).requires_grad_();
   at::Tensor got;
   {
-    const Autocast guard(autocast);
+    const longnet::test::CudaAutocast guard(autocast);
     got = gpu(x, positions.to(torch::kCUDA));
   }
   got.backward(grad.to(torch::kCUDA, torch::kFloat));
