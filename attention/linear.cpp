@@ -25,7 +25,8 @@ bool is_16bit(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
 bool kernel_takes(const at::Tensor& x) {
   return x.is_cuda() && is_16bit(x.scalar_type()) && x.dim() == 2 && x.size(0) > 0 && x.size(1) >= 8 &&
-         x.size(1) % 8 == 0 && x.size(1) <= kernels::kColumnSumMaxCols && x.is_contiguous() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+         x.size(1) % 8 == 0 && x.size(1) <= kernels::kColumnSumMaxCols && x.is_contiguous() &&
+         reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
 }
 
 at::Tensor column_sum_kernel(const at::Tensor& x) {
@@ -87,7 +88,8 @@ at::Tensor column_sum(const at::Tensor& x) {
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
 #ifdef LONGNET_WITH_CUDA
   if (x.is_cuda() && bias.defined() && weight.dim() == 2 && bias.dim() == 1 && x.dim() >= 1 &&
-      x.size(-1) == weight.size(1) && bias.size(0) == weight.size(0) && x.numel() > 0) {
+      x.size(-1) == weight.size(1) && bias.size(0) == weight.size(0) && x.numel() > 0 && weight.size(0) % 8 == 0 &&
+      weight.size(1) % 8 == 0) {
     const bool autocast = at::autocast::is_autocast_enabled(at::kCUDA);
     const auto cast = [autocast](const at::Tensor& t) {
       return autocast ? at::autocast::cached_cast(at::autocast::get_autocast_dtype(at::kCUDA), t, at::kCUDA) : t;
@@ -95,7 +97,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
     const at::Tensor xc = cast(x), wc = cast(weight), bc = cast(bias);
     const auto dtype = xc.scalar_type();
     if (is_16bit(dtype) && wc.scalar_type() == dtype && bc.scalar_type() == dtype && wc.device() == xc.device() &&
-        bc.device() == xc.device() && weight.size(0) % 8 == 0 && weight.size(1) % 8 == 0) {
+        bc.device() == xc.device()) {
       return LinearFunction::apply(xc, wc, bc);
     }
   }

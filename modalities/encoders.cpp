@@ -248,7 +248,9 @@ at::Tensor ModalityEncoderImpl::fused_learned_sum(const at::Tensor& h, const at:
   at::Tensor positions = axis_positions.reshape({-1, axes});
   if (positions.stride(1) != 1) positions = positions.contiguous();
   // Autograd takes defined inputs only: a modality with fewer axes passes its first table again (not read).
-  const auto table = [this, axes](int64_t a) { return position_tables_[static_cast<size_t>(a < axes ? a : 0)]->weight; };
+  const auto table = [this, axes](int64_t a) {
+    return position_tables_[static_cast<size_t>(a < axes ? a : 0)]->weight;
+  };
   return PositionSumFunction::apply(h, modality_embedding_, table(0), table(1), table(2), positions);
 #else
   (void)h, (void)axis_positions;

@@ -88,9 +88,8 @@ __global__ void __launch_bounds__(kColumnSumMaxCols / kVec) column_partial_kerne
 
 // Thread (j, lane) of a block sums every kFinishLanes-th partial row of column j of the block's kFinishColumns.
 template <typename T>
-__global__ void __launch_bounds__(kFinishColumns * kFinishLanes) column_finish_kernel(const float* __restrict__ partials,
-                                                                                      T* __restrict__ out,
-                                                                                      int64_t chunks, int64_t cols) {
+__global__ void __launch_bounds__(kFinishColumns * kFinishLanes)
+    column_finish_kernel(const float* __restrict__ partials, T* __restrict__ out, int64_t chunks, int64_t cols) {
   const int j = static_cast<int>(threadIdx.x) % kFinishColumns, lane = static_cast<int>(threadIdx.x) / kFinishColumns;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinishColumns + j;
   float sum = 0.f;

@@ -376,6 +376,7 @@ TEST_CASE("a multimodal model with autocast_residual: bf16 tokens after the stac
   for (size_t i = 0; i < kept.grads.size(); ++i) {
     if (wide.grads[i].norm().item<double>() > 0) worst = std::max(worst, relative_error(kept.grads[i], wide.grads[i]));
   }
-  std::cout << "[autocast_residual model] " << strategy << ": worst parameter gradient relative error " << worst << "\n";
+  std::cout << "[autocast_residual model] " << strategy << ": worst parameter gradient relative error " << worst
+            << "\n";
   CHECK(worst < 0.1);
 }
