@@ -1,6 +1,7 @@
 // What the CPU and GPU tests of run_blocks compare: a chain of blocks run by run_blocks or called in turn.
 #pragma once
 
+#include <cstdint>
 #include <vector>
 
 #include <torch/torch.h>
@@ -9,6 +10,19 @@
 #include "tests/support/autocast.h"
 
 namespace longnet::test {
+
+// `count` blocks of one configuration on `device`, block i's weights drawn after seeding with first_seed + i.
+inline std::vector<fusion::TransformerBlock> seeded_blocks(const fusion::ModelConfig& model,
+                                                           const fusion::AttentionConfig& attention, int count,
+                                                           uint64_t first_seed, torch::Device device) {
+  std::vector<fusion::TransformerBlock> blocks;
+  for (int i = 0; i < count; ++i) {
+    torch::manual_seed(first_seed + static_cast<uint64_t>(i));
+    blocks.emplace_back(model, attention);
+    blocks.back()->to(device);
+  }
+  return blocks;
+}
 
 // The output, the input's gradient and every parameter's gradient of `blocks` on x0 under the loss sum(y²), with the
 // blocks chained by run_blocks (`stream`) or called one after another; the forward under CUDA bf16 autocast when

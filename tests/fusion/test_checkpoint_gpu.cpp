@@ -4,10 +4,10 @@
 #include <map>
 #include <string>
 
-#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include "fusion/longnet_lm.h"
+#include "tests/support/autocast.h"
 
 #include <catch2/catch.hpp>
 
@@ -30,11 +30,11 @@ TEST_CASE("checkpointed blocks on CUDA under bf16 autocast give the plain gradie
     lm->train();
     torch::manual_seed(4);
     const auto tokens = torch::randint(0, 512, {2, 2049}, torch::TensorOptions(torch::kLong).device(torch::kCUDA));
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-    const auto logits = lm(tokens.narrow(1, 0, 2048));
-    at::autocast::set_autocast_enabled(at::kCUDA, false);
-    at::autocast::clear_cache();
+    at::Tensor logits;
+    {
+      const test::CudaAutocast autocast;
+      logits = lm(tokens.narrow(1, 0, 2048));
+    }
     const auto loss = torch::nn::functional::cross_entropy(logits.reshape({-1, 512}).to(torch::kFloat),
                                                            tokens.narrow(1, 1, 2048).reshape({-1}));
     loss.backward();

@@ -12,7 +12,6 @@
 #include <utility>
 #include <vector>
 
-#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include "fusion/block.h"
@@ -20,6 +19,7 @@
 #include "fusion/multimodal_model.h"
 #include "tests/fusion/block_chain.h"
 #include "tests/fusion/multimodal_fixture.h"
+#include "tests/support/autocast.h"
 
 #include <catch2/catch.hpp>
 
@@ -154,11 +154,12 @@ TEST_CASE("LayerNorm under CUDA autocast equals torch's LayerNorm then the cast 
   theirs->bias.copy_(ours->bias);
   const auto x = torch::randn({4, 1000, 768}, torch::TensorOptions().device(torch::kCUDA)) * 2;
   {
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-    const auto a = ours(x), b = theirs(x);
-    at::autocast::set_autocast_enabled(at::kCUDA, false);
-    at::autocast::clear_cache();
+    at::Tensor a, b;
+    {
+      const longnet::test::CudaAutocast autocast;
+      a = ours(x);
+      b = theirs(x);
+    }
     REQUIRE(a.scalar_type() == at::kBFloat16);
     REQUIRE(b.scalar_type() == at::kFloat);  // autocast keeps layer_norm in float32
     // Both round the same float32 values (up to summation order) to bf16: nearly all are identical, none is more than
@@ -173,9 +174,11 @@ TEST_CASE("LayerNorm under CUDA autocast equals torch's LayerNorm then the cast 
   LayerNorm odd(torch::nn::LayerNormOptions({6}));
   odd->to(torch::kCUDA);
   const auto x6 = torch::randn({3, 6}, torch::TensorOptions().device(torch::kCUDA));
-  at::autocast::set_autocast_enabled(at::kCUDA, true);
-  const auto y6 = odd(x6);
-  at::autocast::set_autocast_enabled(at::kCUDA, false);
+  at::Tensor y6;
+  {
+    const longnet::test::CudaAutocast autocast;
+    y6 = odd(x6);
+  }
   CHECK(y6.scalar_type() == at::kFloat);
 }
 
@@ -185,12 +188,7 @@ TEST_CASE("run_blocks under CUDA autocast equals calling the blocks in turn, for
   const ModelConfig model{.width = 128, .depth = 1, .heads = 2, .kv_heads = 2, .mlp = MlpKind::gelu,
                           .mlp_ratio = 4.0};
   const AttentionConfig attention{.dilated = {.segment_lengths = {64, 256}, .dilation_rates = {1, 4}}};
-  std::vector<TransformerBlock> blocks;
-  for (int i = 0; i < 3; ++i) {
-    torch::manual_seed(30 + i);
-    blocks.emplace_back(model, attention);
-    blocks.back()->to(torch::kCUDA);
-  }
+  auto blocks = longnet::test::seeded_blocks(model, attention, 3, 30, torch::kCUDA);
   torch::manual_seed(5);
   const auto x0 = torch::randn({2, 256, 128}, torch::TensorOptions().device(torch::kCUDA));
   const auto stream = longnet::test::chain_outputs(blocks, x0, true, true);
@@ -262,13 +260,7 @@ TEST_CASE("run_blocks with autocast_residual keeps a bf16 stream, near the float
     const ModelConfig model{.width = 128, .depth = 1, .heads = 2, .kv_heads = 2, .mlp = MlpKind::gelu_tanh,
                             .mlp_ratio = 4.0, .autocast_residual = autocast_residual};
     const AttentionConfig attention{.dilated = {.segment_lengths = {64, 256}, .dilation_rates = {1, 4}}};
-    std::vector<TransformerBlock> blocks;
-    for (int i = 0; i < 3; ++i) {
-      torch::manual_seed(40 + i);
-      blocks.emplace_back(model, attention);
-      blocks.back()->to(torch::kCUDA);
-    }
-    return blocks;
+    return longnet::test::seeded_blocks(model, attention, 3, 40, torch::kCUDA);
   };
   auto kept = make(true), wide = make(false);
   torch::manual_seed(6);
