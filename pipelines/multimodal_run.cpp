@@ -28,6 +28,7 @@
 #include "distributed/data_parallel.h"
 #include "distributed/process_group.h"
 #include "fusion/losses.h"
+#include "fusion/strategies.h"
 #include "pipelines/loader.h"
 #include "pipelines/retrieval.h"
 #include "pipelines/training.h"
@@ -126,9 +127,8 @@ fusion::MultimodalInput select(const fusion::MultimodalInput& in, const Rows& ro
   for (const Modality m : keep) {
     if (!in.modalities[idx(m)]) continue;
     const auto& x = *in.modalities[idx(m)];
-    // Every row (the flags' nonzero() lists them in order): the tensors as they are, not gathered copies.
-    const bool all = rows.host.size(0) == x.data.size(0);
-    const auto take = [&](const at::Tensor& t) { return !t.defined() || all ? t : t.index_select(0, rows.device); };
+    // take_rows: every row (the flags' nonzero() lists them in order) takes the tensors as they are, not copies.
+    const auto take = [&](const at::Tensor& t) { return t.defined() ? fusion::take_rows(t, rows.device) : t; };
     out.modalities[idx(m)] =
         fusion::ModalityInput{.data = take(x.data), .positions = take(x.positions), .padding = take(x.padding)};
     const auto c = static_cast<int64_t>(idx(m));
